@@ -238,3 +238,30 @@ def count_params(tree) -> int:
 def trunk_params(params: dict) -> dict:
     """The parameters without the classification head."""
     return {k: v for k, v in params.items() if k != "head"}
+
+
+def merge_lora(variables: dict, lora_alpha: float = 1.0) -> dict:
+    """Folds LoRA adapters into the convolution kernels: a plain backbone again.
+
+    Returns variables without the 'lora' collection whose ``apply`` equals the adapted
+    model's, so fused/adapted backbones are stored and used like any other.
+    """
+    if "lora" not in variables:
+        return variables
+
+    def fold(params, lora):
+        out = {}
+        for name, value in params.items():
+            if isinstance(value, dict):
+                out[name] = fold(value, lora.get(name, {}))
+            else:
+                out[name] = value
+        if "kernel" in params and "a" in lora:
+            rank = lora["a"].shape[-1]
+            delta = (lora["a"] @ lora["b"]).reshape(params["kernel"].shape)
+            out["kernel"] = params["kernel"] + (lora_alpha / rank) * delta
+        return out
+
+    merged = {k: v for k, v in variables.items() if k != "lora"}
+    merged["params"] = fold(variables["params"], variables["lora"])
+    return merged

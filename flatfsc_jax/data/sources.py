@@ -80,3 +80,167 @@ class SplitData:
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
+
+
+# ----------------------------------------------------------------------------------------
+# The "episodic split format": how every prepared source is stored (TFDS, array_record).
+#
+#   <data_dir>/<builder>/<config>/<version>/   (written by a tfds GeneratorBasedBuilder)
+#   features: image = Tensor(H, W, C) uint8, label = Scalar int64 (class index local to split)
+#   splits:   any of "train", "valid", "test" (class splits)
+#   metadata: {"class_names": {split: [str]},
+#              optional "class_groups": {split: [int per class]}, "group_names": [str],
+#              optional "class_hierarchy": {split: {node: [class indices]}}}
+# Glyphs and the Meta-Dataset sources are both written this way, so one reader serves all.
+# ----------------------------------------------------------------------------------------
+
+
+class MissingDataError(FileNotFoundError):
+    """A source has not been prepared in the data directory."""
+
+
+def prepared_dir(data_dir, builder: str, config: str):
+    """The newest prepared version directory of ``builder/config`` or ``None``."""
+    from etils import epath
+
+    root = epath.Path(data_dir) / builder / config
+    if not root.exists():
+        return None
+    versions = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith("incomplete") and (p / "dataset_info.json").exists()
+    ]
+    if not versions:
+        return None
+    return max(versions, key=lambda p: tuple(int(x) for x in p.name.split(".")))
+
+
+class _ImageView:
+    """Random access to the ``image`` feature of a ``tfds`` data source."""
+
+    def __init__(self, data_source):
+        self._ds = data_source
+
+    def __len__(self):
+        return len(self._ds)
+
+    def __getitem__(self, i):
+        return self._ds[int(i)]["image"]
+
+
+def read_prepared_split(
+    data_dir,
+    builder: str,
+    config: str,
+    split: str,
+    *,
+    source: str | None = None,
+    in_memory: bool = True,
+) -> SplitData:
+    """Reads one class split stored in the episodic split format.
+
+    Args:
+      data_dir: the TFDS data directory.
+      builder, config: e.g. ``"glyphs", "latin"``.
+      split: ``"train"``, ``"valid"`` or ``"test"``.
+      source: name recorded in the result (default ``"builder/config"``).
+      in_memory: load all images into one numpy array (right for small sources such as
+        Glyphs); otherwise images are read lazily by index from the array_record files.
+    """
+    import tensorflow_datasets as tfds
+
+    source = source or f"{builder}/{config}"
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is unknown; choose one of {SPLITS}")
+    path = prepared_dir(data_dir, builder, config)
+    if path is None:
+        raise MissingDataError(
+            f"source {source!r} is not prepared in data_dir={str(data_dir)!r} "
+            f"(no {builder}/{config}/<version>/dataset_info.json)"
+        )
+    try:
+        tfds_builder = tfds.builder_from_directory(str(path))
+    except Exception as e:  # corrupted dataset_info/features files
+        raise MissingDataError(
+            f"source {source!r} in {str(path)!r} is corrupted ({type(e).__name__}: {e}); "
+            "delete that directory and prepare it again"
+        ) from e
+    if split not in tfds_builder.info.splits:
+        available = sorted(tfds_builder.info.splits.keys())
+        raise ValueError(f"source {source!r} has no {split!r} split; it has {available}")
+    metadata = tfds_builder.info.metadata or {}
+    class_names = list(metadata.get("class_names", {}).get(split, []))
+    data_source = tfds_builder.as_data_source(split)
+    n = len(data_source)
+    if n == 0:
+        raise ValueError(f"source {source!r} split {split!r} is empty in {str(path)!r}")
+    try:
+        records = data_source.__getitems__(list(range(n))) if in_memory else None
+    except Exception as e:
+        raise MissingDataError(
+            f"source {source!r} split {split!r}: reading {str(path)!r} failed "
+            f"({type(e).__name__}: {e}); delete that directory and prepare it again"
+        ) from e
+    if in_memory:
+        images = np.stack([r["image"] for r in records])
+        labels = np.asarray([r["label"] for r in records], np.int32)
+    else:
+        images = _ImageView(data_source)
+        labels = _labels_of(data_source)
+    if not class_names:
+        class_names = [str(c) for c in range(int(labels.max()) + 1)]
+    groups = metadata.get("class_groups", {}).get(split)
+    hierarchy = metadata.get("class_hierarchy", {}).get(split)
+    return SplitData(
+        source=source,
+        split=split,
+        images=images,
+        labels=labels,
+        class_names=class_names,
+        class_groups=None if groups is None else np.asarray(groups, np.int32),
+        class_hierarchy=None
+        if hierarchy is None
+        else {k: np.asarray(v, np.int32) for k, v in hierarchy.items()},
+    )
+
+
+def _labels_of(data_source) -> np.ndarray:
+    """All labels of a data source, read in chunks (decodes images too: cache if large)."""
+    n, chunk, out = len(data_source), 4096, []
+    for start in range(0, n, chunk):
+        recs = data_source.__getitems__(list(range(start, min(n, start + chunk))))
+        out.extend(r["label"] for r in recs)
+    return np.asarray(out, np.int32)
+
+
+# ----------------------------------------------------------------------------------------
+# One entry point for every benchmark's sources.
+# ----------------------------------------------------------------------------------------
+
+BENCHMARKS = ("meta_dataset", "glyphs")
+
+
+def load(source: str, split: str, data_dir, **kwargs) -> SplitData:
+    """The class split ``split`` of ``source`` = ``"<benchmark>/<domain>"``.
+
+    ``"meta_dataset/<name>"`` (names in ``meta_dataset.ALL_SOURCES``) and
+    ``"glyphs/<domain>"``; keyword arguments go to the benchmark's ``load_split``.
+    The benchmark modules are imported on first use.
+    """
+    benchmark, sep, domain = str(source).partition("/")
+    if sep and domain and benchmark == "meta_dataset":
+        from flatfsc_jax.data import meta_dataset
+
+        return meta_dataset.load_split(domain, split, data_dir, **kwargs)
+    if sep and domain and benchmark == "glyphs":
+        from flatfsc_jax.data import glyphs
+
+        return glyphs.load_split(domain, split, data_dir, **kwargs)
+    from flatfsc_jax.data import meta_dataset
+
+    valid = [f"meta_dataset/{name}" for name in meta_dataset.ALL_SOURCES] + ["glyphs/<domain>"]
+    raise ValueError(
+        f"source {source!r} is unknown; use '<benchmark>/<domain>' with benchmark in "
+        f"{BENCHMARKS}: {valid}"
+    )

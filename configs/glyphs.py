@@ -1,0 +1,79 @@
+"""The embedded default: the paper's whole protocol on the Glyphs benchmark, on a CPU.
+
+Command (the README's first command; no arguments needed):
+
+  ./run.sh                                   # = --config=configs/glyphs.py
+  ./run.sh --config=configs/glyphs.py:tiny   # a 1-minute smoke run (what the e2e test runs)
+  ./run.sh --config.sam.rho=0.1 ...          # any key can be overridden
+
+Trains ERM and SAM backbones for the five seen scripts (CJK is the large "general"
+domain, like ImageNet), fuses by fine-tuning the CJK backbone on the other seen scripts,
+evaluates seen scripts with their own backbone and the seven unseen scripts with the
+PARC-selected one, with NCC and test-time fine-tuning, and writes work/report/.
+
+Model and per-domain steps / lr / rho were chosen on the *validation* classes
+(bench/tune_glyphs.py, README "Choosing the Glyphs recipe"), never on test classes.
+
+Expected run time: ~12 min on 2 CPU cores (measured, README). Expected result: see the
+README's Glyphs table (SAM vs ERM with paired 95% intervals).
+"""
+
+import ml_collections
+
+from flatfsc_jax import config_lib
+
+SEEN = ("cjk", "latin", "greek", "cyrillic", "kana")
+UNSEEN = ("digits", "hangul", "thai", "arabic", "hebrew", "devanagari", "bengali")
+
+# Per-domain recipe for 28x28 glyphs (chosen on validation classes).
+GLYPHS_TABLE = {
+    "cjk": dict(batch_size=64, lr=5e-2, num_steps=400, restart_period=400, rho=0.05),
+    "latin": dict(batch_size=64, lr=5e-2, num_steps=200, restart_period=200, rho=0.05),
+    "greek": dict(batch_size=64, lr=5e-2, num_steps=200, restart_period=200, rho=0.05),
+    "cyrillic": dict(batch_size=64, lr=5e-2, num_steps=200, restart_period=200, rho=0.05),
+    "kana": dict(batch_size=64, lr=5e-2, num_steps=200, restart_period=200, rho=0.05),
+}
+
+
+def get_config(arg=None):
+    c = config_lib.base_config()
+    c.benchmark = "glyphs"
+    c.methods = ("erm", "sam")
+    config_lib.with_table(c, GLYPHS_TABLE, SEEN)
+    c.model = ml_collections.ConfigDict(
+        dict(arch="resnet10", width=0.25, dtype="float32", lora_rank=0)
+    )
+    c.augment.pad = 3  # 8 px at 84 px, scaled to 28 px
+    c.augment.saturation = c.augment.hue = 0.0  # grayscale glyphs
+    c.validation.episodes = 100
+    c.validation.every = 100
+    c.checkpoint_every = 100
+    c.log_every = 20
+    c.fusion.enabled = True
+    c.fusion.source_domain = "cjk"
+    c.fusion.mode = "full"
+    c.fusion.num_steps = 100
+    c.fusion.restart_period = 100
+    c.fusion.lr = 1e-2
+    c.evaluation.domains = SEEN + UNSEEN
+    c.evaluation.episodes = 600
+    c.evaluation.adaptations = ("ncc", "finetune")
+    c.evaluation.finetune_episodes = 100
+    c.evaluation.finetune_steps = 20
+    if arg == "tiny":  # smoke run: every stage, minimal work
+        config_lib.with_table(
+            c, {d: dict(GLYPHS_TABLE[d], num_steps=6, restart_period=6) for d in SEEN[:2]},
+            SEEN[:2],
+        )
+        c.model.width = 0.125
+        c.validation.episodes = c.validation.every = 3
+        c.checkpoint_every = 3
+        c.log_every = 3
+        c.fusion.num_steps = c.fusion.restart_period = 3
+        c.evaluation.domains = (SEEN[0], SEEN[1], UNSEEN[0])
+        c.evaluation.episodes = 8
+        c.evaluation.finetune_episodes = 2
+        c.evaluation.finetune_steps = 2
+    elif arg:
+        raise ValueError(f"configs/glyphs.py takes no argument or 'tiny', got {arg!r}")
+    return c

@@ -1,0 +1,608 @@
+"""Backbone-training input pipeline: shuffled, augmented, resumable host batches.
+
+Batch training (one domain's train split, cross-entropy over its classes, design.md §2)
+reads ``dict(image=float32 [B, H, W, C] in [-1, 1], label=int32 [B])`` from
+``make_train_iterator``. The stream is a pure function of ``(seed, position)``:
+
+* examples: epoch ``e`` is the permutation ``default_rng((seed, e)).permutation(N)``
+  of the split (every example once per epoch, a fresh order every epoch), forever;
+* global batches: consecutive runs of ``global_batch_size`` examples of that stream
+  (a batch may straddle an epoch boundary). They are the elements of a grain
+  ``MapDataset`` (random access by batch index; grain runs the prefetch thread or the
+  worker processes). The index batch is cut from the cached epoch permutation in one
+  numpy slice: grain's per-element ``shuffle().repeat().batch()`` spends ~35 us of
+  Python per example, three times the whole load + augment cost of a 28 px example;
+* augmentation: every random number of an example is a counter-based hash of
+  ``(seed, position of the example in the stream)``, so it neither depends on the
+  process layout nor on where the iterator was (re)started.
+
+Resuming is therefore exact and cheap: ``iterator.get_state()`` is
+``{"next_batch": k, ...}`` (small, JSON-able: store it next to the train state) and
+``set_state`` restarts the grain dataset at global batch ``k``. The same state resumes
+under any ``process_count`` / ``worker_count``: global batches do not depend on them.
+
+Multi-host: every process reads the whole global index batch (cheap: integers) and loads
+and augments only its contiguous slice ``[p * B/P, (p + 1) * B/P)``. The trainer turns
+those host slices into one global array on a batch-sharded mesh with
+``jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)``
+where ``sharding = NamedSharding(mesh, PartitionSpec("data"))`` and the mesh's devices
+are ordered by process (``jax.make_mesh`` does that), so process ``p``'s rows land on
+its own devices.
+
+Augmentation (design.md §2, the paper's recipe) runs on the host in numpy, vectorised
+over the batch, in this order: reflect-pad by ``pad`` px and crop back at a uniform
+offset (a shift by up to ``pad`` px each way, *no flips*), brightness ``+U[-b, b]`` on
+the 0..255 scale, contrast ``(x - mean_c) * f + mean_c`` with ``f ~ U[1-c, 1+c]`` and
+``mean_c`` the per-image per-channel mean (TensorFlow's ``adjust_contrast``), clip to
+[0, 255], then, for RGB images only, saturation ``s * U[1-s, 1+s]`` (clipped to [0, 1])
+and hue ``h + U[-d, d]`` (turns, wrapped) in HSV. Only backbone *training batches* are
+augmented: few-shot episodes (support and query) never are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import sys
+from typing import Any
+
+import grain
+import numpy as np
+
+from flatfsc_jax.data.sources import SplitData, preprocess
+
+# Reflect padding of 8 px at 84 px in the paper; scaled with the image side elsewhere.
+PAPER_PAD, PAPER_IMAGE_SIZE = 8, 84
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Training-batch augmentation (design.md §2). Defaults are the paper's at 84 px.
+
+    Attributes:
+      pad: reflect padding in pixels before the random crop back to the original size
+        (8 at 84 px; use ``for_image_size`` to scale it, 3 at 28 px). 0 disables cropping.
+      contrast: contrast factor ~ U[1 - contrast, 1 + contrast]; in [0, 1).
+      saturation: saturation factor ~ U[1 - saturation, 1 + saturation]; in [0, 1].
+        RGB images only.
+      hue: hue shift ~ U[-hue, hue] in turns of the colour wheel; in [0, 0.5].
+        RGB images only.
+      brightness: additive shift ~ U[-brightness, brightness] on the 0..255 scale (the
+        paper's 0.125 is, as published, almost nothing).
+      enabled: False turns every transformation off (batches are plain preprocessed images).
+    """
+
+    pad: int = PAPER_PAD
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.03
+    brightness: float = 0.125
+    enabled: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.enabled, (bool, np.bool_)):
+            object.__setattr__(self, "enabled", bool(self.enabled))
+        else:
+            raise ValueError(f"AugmentConfig.enabled={self.enabled!r} must be True or False")
+        if not _is_int(self.pad) or self.pad < 0:
+            raise ValueError(
+                f"AugmentConfig.pad={self.pad!r} must be a non-negative integer number of "
+                "pixels (8 at 84 px, 3 at 28 px)"
+            )
+        object.__setattr__(self, "pad", int(self.pad))
+        for name, high, closed in (
+            ("contrast", 1.0, False),
+            ("saturation", 1.0, True),
+            ("hue", 0.5, True),
+            ("brightness", 255.0, True),
+        ):
+            value = getattr(self, name)
+            ok = _is_real(value) and math.isfinite(value) and value >= 0
+            ok = ok and (value <= high if closed else value < high)
+            if not ok:
+                interval = f"[0, {high:g}]" if closed else f"[0, {high:g})"
+                raise ValueError(
+                    f"AugmentConfig.{name}={value!r} must be a number in {interval} "
+                    "(the maximal deviation of the random factor / shift)"
+                )
+            object.__setattr__(self, name, float(value))
+
+    @classmethod
+    def for_image_size(cls, image_size: int, **overrides) -> AugmentConfig:
+        """The paper's recipe with the padding scaled to ``image_size`` (3 px at 28 px)."""
+        if not _is_int(image_size) or image_size < 2:
+            raise ValueError(f"image_size={image_size!r} must be an integer >= 2")
+        pad = max(1, round(PAPER_PAD * image_size / PAPER_IMAGE_SIZE))
+        return cls(**{"pad": pad, **overrides})
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+# ----------------------------------------------------------------------------------------
+# Per-example randomness: a counter-based hash of (seed, stream position, draw)
+# ----------------------------------------------------------------------------------------
+
+# splitmix64 (Steele, Lea & Flood 2014): increment and output mixer.
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MUL2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * _MUL1
+    z = (z ^ (z >> np.uint64(27))) * _MUL2
+    return z ^ (z >> np.uint64(31))
+
+
+def example_uniforms(seed: int, positions, num_draws: int) -> np.ndarray:
+    """float64 [len(positions), num_draws] in [0, 1), a pure function of each
+    ``(seed, position, draw)``: the same example position always gets the same numbers,
+    whichever batch, process or worker computes it.
+    """
+    positions = np.asarray(positions, np.int64).reshape(-1).astype(np.uint64)
+    with np.errstate(over="ignore"):  # uint64 arithmetic is meant to wrap
+        key = _mix64(np.full(1, seed, np.uint64) * _GAMMA + _GAMMA)
+        per_example = _mix64(key + positions * _GAMMA)
+        draws = np.arange(1, num_draws + 1, dtype=np.uint64) * _GAMMA
+        bits = _mix64(per_example[:, None] + draws[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+    """The random choices of one batch, one entry per example (numpy arrays [B])."""
+
+    offset_y: np.ndarray  # crop offset into the padded image, 0..2*pad (pad = no shift)
+    offset_x: np.ndarray
+    brightness: np.ndarray  # additive, 0..255 scale
+    contrast: np.ndarray  # factor
+    saturation: np.ndarray  # factor
+    hue: np.ndarray  # shift in turns
+
+    @classmethod
+    def identity(cls, batch_size: int, pad: int) -> AugmentParams:
+        """Parameters that leave every image unchanged (centre crop, neutral colour)."""
+        centre = np.full(batch_size, pad, np.int64)
+        zeros, ones = np.zeros(batch_size, np.float32), np.ones(batch_size, np.float32)
+        return cls(centre, centre.copy(), zeros, ones, ones.copy(), zeros.copy())
+
+
+def sample_augment_params(config: AugmentConfig, seed: int, positions) -> AugmentParams:
+    """The augmentation of the examples at stream ``positions`` under ``seed``."""
+    u = example_uniforms(seed, positions, 6)
+    num_offsets = 2 * config.pad + 1
+    offsets = np.minimum((u[:, :2] * num_offsets).astype(np.int64), num_offsets - 1)
+
+    def symmetric(col, radius):  # U[-radius, radius]
+        return ((2.0 * u[:, col] - 1.0) * radius).astype(np.float32)
+
+    return AugmentParams(
+        offset_y=offsets[:, 0],
+        offset_x=offsets[:, 1],
+        brightness=symmetric(2, config.brightness),
+        contrast=1.0 + symmetric(3, config.contrast),
+        saturation=1.0 + symmetric(4, config.saturation),
+        hue=symmetric(5, config.hue),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Image operations (batched numpy; images NHWC)
+# ----------------------------------------------------------------------------------------
+
+
+def reflect_pad_crop(images: np.ndarray, pad: int, offset_y, offset_x) -> np.ndarray:
+    """Crops every [H, W] image at ``(offset_y[i], offset_x[i])`` (each in 0..2*pad) out
+    of the batch reflect-padded by ``pad`` (numpy's "reflect": the edge pixel is not
+    repeated, as torchvision's ``padding_mode="reflect"``). Offset ``pad`` is no shift.
+    """
+    b, h, w, _ = images.shape
+    if pad >= min(h, w):
+        raise ValueError(f"augment.pad={pad} must be smaller than the image side {min(h, w)}")
+    offset_y, offset_x = np.asarray(offset_y), np.asarray(offset_x)
+    if offset_y.shape != (b,) or offset_x.shape != (b,):
+        raise ValueError(f"need one crop offset per image ({b}), got {offset_y.shape}")
+    if min(offset_y.min(), offset_x.min()) < 0 or max(offset_y.max(), offset_x.max()) > 2 * pad:
+        raise ValueError(f"crop offsets must be in [0, 2 * pad = {2 * pad}]")
+    if pad == 0:
+        return images.copy()
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    # One slice copy per image: about 10x faster than a single fancy-index gather.
+    out = np.empty_like(images)
+    for i, (y, x) in enumerate(zip(offset_y.tolist(), offset_x.tolist(), strict=True)):
+        out[i] = padded[i, y : y + h, x : x + w]
+    return out
+
+
+# The colour operations work on channel planes [C, B, H, W]: every channel of the batch is
+# one contiguous array, which makes numpy's element-wise passes and per-image means several
+# times faster than on interleaved NHWC pixels.
+
+
+def _planar(images: np.ndarray) -> np.ndarray:
+    """NHWC -> contiguous float32 [C, B, H, W]."""
+    return np.ascontiguousarray(np.moveaxis(images, -1, 0), dtype=np.float32)
+
+
+def _interleaved(planes: np.ndarray) -> np.ndarray:
+    """[C, B, H, W] -> contiguous NHWC."""
+    return np.ascontiguousarray(np.moveaxis(planes, 0, -1))
+
+
+def _contrast_planar(planes: np.ndarray, factors) -> np.ndarray:
+    c, b = planes.shape[:2]
+    mean = planes.reshape(c, b, -1).mean(axis=-1)[:, :, None, None]
+    f = np.asarray(factors, np.float32)[None, :, None, None]
+    return planes * f + mean * (1.0 - f)
+
+
+def _saturation_hue_planar(planes: np.ndarray, saturation_factors, hue_shifts) -> np.ndarray:
+    """HSV saturation scaling and hue rotation without materialising S.
+
+    With V = max(R, G, B), chroma C = V - min(R, G, B) and saturation S = C / V, every
+    channel is ``V - C * ramp_n(H)`` with ramp_n(H) = clip(min(k, 4 - k), 0, 1) and
+    k = (n + 6 H) mod 6 for n = 5, 3, 1 (R, G, B). ``S <- clip(S * f, 0, 1)`` is
+    ``C <- min(C * f, V)``; the hue shift rotates H. H itself is measured in sixths of a
+    turn, in [0, 6).
+    """
+    r, g, b = planes
+    value = np.maximum(np.maximum(r, g), b)
+    chroma = value - np.minimum(np.minimum(r, g), b)
+    # Hue sector by the maximal channel (R before G before B on ties, as the usual
+    # definition). Boolean masks times floats instead of np.where / np.fmod: those are an
+    # order of magnitude slower in numpy and this is the pipeline's hot loop at 84 px.
+    is_r = value == r
+    is_g = (value == g) & ~is_r
+    is_b = ~(is_r | is_g)
+    hue6 = is_r * (g - b) + is_g * (b - r + 2.0 * chroma) + is_b * (r - g + 4.0 * chroma)
+    hue6 /= chroma + (chroma == 0)  # grey pixels: 0 / 1; they stay grey whatever the hue
+    hue6 += (6.0 * np.asarray(hue_shifts, np.float32))[:, None, None]
+    hue6 -= 6.0 * np.floor(hue6 * np.float32(1.0 / 6.0))  # wrap into [0, 6]
+    f = np.asarray(saturation_factors, np.float32)[:, None, None]
+    chroma = np.minimum(chroma * f, value)
+    out = np.empty_like(planes)
+    for channel, offset in enumerate((5.0, 3.0, 1.0)):
+        k = hue6 + offset  # in [1, 12]: one wrap makes it (k mod 6)
+        k -= 6.0 * (k >= 6.0)
+        ramp = np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+        np.subtract(value, chroma * ramp, out=out[channel])
+    return out
+
+
+def adjust_contrast(images: np.ndarray, factors) -> np.ndarray:
+    """``(x - mean) * f + mean`` per image with the mean over each channel's pixels
+    (TensorFlow's ``adjust_contrast``). Float NHWC in, float32 NHWC out; no clipping.
+    """
+    return _interleaved(_contrast_planar(_planar(images), factors))
+
+
+def adjust_saturation_hue(images: np.ndarray, saturation_factors, hue_shifts) -> np.ndarray:
+    """RGB [B, H, W, 3] on any non-negative scale: in HSV, ``s <- clip(s * f, 0, 1)`` and
+    ``h <- (h + d) mod 1`` (d in turns), value unchanged. float32 NHWC out.
+    """
+    if images.shape[-1] != 3:
+        raise ValueError(f"saturation and hue need RGB images, got shape {images.shape}")
+    return _interleaved(_saturation_hue_planar(_planar(images), saturation_factors, hue_shifts))
+
+
+def augment_images(images: np.ndarray, params: AugmentParams, pad: int) -> np.ndarray:
+    """uint8 [B, H, W, C] -> augmented float32 [B, H, W, C] on the 0..255 scale."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+    planes = _planar(reflect_pad_crop(images, pad, params.offset_y, params.offset_x))
+    planes += np.asarray(params.brightness, np.float32)[None, :, None, None]
+    planes = _contrast_planar(planes, params.contrast)
+    np.clip(planes, 0.0, 255.0, out=planes)
+    colour_jitter = np.any(params.saturation != 1.0) or np.any(params.hue != 0.0)
+    if planes.shape[0] == 3 and colour_jitter:
+        # V and C are in [0, 255] and each channel is V - C' ramp with C' <= V: no clip.
+        planes = _saturation_hue_planar(planes, params.saturation, params.hue)
+    return _interleaved(planes)
+
+
+# ----------------------------------------------------------------------------------------
+# The grain pipeline
+# ----------------------------------------------------------------------------------------
+
+
+class ShuffledIndexBatches:
+    """Random-access source of global index batches: element ``k`` is examples
+    ``[k * B, (k + 1) * B)`` of the endless stream of per-epoch permutations, epoch ``e``
+    being ``np.random.default_rng((seed, e)).permutation(num_examples)``.
+
+    Endless (length ``sys.maxsize``, grain's convention for infinite datasets). The last
+    two epoch permutations are cached, so consecutive batches cost one slice each.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def epoch_permutation(self, epoch: int) -> np.ndarray:
+        permutation = self._epochs.get(epoch)
+        if permutation is None:
+            rng = np.random.default_rng((self.seed, epoch))
+            permutation = rng.permutation(self.num_examples).astype(np.int64)
+            # Racing prefetch threads would store the same array: benign.
+            self._epochs = {e: p for e, p in self._epochs.items() if e in (epoch - 1, epoch)}
+            self._epochs[epoch] = permutation
+        return permutation
+
+    def __getitem__(self, batch_index: int) -> np.ndarray:
+        start = int(batch_index) * self.batch_size
+        stop = start + self.batch_size
+        parts = []
+        while start < stop:  # more than one part only where a batch crosses epochs
+            epoch, offset = divmod(start, self.num_examples)
+            take = min(stop - start, self.num_examples - offset)
+            parts.append(self.epoch_permutation(epoch)[offset : offset + take])
+            start += take
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __getstate__(self):  # grain workers get the recipe, not the cache
+        return {**self.__dict__, "_epochs": {}}
+
+
+class _LoadLocalBatch:
+    """Global index batch ``k`` -> this process's slice, loaded, augmented, preprocessed.
+
+    A module-level class (not a closure) so that grain's worker processes can pickle it.
+    """
+
+    def __init__(
+        self, split_data, *, global_batch_size, seed, augment, process_index, process_count
+    ):
+        self.split_data = split_data
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.augment = augment
+        self.local_batch_size = global_batch_size // process_count
+        self.local_start = process_index * self.local_batch_size
+
+    def __call__(self, batch_index: int, global_indices: np.ndarray) -> dict[str, np.ndarray]:
+        local = slice(self.local_start, self.local_start + self.local_batch_size)
+        indices = np.asarray(global_indices)[local]
+        images = self.split_data.get_images(indices)
+        if self.augment.enabled:
+            first = batch_index * self.global_batch_size + self.local_start
+            positions = first + np.arange(self.local_batch_size, dtype=np.int64)
+            params = sample_augment_params(self.augment, self.seed, positions)
+            images = preprocess(augment_images(images, params, self.augment.pad))
+            np.clip(images, -1.0, 1.0, out=images)  # float rounding at 0 and 255
+        else:
+            images = preprocess(images)
+        return {"image": images, "label": self.split_data.labels[indices]}
+
+
+def make_train_dataset(
+    split_data: SplitData,
+    *,
+    global_batch_size: int,
+    seed: int,
+    augment: AugmentConfig,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """The infinite random-access dataset whose element ``k`` is this process's part of
+    global batch ``k``. ``make_train_iterator`` iterates it; indexing it directly is
+    handy for inspection (``ds[k]`` == the k-th batch of a fresh iterator).
+    """
+    _check_arguments(split_data, global_batch_size, seed, augment, process_index, process_count)
+    load = _LoadLocalBatch(
+        split_data,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        augment=augment,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    index_batches = ShuffledIndexBatches(len(split_data), global_batch_size, seed)
+    return grain.MapDataset.source(index_batches).map_with_index(load)
+
+
+def _check_arguments(split_data, global_batch_size, seed, augment, process_index, process_count):
+    if not isinstance(split_data, SplitData):
+        raise ValueError(f"split_data must be a SplitData, got {type(split_data).__name__}")
+    if len(split_data) == 0:
+        raise ValueError(f"{split_data.source}/{split_data.split} has no examples to train on")
+    if not isinstance(augment, AugmentConfig):
+        raise ValueError(
+            f"augment must be an AugmentConfig, got {type(augment).__name__}; "
+            "build one with AugmentConfig(**config.augment)"
+        )
+    if not _is_int(global_batch_size) or global_batch_size < 1:
+        raise ValueError(
+            f"global_batch_size (config.batch_size)={global_batch_size!r} must be a positive "
+            "integer"
+        )
+    if not _is_int(process_count) or process_count < 1:
+        raise ValueError(f"process_count={process_count!r} must be a positive integer")
+    if not _is_int(process_index) or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index!r} must be in [0, process_count={process_count})"
+        )
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size (config.batch_size)={global_batch_size} is not divisible by the "
+            f"number of processes {process_count} (jax.process_count()): every process loads "
+            "batch_size / process_count examples; choose a multiple of the process count"
+        )
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32)")
+    if augment.enabled and augment.pad:
+        height, width = split_data.image_shape[:2]
+        if augment.pad >= min(height, width):
+            raise ValueError(
+                f"augment.pad={augment.pad} must be smaller than the image side "
+                f"{min(height, width)} of {split_data.source} (reflect padding); "
+                f"AugmentConfig.for_image_size({min(height, width)}) scales the paper's 8 px"
+            )
+
+
+class TrainIterator:
+    """This process's training batches, forever, with a resumable position.
+
+    ``get_state()`` -> ``{"next_batch": k, "seed": .., "global_batch_size": ..,
+    "num_examples": ..}`` (JSON-able); ``set_state(state)`` continues with global batch
+    ``k``. The last three fields guard against resuming a different stream. Call
+    ``close()`` (or use ``with``) to stop grain's prefetch thread / worker processes.
+    """
+
+    def __init__(
+        self,
+        dataset: grain.MapDataset,
+        *,
+        identity: dict[str, int],
+        worker_count: int,
+        prefetch: int,
+    ):
+        self._dataset = dataset
+        self._identity = dict(identity)
+        self._worker_count = worker_count
+        self._prefetch = prefetch
+        self._next_batch = 0
+        self._iterator = None
+
+    @property
+    def next_batch(self) -> int:
+        """Index of the global batch the next ``next()`` returns."""
+        return self._next_batch
+
+    def _start(self):
+        # Slicing keeps map_with_index's indices absolute: the restart is exact.
+        remaining = self._dataset[self._next_batch :]
+        if self._worker_count > 0:
+            # grain's worker processes read its absl flags; outside an absl app (pytest,
+            # notebooks) nothing has parsed them yet, so take their defaults.
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            dataset = remaining.to_iter_dataset(
+                grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+            ).mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self._worker_count,
+                    per_worker_buffer_size=max(1, self._prefetch),
+                )
+            )
+        else:
+            # One background thread computes the next batches while the (GIL-releasing)
+            # training step runs; prefetch=0 makes it synchronous. grain's default
+            # ReadOptions (16 threads, 500 elements) would hold 500 whole batches.
+            dataset = remaining.to_iter_dataset(
+                grain.ReadOptions(
+                    num_threads=1 if self._prefetch else 0,
+                    prefetch_buffer_size=self._prefetch,
+                )
+            )
+        return iter(dataset)
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self._start()
+        batch = next(self._iterator)
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next_batch": self._next_batch, **self._identity}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        missing = [k for k in ("next_batch", *self._identity) if k not in state]
+        if missing:
+            raise ValueError(f"input pipeline state {state!r} lacks {missing}")
+        for key, value in self._identity.items():
+            if int(state[key]) != value:
+                raise ValueError(
+                    f"input pipeline state has {key}={state[key]} but this pipeline has "
+                    f"{key}={value}: it was saved by a different run (config or data changed)"
+                )
+        next_batch = state["next_batch"]
+        if not _is_int(next_batch) or next_batch < 0:
+            raise ValueError(f"input pipeline state next_batch={next_batch!r} is invalid")
+        self.close()
+        self._next_batch = int(next_batch)
+
+    def close(self) -> None:
+        if self._iterator is not None:
+            close = getattr(self._iterator, "close", None)
+            if close is not None:
+                close()
+            self._iterator = None
+
+    def __enter__(self) -> TrainIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_train_iterator(
+    split_data: SplitData,
+    *,
+    global_batch_size: int,
+    seed: int,
+    augment: AugmentConfig,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+    prefetch: int = 2,
+) -> TrainIterator:
+    """Training batches of ``split_data`` for this process, forever.
+
+    Args:
+      split_data: the domain's train split (uint8 HWC images, int32 labels).
+      global_batch_size: examples per step over all processes (``config.batch_size``);
+        must be divisible by ``process_count``.
+      seed: shuffling and augmentation seed, in [0, 2**32).
+      augment: ``AugmentConfig`` (``AugmentConfig(enabled=False)`` for none).
+      process_index, process_count: ``jax.process_index()``, ``jax.process_count()``.
+        Each process yields rows ``[p * B/P, (p + 1) * B/P)`` of every global batch.
+      worker_count: grain worker processes computing batches (0: in this process).
+        On 2 CPU cores in-process is as fast and shares memory (see bench/data.py).
+      prefetch: batches computed ahead (per worker when ``worker_count > 0``); 0 makes
+        the in-process pipeline synchronous.
+
+    Returns:
+      A ``TrainIterator`` of ``dict(image=float32 [B/P, H, W, C] in [-1, 1],
+      label=int32 [B/P])`` with ``get_state`` / ``set_state``.
+    """
+    if not _is_int(worker_count) or worker_count < 0:
+        raise ValueError(f"worker_count={worker_count!r} must be a non-negative integer")
+    if not _is_int(prefetch) or prefetch < 0:
+        raise ValueError(f"prefetch={prefetch!r} must be a non-negative integer")
+    dataset = make_train_dataset(
+        split_data,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        augment=augment,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    identity = {
+        "seed": int(seed),
+        "global_batch_size": int(global_batch_size),
+        "num_examples": len(split_data),
+    }
+    return TrainIterator(dataset, identity=identity, worker_count=worker_count, prefetch=prefetch)

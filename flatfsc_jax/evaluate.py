@@ -1,0 +1,331 @@
+"""Few-shot evaluation on cached embeddings: embed once, evaluate thousands of episodes.
+
+A frozen backbone maps each image to the same embedding in every episode, so the URL-style
+loop that re-embeds support and query images per episode repeats work: here every image of
+a split is embedded once (:func:`embed_split`) and episodes are index arrays into that
+table (:func:`episode_accuracies`). All episodes of an ``EpisodeBatch`` share fixed padded
+shapes with masks, so one ``jax.vmap`` inside one ``jax.jit`` evaluates them all and nothing
+recompiles between episodes (design.md §5).
+
+Classifier: nearest centroid (NCC). Prototypes are the masked mean support embedding of each
+class; logits are ``scale * cos(query, prototype)`` (``scale=10`` as SUR/URL/TSA and the
+paper) or the negative squared Euclidean distance (Prototypical Networks).
+
+Episodes: any object with the ``EpisodeBatch`` attributes (numpy, fixed shapes):
+``support_idx``/``support_labels`` int32 [E, S], ``support_mask`` bool [E, S],
+``query_idx``/``query_labels`` int32 [E, Q], ``query_mask`` bool [E, Q], ``ways`` int32 [E]
+and the int ``max_ways`` (padded number of classes). Labels are ``0..ways-1``; padded slots
+are masked out (their indices only have to be valid array indices).
+
+Units: accuracies are fractions in [0, 1] everywhere in this module (multiply by 100 for
+tables); :func:`summarize` and :func:`paired_difference` keep the units of their input.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flatfsc_jax.data import sources
+
+METRICS = ("cosine", "euclidean")
+
+# Logit of a class that is absent from an episode (index >= ways). Finite, so softmax /
+# cross-entropy never produce NaN, and far below any cosine (|.| <= scale) or negative
+# squared distance of real embeddings, so an absent class never wins.
+ABSENT_LOGIT = -1e30
+
+# Default number of episodes evaluated per jitted call. Memory of one call is about
+# chunk * (S + Q) * D * 4 bytes for the gathered embeddings: 32 Meta-Dataset-sized
+# episodes (S = Q = 500, D = 512) need ~65 MB.
+DEFAULT_CHUNK = 32
+
+_EPISODE_FIELDS = (
+    "support_idx",
+    "support_labels",
+    "support_mask",
+    "query_idx",
+    "query_labels",
+    "query_mask",
+)
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is unknown; choose one of {METRICS}")
+
+
+# ----------------------------------------------------------------------------------------
+# Embedding a split once.
+# ----------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed_uint8(model, variables, images_uint8):
+    # Preprocessing on the device: uint8 crosses the host boundary (4x fewer bytes).
+    return model.embed(variables, sources.preprocess(images_uint8))
+
+
+def embed_split(model, variables: dict, split_data, *, batch_size: int = 256) -> np.ndarray:
+    """Eval-mode embeddings of every image of ``split_data``: float32 [N, D].
+
+    Batches have one fixed shape (the last one is padded by repeating its first image and
+    the padding is dropped), so the embedding function compiles once per split size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    n = len(split_data)
+    if n == 0:
+        raise ValueError(f"split {split_data.source}/{split_data.split} has no images")
+    batch = min(batch_size, n)  # a small split compiles for its own size, not a padded 256
+    out = np.empty((n, model.embedding_dim), np.float32)
+    for start in range(0, n, batch):
+        idx = np.arange(start, min(start + batch, n))
+        images = split_data.get_images(idx)
+        if len(idx) < batch:
+            pad = np.repeat(images[:1], batch - len(idx), axis=0)
+            images = np.concatenate([images, pad])
+        emb = _embed_uint8(model, variables, images)
+        out[start : start + len(idx)] = np.asarray(emb)[: len(idx)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Nearest-centroid classifier (one episode; vmap for many).
+# ----------------------------------------------------------------------------------------
+
+
+def class_prototypes(support_emb, support_labels, support_mask, max_ways: int):
+    """Masked class means [max_ways, D] and per-class support counts [max_ways]."""
+    onehot = jax.nn.one_hot(support_labels, max_ways, dtype=support_emb.dtype)
+    onehot = onehot * support_mask[:, None].astype(support_emb.dtype)
+    counts = onehot.sum(axis=0)
+    sums = jnp.matmul(onehot.T, support_emb, precision=jax.lax.Precision.HIGHEST)
+    return sums / jnp.maximum(counts, 1.0)[:, None], counts
+
+
+def prototype_logits(
+    support_emb,
+    support_labels,
+    support_mask,
+    query_emb,
+    max_ways: int,
+    *,
+    metric: str = "cosine",
+    scale: float = 10.0,
+):
+    """NCC logits [Q, max_ways] of ``query_emb`` [Q, D] against support prototypes.
+
+    Args:
+      support_emb: [S, D] support embeddings.
+      support_labels: int [S] in ``0..ways-1`` (padded slots: any valid class index).
+      support_mask: bool [S]; False marks padding.
+      query_emb: [Q, D].
+      max_ways: padded number of classes (static).
+      metric: ``"cosine"`` -> ``scale * cos(query, prototype)``; ``"euclidean"`` ->
+        ``-||query - prototype||^2`` (``scale`` is not used).
+
+    Classes without any unmasked support example (``>= ways``) get :data:`ABSENT_LOGIT`.
+    """
+    check_metric(metric)
+    prototypes, counts = class_prototypes(support_emb, support_labels, support_mask, max_ways)
+    hi = jax.lax.Precision.HIGHEST
+    if metric == "cosine":
+        # eps inside the norm: an all-zero embedding (dead ReLUs) gives cos = 0, not NaN.
+        q = query_emb * jax.lax.rsqrt(jnp.sum(query_emb**2, -1, keepdims=True) + 1e-12)
+        p = prototypes * jax.lax.rsqrt(jnp.sum(prototypes**2, -1, keepdims=True) + 1e-12)
+        logits = scale * jnp.matmul(q, p.T, precision=hi)
+    else:
+        sq_q = jnp.sum(query_emb**2, -1, keepdims=True)
+        sq_p = jnp.sum(prototypes**2, -1)
+        logits = -(sq_q - 2.0 * jnp.matmul(query_emb, prototypes.T, precision=hi) + sq_p)
+    return jnp.where(counts > 0, logits, jnp.asarray(ABSENT_LOGIT, logits.dtype))
+
+
+def masked_accuracy(logits, labels, mask):
+    """Fraction of unmasked rows whose argmax equals the label (0 if nothing is unmasked)."""
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    return correct.sum() / jnp.maximum(mask.sum(), 1)
+
+
+@functools.partial(jax.jit, static_argnames=("max_ways", "metric", "scale"))
+def _chunk_accuracies(embeddings, episode_arrays, *, max_ways, metric, scale):
+    def one(s_idx, s_lab, s_mask, q_idx, q_lab, q_mask):
+        logits = prototype_logits(
+            embeddings[s_idx],
+            s_lab,
+            s_mask,
+            embeddings[q_idx],
+            max_ways,
+            metric=metric,
+            scale=scale,
+        )
+        return masked_accuracy(logits, q_lab, q_mask)
+
+    return jax.vmap(one)(*episode_arrays)
+
+
+def _episode_arrays(episodes) -> tuple[np.ndarray, ...]:
+    missing = [f for f in (*_EPISODE_FIELDS, "max_ways") if not hasattr(episodes, f)]
+    if missing:
+        raise ValueError(
+            f"episodes lacks {missing}; pass an EpisodeBatch (or an object with its fields "
+            f"{_EPISODE_FIELDS} and max_ways)"
+        )
+    arrays = tuple(np.asarray(getattr(episodes, f)) for f in _EPISODE_FIELDS)
+    e = arrays[0].shape[0]
+    for name, a in zip(_EPISODE_FIELDS, arrays, strict=True):
+        if a.ndim != 2 or a.shape[0] != e:
+            raise ValueError(f"episodes.{name} must be [E={e}, width], got shape {a.shape}")
+    if arrays[0].shape != arrays[1].shape or arrays[0].shape != arrays[2].shape:
+        raise ValueError("episodes.support_idx/support_labels/support_mask shapes differ")
+    if arrays[3].shape != arrays[4].shape or arrays[3].shape != arrays[5].shape:
+        raise ValueError("episodes.query_idx/query_labels/query_mask shapes differ")
+    return arrays
+
+
+def check_episodes(episodes, num_items: int) -> tuple[np.ndarray, ...]:
+    """The six episode arrays, validated against a table of ``num_items`` rows."""
+    arrays = _episode_arrays(episodes)
+    s_idx, s_lab, s_mask, q_idx, q_lab, q_mask = arrays
+    max_ways = int(episodes.max_ways)
+    for name, idx, mask in (("support_idx", s_idx, s_mask), ("query_idx", q_idx, q_mask)):
+        used = idx[mask.astype(bool)]
+        if used.size and (used.min() < 0 or used.max() >= num_items):
+            raise ValueError(
+                f"episodes.{name} holds indices in [{used.min()}, {used.max()}] but the split "
+                f"has {num_items} items; episodes were sampled from another split"
+            )
+    for name, lab, mask in (("support_labels", s_lab, s_mask), ("query_labels", q_lab, q_mask)):
+        used = lab[mask.astype(bool)]
+        if used.size and (used.min() < 0 or used.max() >= max_ways):
+            raise ValueError(
+                f"episodes.{name} must lie in 0..max_ways-1={max_ways - 1}, "
+                f"got [{used.min()}, {used.max()}]"
+            )
+    return arrays
+
+
+def episode_accuracies(
+    embeddings,
+    episodes,
+    *,
+    metric: str = "cosine",
+    scale: float = 10.0,
+    chunk: int = DEFAULT_CHUNK,
+) -> np.ndarray:
+    """NCC query accuracy of every episode on cached ``embeddings`` [N, D]: float [E].
+
+    Episodes are evaluated ``chunk`` at a time by one vmapped, jitted function; the last
+    chunk is padded (by repeating its first episode, results dropped) so every call has
+    the same shapes and compiles once.
+    """
+    check_metric(metric)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk!r}")
+    embeddings = jnp.asarray(embeddings, jnp.float32)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}")
+    arrays = check_episodes(episodes, embeddings.shape[0])
+    arrays = (
+        arrays[0].astype(np.int32),
+        arrays[1].astype(np.int32),
+        arrays[2].astype(bool),
+        arrays[3].astype(np.int32),
+        arrays[4].astype(np.int32),
+        arrays[5].astype(bool),
+    )
+    num_episodes = arrays[0].shape[0]
+    chunk = min(chunk, num_episodes)
+    out = []
+    for start in range(0, num_episodes, chunk):
+        part = [a[start : start + chunk] for a in arrays]
+        n = part[0].shape[0]
+        if n < chunk:
+            part = [np.concatenate([a, np.repeat(a[:1], chunk - n, axis=0)]) for a in part]
+        acc = _chunk_accuracies(
+            embeddings,
+            tuple(part),
+            max_ways=int(episodes.max_ways),
+            metric=metric,
+            scale=float(scale),
+        )
+        out.append(np.asarray(acc)[:n])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Summaries.
+# ----------------------------------------------------------------------------------------
+
+
+def summarize(accs) -> dict[str, Any]:
+    """``dict(mean, ci95, n)``: mean and 95% half-interval ``1.96 * std / sqrt(n)``.
+
+    ``std`` is the population standard deviation (``ddof=0``), as in the SUR/URL/TSA
+    evaluation code whose numbers the paper compares against. Units are those of ``accs``.
+    """
+    accs = np.asarray(accs, np.float64).reshape(-1)
+    n = accs.size
+    if n == 0:
+        raise ValueError("summarize needs at least one accuracy")
+    return dict(mean=float(accs.mean()), ci95=float(1.96 * accs.std() / np.sqrt(n)), n=int(n))
+
+
+def paired_difference(acc_a, acc_b) -> dict[str, Any]:
+    """:func:`summarize` of ``acc_a - acc_b`` evaluated on the SAME episodes.
+
+    Per-episode difficulty varies far more than the gap between two methods; pairing
+    removes it, so this interval is much tighter than comparing two ``summarize`` results.
+    """
+    acc_a, acc_b = np.asarray(acc_a, np.float64), np.asarray(acc_b, np.float64)
+    if acc_a.shape != acc_b.shape:
+        raise ValueError(
+            f"paired_difference needs accuracies of the same episodes; got shapes "
+            f"{acc_a.shape} and {acc_b.shape}"
+        )
+    return summarize(acc_a - acc_b)
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluator (validation during training and final test use the same object).
+# ----------------------------------------------------------------------------------------
+
+
+class FewShotEvaluator:
+    """NCC evaluation of a backbone on a fixed set of episodes of one split.
+
+    Construct once (the episodes are fixed, so validation curves compare like with like);
+    ``run(model, variables)`` embeds every image of the split once and evaluates all
+    episodes on the cached embeddings.
+    """
+
+    def __init__(
+        self,
+        split_data,
+        episodes,
+        *,
+        metric: str = "cosine",
+        batch_size: int = 256,
+        chunk: int = DEFAULT_CHUNK,
+    ):
+        check_metric(metric)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        check_episodes(episodes, len(split_data))
+        self.split_data = split_data
+        self.episodes = episodes
+        self.metric = metric
+        self.batch_size = batch_size
+        self.chunk = chunk
+
+    def run(self, model, variables: dict) -> dict[str, Any]:
+        """``dict(accuracies=[E] fractions, mean, ci95)`` of the backbone on the episodes."""
+        embeddings = embed_split(model, variables, self.split_data, batch_size=self.batch_size)
+        accs = episode_accuracies(embeddings, self.episodes, metric=self.metric, chunk=self.chunk)
+        summary = summarize(accs)
+        return dict(accuracies=accs, mean=summary["mean"], ci95=summary["ci95"])

@@ -1,0 +1,87 @@
+"""Information fusion by fine-tuning (the paper's "+FT" backbones).
+
+The baseline (URL) distils all domain backbones into one network; the paper instead
+takes the backbone trained on the large, general domain (ImageNet; CJK ideographs on
+Glyphs) and fine-tunes it on each other seen domain, with SAM for the SAM variant. Each
+result is its own zoo entry ``<domain>/<method>+ft`` (full fine-tuning) or
+``<domain>/<method>+lora`` (only low-rank adapters and a new head are trained; the
+adapters are merged into the stored kernels). For the general domain itself the fused
+backbone *is* its own backbone, so no entry is written for it.
+
+Hyper-parameters (``config.fusion``; the paper did not publish them): the target
+domain's batch size and rho, SGD with momentum and coupled weight decay as in backbone
+training, a learning rate 10x below the from-scratch rate (the trunk is already good;
+a large rate would erase what the general domain taught), and one cosine cycle of
+``config.fusion.num_steps`` steps. LoRA trains far fewer weights and so uses a higher
+rate. Validation and best-checkpoint selection are as in backbone training.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ml_collections
+
+from flatfsc_jax import train, zoo as zoo_lib
+
+log = logging.getLogger(__name__)
+
+
+def fused_method(method: str, mode: str) -> str:
+    """Zoo method name of a fused backbone: ``sam`` + ``full`` -> ``sam+ft``."""
+    return f"{method}+{'ft' if mode == 'full' else 'lora'}"
+
+
+def fusion_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with the fusion learning rate / steps / restart period in every row."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    f = config.fusion
+    c.lr, c.num_steps, c.restart_period = f.lr, f.num_steps, f.restart_period
+    for d in c.per_domain:
+        row = c.per_domain[d]
+        row.lr, row.num_steps, row.restart_period = f.lr, f.num_steps, f.restart_period
+    return c
+
+
+def fusion_targets(config) -> tuple[str, ...]:
+    return tuple(d for d in config.domains if d != config.fusion.source_domain)
+
+
+def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_lib.ZooEntry]:
+    """Fine-tunes the general domain's ``method`` backbone on every other seen domain."""
+    source = config.fusion.source_domain
+    if source not in config.domains:
+        raise ValueError(
+            f"config.fusion.source_domain={source!r} is not one of config.domains "
+            f"{tuple(config.domains)}"
+        )
+    start = zoo.load(config.benchmark, source, method)
+    target_method = fused_method(method, config.fusion.mode)
+    cfg = fusion_config(config)
+    lora_rank = config.fusion.lora_rank if config.fusion.mode == "lora" else 0
+    entries = []
+    for domain in fusion_targets(config):
+        if zoo.is_complete(config.benchmark, domain, target_method) and not config.retrain:
+            log.info("fusion: %s/%s/%s is complete, reusing it", config.benchmark, domain,
+                     target_method)
+            entries.append(zoo.get(config.benchmark, domain, target_method))
+            continue
+        if config.retrain:
+            zoo.invalidate(config.benchmark, domain, target_method)
+        entries.append(
+            train.train_and_evaluate(
+                cfg, zoo, domain, method,
+                init_variables=start.variables,
+                lora_rank=lora_rank,
+                entry_method=target_method,
+                extra_metadata=dict(
+                    fusion=dict(
+                        source=f"{config.benchmark}/{source}/{method}",
+                        mode=config.fusion.mode,
+                        lora_rank=lora_rank,
+                    )
+                ),
+                progress=progress,
+            )
+        )
+    return entries

@@ -1,0 +1,78 @@
+"""Command line: ``python -m flatfsc_jax.main --config=configs/<x>.py[:arg] --workdir=DIR``.
+
+Thin on purpose (flax examples/imagenet style): parse flags, set up JAX (compilation
+cache, multi-host), hand over to ``experiment.run``. ``./run.sh`` forwards its flags here.
+
+  --config.<key>=<value>   override any config key, e.g. --config.sam.rho=0.1
+  --stages=train,fuse,evaluate
+  --retrain                retrain zoo entries that are already complete
+  --distributed            call jax.distributed.initialize() (SLURM / TPU pods detect
+                           everything; otherwise give --coordinator_address,
+                           --num_processes and --process_id)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/glyphs.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", "work", "Zoo, logs and reports go here.")
+_STAGES = flags.DEFINE_list("stages", ["train", "fuse", "evaluate"], "Stages to run.")
+_RETRAIN = flags.DEFINE_bool("retrain", False, "Retrain complete zoo entries.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Validate and print the resolved config, then exit (nothing runs)."
+)
+_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                 "flatfsc_jax", "jax"),
+    "Persistent XLA compilation cache ('' disables it).",
+)
+
+
+def setup_jax() -> None:
+    import jax
+
+    if _CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if _DISTRIBUTED.value:
+        # CPU collectives across processes need gloo (design.md §6); the setting only
+        # affects the CPU backend, so it is harmless on GPU/TPU hosts.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    config = _CONFIG.value
+    if _RETRAIN.value:
+        config.retrain = True
+    if _DRY_RUN.value:
+        from flatfsc_jax import config_lib
+
+        config_lib.validate(config)
+        print(config)
+        return
+    setup_jax()
+    from flatfsc_jax import experiment
+
+    experiment.run(config, _WORKDIR.value, tuple(_STAGES.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

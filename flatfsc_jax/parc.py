@@ -1,0 +1,147 @@
+"""PARC backbone selection (Bolya et al. 2021, as the paper's official code uses it).
+
+For an unseen domain, the paper picks the backbone of the zoo whose support-set
+embeddings best agree with the support labels (design.md §2):
+
+    D_F = 1 - corrcoef(F)       F: [N, D] embeddings, correlation between SAMPLES (N x N)
+    D_Y = 1 - corrcoef(Y)       Y: [N, K] one-hot labels
+    score = spearman(upper(D_F), upper(D_Y))     strict upper triangles, average ranks
+
+No feature standardisation, no PCA and no x100 (those are in PARC's own code, not in the
+paper's). Highest score wins.
+
+Everything here is pure ``jnp`` and jittable (shapes static, no host round trips).
+
+Choices where the reference (``numpy.corrcoef`` + ``scipy.stats.spearmanr``) is ill-defined:
+
+* **Label distances are computed exactly.** For one-hot rows, corrcoef is 1 for two samples
+  of the same class and ``-1/(K-1)`` for two different classes, so ``D_Y`` has exactly two
+  values. ``numpy.corrcoef`` returns the second one with last-bit noise that differs from
+  pair to pair, which makes ``spearmanr`` break the (mathematically exact) ties in an
+  arbitrary order. We use the exact value ``1 + 1/(K-1)``; since Spearman only sees ranks
+  this equals ranking "different class" above "same class", independent of ``K``.
+* **Constant feature rows** (e.g. a dead-ReLU embedding) have undefined correlation (NaN in
+  numpy); we define their correlation with every other sample as 0 (distance 1,
+  "uncorrelated"), so the score stays finite.
+* **Constant rank vectors** (one class only, or all distances equal) have undefined
+  Spearman correlation (NaN in scipy); the score is then 0 ("no evidence either way").
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def sample_correlation(features):
+    """Pearson correlation between the rows of ``features`` [N, D]: [N, N].
+
+    Rows with zero variance get correlation 0 with everything (numpy: NaN).
+    """
+    f = jnp.asarray(features, jnp.float32)
+    centred = f - f.mean(axis=1, keepdims=True)
+    norms = jnp.sqrt(jnp.sum(centred**2, axis=1))
+    safe = jnp.where(norms > 0, norms, 1.0)
+    unit = centred / safe[:, None]
+    corr = jnp.matmul(unit, unit.T, precision=jax.lax.Precision.HIGHEST)
+    constant = norms <= 0
+    corr = jnp.where(constant[:, None] | constant[None, :], 0.0, corr)
+    return jnp.clip(corr, -1.0, 1.0)
+
+
+def label_distances(labels, num_classes: int | None = None):
+    """``1 - corrcoef(onehot(labels))`` [N, N], computed exactly (see module docstring).
+
+    ``labels`` is int [N] or one-hot [N, K]. Same class -> 0; different classes ->
+    ``1 + 1/(K-1)``. ``K`` is ``num_classes`` (int labels) or the one-hot width; for int
+    labels without ``num_classes`` it is taken as 2, which leaves every rank unchanged.
+    """
+    labels = jnp.asarray(labels)
+    if labels.ndim == 2:
+        k = labels.shape[1]
+        labels = jnp.argmax(labels, axis=1)
+    elif labels.ndim == 1:
+        k = 2 if num_classes is None else int(num_classes)
+    else:
+        raise ValueError(f"labels must be int [N] or one-hot [N, K], got shape {labels.shape}")
+    # K = 1: every one-hot row is constant, corrcoef is undefined -> 0, distance 1.
+    different = 1.0 + 1.0 / (k - 1) if k > 1 else 1.0
+    same = 0.0 if k > 1 else 1.0
+    return jnp.where(labels[:, None] == labels[None, :], same, different).astype(jnp.float32)
+
+
+def average_ranks(x):
+    """1-based ranks of a 1-D array with ties given their average rank (scipy 'average')."""
+    x = jnp.asarray(x)
+    m = x.shape[0]
+    order = jnp.argsort(x)
+    xs = x[order]
+    starts_group = jnp.concatenate([jnp.ones((1,), bool), xs[1:] != xs[:-1]])
+    group = jnp.cumsum(starts_group) - 1  # group id of each sorted position
+    positions = jnp.arange(m, dtype=jnp.float32)
+    first = jax.ops.segment_min(positions, group, num_segments=m)
+    last = jax.ops.segment_max(positions, group, num_segments=m)
+    rank_sorted = (first + last)[group] / 2.0 + 1.0
+    return jnp.zeros((m,), jnp.float32).at[order].set(rank_sorted)
+
+
+def spearman(x, y):
+    """Spearman correlation of two 1-D arrays (average ranks for ties); 0 if one is constant."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    # Average ranks always sum to m(m+1)/2, so the mean rank is exact: (m+1)/2.
+    centre = (x.shape[0] + 1) / 2.0
+    rx, ry = rx - centre, ry - centre
+    sxx, syy = jnp.sum(rx * rx), jnp.sum(ry * ry)
+    denom = jnp.sqrt(sxx) * jnp.sqrt(syy)
+    return jnp.where(denom > 0, jnp.sum(rx * ry) / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def parc_score(features, labels, num_classes: int | None = None):
+    """PARC score (scalar float32) of embeddings ``features`` [N, D] for ``labels``.
+
+    ``labels``: int [N] or one-hot [N, K]. ``num_classes`` only matters for int labels and
+    does not change the score (ranks); it is accepted for symmetry with one-hot input.
+    """
+    features = jnp.asarray(features)
+    if features.ndim != 2:
+        raise ValueError(f"features must be [N, D], got shape {features.shape}")
+    n = features.shape[0]
+    if n < 3:
+        raise ValueError(f"PARC needs at least 3 support samples (N*(N-1)/2 >= 3 pairs), got {n}")
+    if jnp.shape(labels)[0] != n:
+        raise ValueError(f"features has {n} rows but labels has {jnp.shape(labels)[0]}")
+    rows, cols = np.triu_indices(n, k=1)  # static: depends on the shape only
+    d_f = 1.0 - sample_correlation(features)
+    d_y = label_distances(labels, num_classes)
+    return spearman(d_f[rows, cols], d_y[rows, cols])
+
+
+_parc_score_jit = jax.jit(parc_score, static_argnames="num_classes")
+
+
+def parc_scores_for_episode(embeddings_by_backbone: dict, labels) -> dict[str, float]:
+    """PARC score of every backbone's support embeddings: ``{name: score}``.
+
+    Embeddings of one episode have the same N for every backbone; backbones with the
+    same embedding dimension share one compilation.
+    """
+    if not embeddings_by_backbone:
+        raise ValueError("embeddings_by_backbone is empty; pass {backbone_name: [N, D]}")
+    labels = np.asarray(labels)
+    return {
+        name: float(_parc_score_jit(jnp.asarray(emb, jnp.float32), labels))
+        for name, emb in embeddings_by_backbone.items()
+    }
+
+
+def select_backbone(scores: dict[str, float]) -> str:
+    """The name with the highest PARC score (first in insertion order on exact ties)."""
+    if not scores:
+        raise ValueError("scores is empty; compute them with parc_scores_for_episode")
+    bad = [name for name, s in scores.items() if not math.isfinite(float(s))]
+    if bad:
+        raise ValueError(f"PARC scores of {bad} are not finite; check those embeddings")
+    return max(scores, key=lambda name: float(scores[name]))

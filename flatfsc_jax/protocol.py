@@ -1,0 +1,232 @@
+"""The paper's evaluation protocol over a zoo: seen domains, unseen domains, PARC, adaptation.
+
+For every evaluation domain (its *test* classes) the same ``config.evaluation.episodes``
+variable-way variable-shot episodes are sampled once (seeded) and every backbone family
+is evaluated on them, so families are compared with paired differences:
+
+* a *family* is a backbone training method: ``erm``, ``sam`` and, with fusion,
+  ``erm+ft`` / ``sam+ft`` (or ``+lora``);
+* a seen domain uses the family's own backbone for that domain (for a fused family the
+  general domain uses its un-fused backbone, which is where fusion starts);
+* an unseen domain uses, per task, the family's backbone with the highest PARC score on
+  that task's support set (``config.evaluation.parc_support``; design.md §2), or, with
+  ``parc_support=False``, one backbone per dataset chosen by the mean PARC score;
+* adaptations: ``ncc`` on embeddings cached once per (backbone, domain) and evaluated
+  with ``jax.vmap`` over padded episodes; ``finetune`` / ``lora`` fine-tune on each
+  task's support set (adapt.py) on the first ``config.evaluation.finetune_episodes``
+  episodes (the same ones for every family).
+
+Results are plain data (``dict``): ``results["domains"][domain]["families"][family]
+[adaptation] = list of per-episode accuracies``; report.py renders them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from flatfsc_jax import adapt, evaluate, fusion, train, zoo as zoo_lib
+from flatfsc_jax.data import episodes as episodes_lib
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------
+# PARC on padded episodes (vectorised over tasks).
+# ---------------------------------------------------------------------------------------
+
+
+def _average_ranks(values, valid):
+    """1-based average ranks (ties share their mean rank) of ``values[valid]``.
+
+    Invalid entries are pushed past every valid one and get rank 0 (unused).
+    """
+    big = jnp.where(valid, values, jnp.inf)
+    ordered = jnp.sort(big)
+    left = jnp.searchsorted(ordered, big, side="left")
+    right = jnp.searchsorted(ordered, big, side="right")
+    return jnp.where(valid, (left + right + 1) / 2.0, 0.0)
+
+
+def _masked_pearson(x, y, w):
+    n = jnp.sum(w)
+    mx, my = jnp.sum(w * x) / n, jnp.sum(w * y) / n
+    dx, dy = (x - mx) * w, (y - my) * w
+    denom = jnp.sqrt(jnp.sum(dx * dx) * jnp.sum(dy * dy))
+    return jnp.where(denom > 0, jnp.sum(dx * dy) / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def _row_corrcoef(x):
+    x = x - jnp.mean(x, axis=1, keepdims=True)
+    norm = jnp.linalg.norm(x, axis=1, keepdims=True)
+    x = x / jnp.where(norm > 0, norm, 1.0)  # constant rows: correlation 0 (numpy: NaN)
+    return x @ x.T
+
+
+def masked_parc(features, labels, mask, num_classes):
+    """PARC (design.md §2) of one padded support set; equals ``parc.parc_score`` unpadded.
+
+    Spearman correlation between the strict upper triangles of ``1 - corrcoef(F)`` and
+    ``1 - corrcoef(onehot(Y))`` over the valid samples, average ranks for ties.
+    """
+    d_f = 1.0 - _row_corrcoef(features.astype(jnp.float32))
+    d_y = 1.0 - _row_corrcoef(jax.nn.one_hot(labels, num_classes))
+    n = features.shape[0]
+    upper = jnp.triu(jnp.ones((n, n), bool), k=1)
+    pair_valid = (upper & mask[:, None] & mask[None, :]).reshape(-1)
+    r_f = _average_ranks(d_f.reshape(-1), pair_valid)
+    r_y = _average_ranks(d_y.reshape(-1), pair_valid)
+    return _masked_pearson(r_f, r_y, pair_valid.astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",))
+def _parc_batch(embeddings, support_idx, support_labels, support_mask, num_classes):
+    feats = embeddings[support_idx]
+    return jax.vmap(masked_parc, in_axes=(0, 0, 0, None))(
+        feats, support_labels, support_mask, num_classes
+    )
+
+
+def parc_scores(embeddings: np.ndarray, batch, *, chunk: int = 32) -> np.ndarray:
+    """PARC score of every episode's support set: float [E]."""
+    out = []
+    n = len(batch.ways)
+    for start in range(0, n, chunk):
+        idx = np.arange(start, start + chunk) % n  # pad the last chunk: one compilation
+        out.append(
+            np.asarray(
+                _parc_batch(
+                    jnp.asarray(embeddings), batch.support_idx[idx], batch.support_labels[idx],
+                    batch.support_mask[idx], batch.max_ways,
+                )
+            )[: min(chunk, n - start)]
+        )
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------
+# The protocol.
+# ---------------------------------------------------------------------------------------
+
+
+def take_episodes(batch, index):
+    """The episodes ``index`` of a padded ``EpisodeBatch`` (same padded shapes)."""
+    index = np.asarray(index)
+    fields = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        fields[f.name] = value[index] if isinstance(value, np.ndarray) else value
+    return dataclasses.replace(batch, **fields)
+
+
+def families(config, zoo: zoo_lib.Zoo) -> list[str]:
+    """Backbone families to evaluate, in report order, that the zoo can serve."""
+    fams = list(config.methods)
+    if config.fusion.enabled:
+        fams += [fusion.fused_method(m, config.fusion.mode) for m in config.methods]
+    return fams
+
+
+def family_backbone(config, family: str, domain: str) -> tuple[str, str]:
+    """(domain, method) of the zoo entry a family uses for a seen domain."""
+    if "+" in family and domain == config.fusion.source_domain:
+        return domain, family.split("+")[0]
+    return domain, family
+
+
+def sample_test_episodes(config, split) -> tuple:
+    spec = episodes_lib.EpisodeSpec(mode="variable")
+    sampler = episodes_lib.EpisodeSampler(split, spec, seed=config.seed + 1000)
+    eps = sampler.sample(config.evaluation.episodes)
+    return eps, episodes_lib.pad_episodes(eps, **episodes_lib.bucket_sizes(split, spec))
+
+
+def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
+    """Runs the protocol; returns plain-data results (see the module docstring)."""
+    ev = config.evaluation
+    seen = tuple(config.domains)
+    fams = families(config, zoo)
+    cache: dict = {}
+
+    def backbone(domain, method):
+        key = (domain, method)
+        if key not in cache:
+            cache[key] = zoo.load(config.benchmark, domain, method)
+        return cache[key]
+
+    results = {
+        "benchmark": config.benchmark,
+        "families": fams,
+        "adaptations": list(ev.adaptations),
+        "seen_domains": list(seen),
+        "episodes": int(ev.episodes),
+        "finetune_episodes": int(ev.finetune_episodes),
+        "domains": {},
+    }
+    domains = list(ev.domains)
+    bar = tqdm(total=len(domains) * len(fams), desc="evaluate", disable=not progress)
+    for domain in domains:
+        t0 = time.perf_counter()
+        split = train.load_split(config, domain, "test")
+        _, batch = sample_test_episodes(config, split)
+        n_ft = min(ev.finetune_episodes, len(batch.ways))
+        dom = {"seen": domain in seen, "ways": batch.ways.tolist(), "families": {},
+               "selection": {}}
+        for fam in fams:
+            bar.set_description(f"evaluate {domain} {fam}")
+            if domain in seen:
+                candidates = [family_backbone(config, fam, domain)]
+            else:
+                candidates = [family_backbone(config, fam, d) for d in seen]
+            embeds = {
+                c: evaluate.embed_split(
+                    backbone(*c).model, backbone(*c).variables, split,
+                    batch_size=config.validation.batch_size,
+                )
+                for c in candidates
+            }
+            if len(candidates) == 1:
+                choice = np.zeros(len(batch.ways), np.int64)
+            else:
+                scores = np.stack([parc_scores(embeds[c], batch) for c in candidates])
+                if ev.parc_support:
+                    choice = np.argmax(scores, axis=0)
+                else:
+                    choice = np.full(len(batch.ways), int(np.argmax(scores.mean(axis=1))))
+            dom["selection"][fam] = {
+                f"{c[0]}/{c[1]}": int(np.sum(choice == i)) for i, c in enumerate(candidates)
+            }
+            accs = {}
+            for adaptation in ev.adaptations:
+                acc = np.full(len(batch.ways), np.nan)
+                n = len(batch.ways) if adaptation == "ncc" else n_ft
+                for i, c in enumerate(candidates):
+                    idx = np.flatnonzero(choice[:n] == i)
+                    if len(idx) == 0:
+                        continue
+                    sub = take_episodes(batch, idx)
+                    if adaptation == "ncc":
+                        acc[idx] = evaluate.episode_accuracies(embeds[c], sub, metric=ev.metric)
+                    else:
+                        acc[idx] = adapt.adapt_episodes(
+                            backbone(*c).model, backbone(*c).variables, split, sub,
+                            mode="full" if adaptation == "finetune" else "lora",
+                            steps=ev.finetune_steps,
+                            learning_rate=ev.finetune_lr or None,
+                            lora_rank=ev.lora_rank,
+                            metric=ev.metric,
+                        )
+                accs[adaptation] = acc[:n].tolist()
+            dom["families"][fam] = accs
+            bar.update(1)
+        dom["seconds"] = time.perf_counter() - t0
+        results["domains"][domain] = dom
+    bar.close()
+    return results

@@ -1,0 +1,400 @@
+"""Training one zoo entry: resumable per-domain backbone training with best-val checkpoints.
+
+``train_and_evaluate(config, zoo, domain, method)`` trains the backbone of one seen domain
+with ERM or SAM (or fine-tunes a given backbone: fusion), validates every restart period
+on ``config.validation.episodes`` episodes of the domain's *valid* classes (NCC, 10 x
+cosine, frozen embeddings), keeps the best checkpoint in the zoo and logs to the console
+(progress bar) and to ``metrics.jsonl`` in the entry directory.
+
+Resumption: an Orbax ``CheckpointManager`` in ``<entry>/train`` saves the train state, the
+input iterator's position and the best-so-far record every ``config.checkpoint_every``
+steps. Step randomness is ``fold_in(seed, step)`` and the input pipeline is a pure
+function of (seed, position), so a run killed at any point and restarted with the same
+command ends with exactly the parameters of an uninterrupted run (tests/test_train.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from flatfsc_jax import config_lib, models, optim, steps, zoo as zoo_lib
+from flatfsc_jax.data import episodes as episodes_lib
+from flatfsc_jax.data import pipeline, sources
+from flatfsc_jax.evaluate import FewShotEvaluator
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+def resolve_data_dir(config) -> str:
+    import os
+
+    return config.data_dir or os.environ.get(
+        "TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")
+    )
+
+
+def source_name(config, domain: str) -> str:
+    return f"{config.benchmark}/{domain}"
+
+
+def load_split(config, domain: str, split: str) -> sources.SplitData:
+    return sources.load(source_name(config, domain), split, resolve_data_dir(config))
+
+
+def validation_evaluator(config, valid_split: sources.SplitData) -> FewShotEvaluator:
+    """The fixed validation episodes of a domain (same episodes at every validation)."""
+    spec = episodes_lib.EpisodeSpec(mode="variable")
+    sampler = episodes_lib.EpisodeSampler(valid_split, spec, seed=config.seed + 1)
+    eps = sampler.sample(config.validation.episodes)
+    maxima = episodes_lib.bucket_sizes(valid_split, spec)
+    batch = episodes_lib.pad_episodes(eps, **maxima)
+    return FewShotEvaluator(
+        valid_split, batch, metric=config.validation.metric,
+        batch_size=config.validation.batch_size,
+    )
+
+
+def _model_config(config, num_classes: int) -> dict:
+    return dict(
+        arch=config.model.arch,
+        width=float(config.model.width),
+        dtype=config.model.dtype,
+        num_classes=int(num_classes),
+    )
+
+
+def _augment_config(config, image_shape) -> pipeline.AugmentConfig:
+    a = config.augment
+    return pipeline.AugmentConfig(
+        enabled=a.enabled, pad=a.pad, contrast=a.contrast, saturation=a.saturation,
+        hue=a.hue, brightness=a.brightness,
+    )
+
+
+def _to_python(metrics: dict) -> dict:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    zoo: zoo_lib.Zoo,
+    domain: str,
+    method: str,
+    *,
+    init_variables: dict | None = None,
+    lora_rank: int = 0,
+    entry_method: str | None = None,
+    extra_metadata: dict | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> zoo_lib.ZooEntry:
+    """Trains (or resumes) one zoo entry and returns it once complete.
+
+    Args:
+      config: a full config (``configs/*.py``); its per-domain row is applied here.
+      zoo: where the entry lives.
+      domain: the seen domain whose train classes are learnt.
+      method: ``"erm"`` or ``"sam"``.
+      init_variables: start from these trunk weights (fusion by fine-tuning) instead of
+        a random initialisation; the classification head is always new.
+      lora_rank: > 0 trains only LoRA adapters of this rank (and the new head) on top of
+        the frozen ``init_variables`` trunk; the adapters are merged into the stored weights.
+      entry_method: the zoo method name (default ``method``; fusion uses ``sam+ft``).
+      stop_after: stop (without finishing the entry) after this many steps of this call;
+        used by tests to simulate an interruption.
+    """
+    cfg = config_lib.domain_config(config, domain, method)
+    entry_method = entry_method or method
+    mesh = steps.make_mesh()
+    config_lib.validate(cfg, num_devices=mesh.size)
+    entry_dir = zoo.entry_dir(cfg.benchmark, domain, entry_method)
+
+    train_split = load_split(cfg, domain, "train")
+    valid_split = load_split(cfg, domain, "valid")
+    image_shape = train_split.image_shape
+    model_config = _model_config(cfg, train_split.num_classes)
+    base_model = models.build_model_from_config(cfg.model, train_split.num_classes, lora_rank=0)
+    if lora_rank > 0 and init_variables is None:
+        raise ValueError("LoRA training (config.fusion.mode='lora') needs a pre-trained backbone")
+    model = LoraTrainModel(
+        models.build_model_from_config(cfg.model, train_split.num_classes, lora_rank=lora_rank)
+    ) if lora_rank > 0 else base_model
+    eval_every = cfg.validation.every or cfg.restart_period
+    evaluator = validation_evaluator(cfg, valid_split)
+
+    tx = optim.make_optimizer(
+        learning_rate=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        restart_period=cfg.restart_period, num_steps=cfg.num_steps,
+    )
+    if lora_rank > 0:
+        tx = lora_optimizer(tx)
+    schedule = optim.make_schedule(
+        learning_rate=cfg.lr, restart_period=cfg.restart_period, num_steps=cfg.num_steps
+    )
+    sample = jnp.zeros((1, *image_shape), jnp.float32)
+    rng = jax.random.key(cfg.seed)
+    init_rng, step_rng = jax.random.split(rng)
+
+    def fresh_state():
+        state = steps.create_train_state(model, tx, init_rng, sample)
+        if init_variables is not None:
+            state = _load_trunk(state, init_variables, tx)
+        return state
+
+    process_index, process_count = jax.process_index(), jax.process_count()
+    iterator = pipeline.make_train_iterator(
+        train_split, global_batch_size=cfg.batch_size, seed=cfg.seed,
+        augment=_augment_config(cfg, image_shape), process_index=process_index,
+        process_count=process_count,
+    )
+
+    manager = ocp.CheckpointManager(
+        entry_dir / "train",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False
+        ),
+    )
+    progress_record = {"best_accuracy": -1.0, "best_step": -1, "best_ci95": 0.0}
+    latest = manager.latest_step()
+    if latest is not None:
+        abstract = jax.eval_shape(fresh_state)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=steps.replicated(mesh)),
+            abstract,
+        )
+        restored = manager.restore(
+            latest,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=ocp.args.JsonRestore(),
+                progress=ocp.args.JsonRestore(),
+            ),
+        )
+        state = restored.state
+        iterator.set_state(restored.data)
+        progress_record = dict(restored.progress)
+        log.info("resumed %s/%s/%s at step %d", cfg.benchmark, domain, entry_method, latest)
+    else:
+        state = jax.device_put(fresh_state(), steps.replicated(mesh))
+    start = int(jax.device_get(state.step))
+
+    train_step = steps.compile_train_step(
+        model, tx, mesh, rho=cfg.sam.rho, adaptive=cfg.sam.adaptive,
+        m=cfg.sam.m or None, eps=cfg.sam.eps, label_smoothing=cfg.label_smoothing,
+    )
+    metrics_file = (entry_dir / "metrics.jsonl").open("a") if process_index == 0 else None
+
+    def write_metrics(record):
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def save_checkpoint(step):
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(iterator.get_state()),
+                progress=ocp.args.JsonSave(progress_record),
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
+
+    def validate_now(step):
+        result = evaluator.run(model, {"params": state.params, "batch_stats": state.batch_stats})
+        acc, ci = float(result["mean"]), float(result["ci95"])
+        improved = acc > progress_record["best_accuracy"]
+        if improved:
+            progress_record.update(best_accuracy=acc, best_step=step, best_ci95=ci)
+            zoo_lib.save_variables(
+                entry_dir / "best",
+                export_variables(model, {"params": state.params, "batch_stats": state.batch_stats}),
+            )
+        write_metrics({"step": step, "val_accuracy": acc, "val_ci95": ci, "best": improved})
+        return acc
+
+    desc = f"{cfg.benchmark}/{domain}/{entry_method}"
+    bar = tqdm(
+        total=cfg.num_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True,
+        leave=True, mininterval=1.0,
+    )
+    last_val = progress_record["best_accuracy"]
+    t0, steps_done = time.perf_counter(), 0
+    step = start
+    while step < cfg.num_steps:
+        batch = steps.shard_batch(next(iterator), mesh)
+        state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
+        step += 1
+        steps_done += 1
+        bar.update(1)
+        log_now = step % cfg.log_every == 0 or step == cfg.num_steps
+        save_now = step % cfg.checkpoint_every == 0 or step == cfg.num_steps
+        val_now = step % eval_every == 0 or step == cfg.num_steps
+        if log_now or save_now or val_now:
+            m = _to_python(metrics)
+            if not math.isfinite(m["loss"]):
+                bar.close()
+                good = manager.latest_step()
+                raise NonFiniteLossError(
+                    f"{desc}: non-finite loss {m['loss']} at step {step}; the last good "
+                    f"checkpoint (step {good}) is kept in {str(entry_dir / 'train')!r}. Lower "
+                    f"config.lr (now {cfg.lr}) or config.sam.rho (now {cfg.sam.rho}) and rerun."
+                )
+            m.update(step=step, learning_rate=float(schedule(step - 1)))
+            if val_now:
+                last_val = validate_now(step)
+            if log_now:
+                elapsed = time.perf_counter() - t0
+                m["images_per_s"] = steps_done * cfg.batch_size / max(elapsed, 1e-9)
+                write_metrics(m)
+                bar.set_postfix(
+                    loss=f"{m['loss']:.3f}", sharp=f"{m.get('sharpness', 0.0):.3f}",
+                    val=f"{100 * max(last_val, 0):.1f}%", refresh=False,
+                )
+            if save_now:
+                save_checkpoint(step)
+        if stop_after is not None and steps_done >= stop_after:
+            bar.close()
+            save_checkpoint(step)
+            return None
+    bar.close()
+    if metrics_file is not None:
+        metrics_file.close()
+
+    metadata = dict(
+        config=cfg.to_dict(),
+        rho=float(cfg.sam.rho),
+        num_steps=int(cfg.num_steps),
+        batch_size=int(cfg.batch_size),
+        train_classes=int(train_split.num_classes),
+        best_validation=dict(
+            accuracy=progress_record["best_accuracy"],
+            ci95=progress_record["best_ci95"],
+            step=progress_record["best_step"],
+            episodes=int(cfg.validation.episodes),
+        ),
+        devices=mesh.size,
+    )
+    metadata.update(extra_metadata or {})
+    if process_index == 0:
+        zoo.finalize(
+            cfg.benchmark, domain, entry_method,
+            variables=export_variables(model, {"params": jax.device_get(state.params)}),
+            model_config=model_config, image_shape=image_shape, metadata=metadata,
+        )
+    return zoo.get(cfg.benchmark, domain, entry_method)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraTrainModel:
+    """A LoRA model whose trainable ``params`` are ``{'base': ..., 'lora': ...}``.
+
+    ``steps.train_step`` differentiates ``params``; folding the 'lora' collection in lets
+    the unchanged step train adapters, with ``lora_optimizer`` freezing the base weights
+    (all but the new head). Fine-tuning fusion (``config.fusion.mode='lora'``) uses it.
+    """
+
+    lora_model: models.Model
+
+    @property
+    def arch(self):
+        return self.lora_model.arch
+
+    @property
+    def embedding_dim(self):
+        return self.lora_model.embedding_dim
+
+    def init(self, rng, sample_images):
+        v = self.lora_model.init(rng, sample_images)
+        return {
+            "params": {"base": v["params"], "lora": v["lora"]},
+            "batch_stats": v["batch_stats"],
+        }
+
+    def _unpack(self, variables):
+        p = variables["params"]
+        return {"params": p["base"], "lora": p["lora"], "batch_stats": variables["batch_stats"]}
+
+    def apply(self, variables, images, train):
+        return self.lora_model.apply(self._unpack(variables), images, train)
+
+    def embed(self, variables, images):
+        return self.lora_model.embed(self._unpack(variables), images)
+
+
+def lora_optimizer(tx):
+    """Updates only LoRA adapters and the head; every other weight gets a zero update."""
+    import optax
+
+    def labels(params):
+        def label(path, _):
+            keys = [getattr(k, "key", None) for k in path]
+            trainable = keys[0] == "lora" or (keys[0] == "base" and keys[1] == "head")
+            return "train" if trainable else "frozen"
+
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def export_variables(model, variables: dict) -> dict:
+    """The plain-backbone variables to store (LoRA adapters merged into the kernels)."""
+    if isinstance(model, LoraTrainModel):
+        p = variables["params"]
+        merged = models.merge_lora({"params": p["base"], "lora": p["lora"]})
+        return {"params": merged["params"], "batch_stats": variables.get("batch_stats", {})}
+    return variables
+
+
+def _load_trunk(state, init_variables: dict, tx) -> Any:
+    """Copies trunk params and BN statistics of ``init_variables`` into a fresh state."""
+    params = dict(state.params)
+    target = dict(params["base"]) if "base" in params and "lora" in params else params
+    for k, v in init_variables["params"].items():
+        if k == "head":
+            continue
+        if k not in target:
+            raise zoo_lib.IncompatibleCheckpointError(
+                f"initial backbone has parameter {k!r} that the model lacks"
+            )
+        target[k] = v
+    if target is not params:
+        params["base"] = target
+    batch_stats = init_variables.get("batch_stats", state.batch_stats)
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
+
+
+def read_metrics(entry_dir) -> list[dict]:
+    path = entry_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_train_params(zoo: zoo_lib.Zoo, benchmark: str, domain: str, method: str, like):
+    """The parameters of the last training checkpoint (resume-equality tests)."""
+    manager = ocp.CheckpointManager(zoo.entry_dir(benchmark, domain, method) / "train")
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))
+    return restored.state
+
+
+def _np(x):
+    return np.asarray(jax.device_get(x))

@@ -1,0 +1,123 @@
+"""Configs: files load, per-domain tables apply, overrides work, bad values name the key."""
+
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_flags
+
+from flatfsc_jax import config_lib
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _load(spec, *overrides):
+    """get_config(arg) of a config file, with ``--config.a.b=v`` style overrides applied."""
+    path, _, arg = spec.partition(":")
+    import importlib.util
+
+    mod_spec = importlib.util.spec_from_file_location("cfg", ROOT / path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    config = mod.get_config(arg or None)
+    for o in overrides:
+        key, _, value = o.removeprefix("--config.").partition("=")
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"{key} is not a config key")
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
+    return config
+
+
+def _run_main(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "flatfsc_jax.main", *args, "--compilation_cache="],
+        capture_output=True, text=True, cwd=cwd, timeout=120,
+    )
+
+
+def test_sam_config_carries_the_paper_table():
+    c = _load("configs/sam_resnet18.py:omniglot")
+    assert c.domains == ("omniglot",) and c.methods == ("sam",)
+    assert (c.batch_size, c.lr, c.num_steps, c.restart_period, c.sam.rho) == (
+        16, 3e-2, 50_000, 3_000, 0.01,
+    )
+    assert c.model.arch == "resnet18" and c.model.width == 1.0
+    config_lib.validate(c)
+
+
+def test_override_from_the_command_line():
+    proc = _run_main(
+        "--config=configs/sam_resnet18.py:omniglot", "--config.sam.rho=0.1",
+        "--config.per_domain.omniglot.lr=0.5", "--dry_run",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "rho: 0.1" in proc.stdout and "lr: 0.5" in proc.stdout
+    c = _load("configs/sam_resnet18.py:omniglot", "--config.sam.rho=0.1", "--config.lr=0.01")
+    assert c.sam.rho == 0.1 and c.lr == 0.01
+    assert config_lib.domain_config(c, "omniglot", "sam").sam.rho == 0.1
+    assert config_lib.domain_config(c, "omniglot", "erm").sam.rho == 0.0
+
+
+def test_all_domains_use_their_rows():
+    c = _load("configs/sam_resnet18.py", "--config.per_domain.dtd.rho=0.2")
+    assert c.domains == config_lib.META_DATASET_SEEN
+    dtd = config_lib.domain_config(c, "dtd", "sam")
+    assert (dtd.batch_size, dtd.restart_period, dtd.sam.rho) == (32, 1_500, 0.2)
+    img = config_lib.domain_config(c, "ilsvrc_2012", "sam")
+    assert (img.batch_size, img.num_steps, img.sam.rho) == (64, 480_000, 0.05)
+    erm = _load("configs/erm_resnet18.py:quickdraw")
+    assert erm.methods == ("erm",) and erm.lr == 1e-2
+
+
+def test_glyphs_configs_validate():
+    for spec in ("configs/glyphs.py", "configs/glyphs.py:tiny"):
+        c = _load(spec)
+        assert c.benchmark == "glyphs"
+        config_lib.validate(c, num_devices=1)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("--config.sam.rho=-0.1", "config.sam.rho"),
+        ("--config.lr=nan", "config.lr"),
+        ("--config.lr=inf", "config.lr"),
+        ("--config.model.arch=vgg16", "config.model.arch"),
+        ("--config.benchmark=imagenet", "config.benchmark"),
+        ("--config.sam.m=5", "config.sam.m"),
+        ("--config.batch_size=0", "config.batch_size"),
+        ("--config.fusion.mode=distil", "config.fusion.mode"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    c = _load("configs/sam_resnet18.py:omniglot", override)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        config_lib.validate(c)
+
+
+def test_batch_must_divide_over_devices():
+    c = _load("configs/sam_resnet18.py:aircraft")  # batch 8
+    with pytest.raises(ValueError, match=r"config\.batch_size=8 is not divisible by the 3"):
+        config_lib.validate(c, num_devices=3)
+    config_lib.validate(c, num_devices=8)
+
+
+def test_unknown_domain_and_key_are_rejected():
+    with pytest.raises(ValueError, match="domain 'omniglott' is unknown"):
+        _load("configs/sam_resnet18.py:omniglott")
+    proc = _run_main("--config=configs/sam_resnet18.py:omniglot", "--config.sam.rhoo=0.1")
+    assert proc.returncode != 0 and 'Did you mean "rho" instead of "rhoo"' in proc.stderr
+
+
+def test_main_rejects_bad_value_before_compiling(tmp_path):
+    """The command line fails fast (no JAX compile) and names the problem."""
+    proc = _run_main(
+        "--config=configs/sam_resnet18.py:omniglot", "--config.sam.rho=-1",
+        f"--workdir={tmp_path}",
+    )
+    assert proc.returncode != 0
+    assert "config.sam.rho must be a finite number >= 0" in proc.stderr

@@ -1,0 +1,271 @@
+"""Optimiser, schedule and the jitted training step against independent references.
+
+References: PyTorch's ``CosineAnnealingWarmRestarts`` and ``SGD`` update rules written
+out in plain Python/NumPy, a hand-written ERM/SAM step on ``model.apply``, and the same
+training run on a 1-device and an 8-device mesh (subprocess with 8 host CPU devices).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flatfsc_jax import models, optim, steps
+from flatfsc_jax.data.sources import preprocess
+
+RNG = np.random.default_rng(0)
+
+
+def _pytorch_warm_restart_lrs(base_lr, t0, num_steps):
+    """CosineAnnealingWarmRestarts(T_0=t0, T_mult=1, eta_min=0), one .step() per update."""
+    lrs, t_cur = [], 0
+    for _ in range(num_steps):
+        lrs.append(base_lr * (1 + math.cos(math.pi * t_cur / t0)) / 2)
+        t_cur += 1
+        if t_cur >= t0:
+            t_cur -= t0
+    return lrs
+
+
+def test_schedule_matches_pytorch_warm_restarts():
+    schedule = optim.make_schedule(learning_rate=0.03, restart_period=7)
+    expected = _pytorch_warm_restart_lrs(0.03, 7, 3 * 7 + 3)
+    got = [float(schedule(t)) for t in range(len(expected))]
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    assert got[0] == pytest.approx(0.03) and got[7] == pytest.approx(0.03)  # restarts
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_optimizer_matches_pytorch_sgd_with_coupled_decay(nesterov):
+    lr, mu, wd, t0 = 0.05, 0.9, 7e-4 * 100, 4  # large decay so its coupling matters
+    tx = optim.make_optimizer(
+        learning_rate=lr,
+        momentum=mu,
+        weight_decay=wd,
+        restart_period=t0,
+        num_steps=10,
+        nesterov=nesterov,
+    )
+    w = RNG.normal(size=(3, 4))
+    params = {"w": jnp.asarray(w, jnp.float32)}
+    state = tx.init(params)
+    lrs = _pytorch_warm_restart_lrs(lr, t0, 6)
+    buf = np.zeros_like(w)
+    for t in range(6):
+        g = RNG.normal(size=w.shape)
+        updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        params = optax.apply_updates(params, updates)
+        # torch.optim.SGD(momentum=mu, weight_decay=wd, dampening=0, nesterov=...).
+        d = g + wd * w
+        buf = mu * buf + d
+        w = w - lrs[t] * (d + mu * buf if nesterov else buf)
+    np.testing.assert_allclose(params["w"], w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"learning_rate": float("nan")}, "config.lr"),
+        ({"learning_rate": float("inf")}, "config.lr"),
+        ({"learning_rate": 0.0}, "config.lr"),
+        ({"learning_rate": -0.1}, "config.lr"),
+        ({"restart_period": 0}, "config.restart_period"),
+        ({"restart_period": 2.5}, "config.restart_period"),
+        ({"num_steps": 0}, "config.num_steps"),
+        ({"momentum": 1.0}, "config.momentum"),
+        ({"weight_decay": -1e-4}, "config.weight_decay"),
+    ],
+)
+def test_optimizer_errors_name_the_config_key(kwargs, key):
+    args = {"learning_rate": 0.03, "restart_period": 10, "num_steps": 100} | kwargs
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        optim.make_optimizer(**args)
+
+
+def _tiny_setup(batch_size=8, lora_rank=0, size=8):
+    model = models.build_model("conv4", 5, width=0.125, lora_rank=lora_rank)
+    images = RNG.integers(0, 256, size=(batch_size, size, size, 1), dtype=np.uint8)
+    labels = np.arange(batch_size, dtype=np.int32) % 5
+    tx = optim.make_optimizer(learning_rate=0.1, restart_period=5, num_steps=5)
+    return model, tx, images, labels
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.2])
+def test_train_step_matches_hand_written_step(rho):
+    """ERM (rho=0) and SAM steps against the recipe written out on model.apply."""
+    model, tx, images, labels = _tiny_setup()
+    state = steps.create_train_state(model, tx, jax.random.key(0), images[:2])
+    step = jax.jit(
+        lambda s, b: steps.train_step(s, b, jax.random.key(1), model=model, tx=tx, rho=rho)
+    )
+    new_state, metrics = step(state, {"images": images, "labels": labels})
+
+    x = preprocess(images)
+
+    def loss(params):
+        (logits, _), stats = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True
+        )
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)
+        return jnp.mean(nll), (stats, logits)
+
+    @jax.jit
+    def reference(params, opt_state):
+        (clean_loss, (stats, logits)), g = jax.value_and_grad(loss, has_aux=True)(params)
+        if rho:
+            norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g)))
+            params_adv = jax.tree.map(lambda p, v: p + rho * v / norm, params, g)
+            (adv_loss, _), g = jax.value_and_grad(loss, has_aux=True)(params_adv)
+        else:
+            adv_loss = clean_loss
+        updates, opt_state = tx.update(g, opt_state, params)
+        acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return optax.apply_updates(params, updates), opt_state, stats, clean_loss, adv_loss, acc
+
+    params, _, stats, clean_loss, adv_loss, acc = reference(state.params, state.opt_state)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # noqa: E731
+    jax.tree.map(close, new_state.params, params)
+    jax.tree.map(close, new_state.batch_stats, stats)
+    close(metrics["loss"], clean_loss)
+    close(metrics["perturbed_loss"], adv_loss)
+    close(metrics["accuracy"], acc)
+    assert int(new_state.step) == 1
+    if rho:
+        assert float(metrics["sharpness"]) > 0  # ascent direction: the loss went up
+    else:
+        assert float(metrics["sharpness"]) == 0.0
+
+
+def test_uint8_and_float_images_give_the_same_step():
+    model, tx, images, labels = _tiny_setup()
+    state = steps.create_train_state(model, tx, jax.random.key(0), images[:2])
+    step = jax.jit(
+        lambda s, b: steps.train_step(s, b, jax.random.key(1), model=model, tx=tx, rho=0.1)
+    )
+    from_uint8, m1 = step(state, {"images": images, "labels": labels})
+    from_float, m2 = step(state, {"images": preprocess(images), "labels": labels})
+    jax.tree.map(np.testing.assert_array_equal, from_uint8.params, from_float.params)
+    np.testing.assert_array_equal(m1["loss"], m2["loss"])
+
+
+def test_lora_step_trains_only_adapters_and_head():
+    model, tx, images, labels = _tiny_setup(lora_rank=2)
+    with pytest.raises(ValueError, match=r"config\.model\.lora_rank"):
+        steps.create_train_state(
+            _tiny_setup()[0], tx, jax.random.key(0), images[:2], train_lora=True
+        )
+    state = steps.create_train_state(model, tx, jax.random.key(0), images[:2], train_lora=True)
+    step = jax.jit(
+        lambda s, b: steps.train_step(
+            s, b, jax.random.key(1), model=model, tx=tx, rho=0.1, train_lora=True
+        )
+    )
+    new_state, _ = step(state, {"images": images, "labels": labels})
+    changed = lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b)))  # noqa: E731
+    trunk = {k: v for k, v in state.params.items() if k != "head"}
+    new_trunk = {k: v for k, v in new_state.params.items() if k != "head"}
+    assert not any(jax.tree.leaves(jax.tree.map(changed, trunk, new_trunk)))
+    assert all(
+        jax.tree.leaves(jax.tree.map(changed, state.params["head"], new_state.params["head"]))
+    )
+    lora_b = [v["b"] for v in new_state.lora.values()]  # B starts at 0: it must move
+    assert lora_b and all(np.any(np.asarray(b) != 0) for b in lora_b)
+    assert any(jax.tree.leaves(jax.tree.map(changed, state.batch_stats, new_state.batch_stats)))
+
+
+def test_compile_train_step_errors_name_the_config_key():
+    model, tx, images, labels = _tiny_setup()
+    mesh = steps.make_mesh(jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"config\.sam\.rho"):
+        steps.compile_train_step(model, tx, mesh, rho=-0.05)
+    with pytest.raises(ValueError, match=r"config\.sam\.m"):
+        steps.compile_train_step(model, tx, mesh, rho=0.05, m=3, batch_size=8)
+    with pytest.raises(ValueError, match=r"config\.label_smoothing"):
+        steps.compile_train_step(model, tx, mesh, rho=0.05, label_smoothing=1.0)
+    # Without batch_size the batch is checked at the call, before tracing.
+    step = steps.compile_train_step(model, tx, mesh, rho=0.05, m=3)
+    state = steps.create_train_state(model, tx, jax.random.key(0), images[:2])
+    with pytest.raises(ValueError, match=r"config\.sam\.m=3 must divide config\.batch_size=8"):
+        step(state, {"images": images, "labels": labels}, jax.random.key(0))
+
+
+_MULTI_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from flatfsc_jax import models, optim, steps
+
+    assert jax.device_count() == 8, jax.devices()
+    model = models.build_model("conv4", 5, width=0.125)
+    tx = optim.make_optimizer(learning_rate=0.05, restart_period=10, num_steps=10)
+    rs = np.random.RandomState(0)
+    images = rs.randint(0, 256, size=(3, 16, 8, 8, 1)).astype(np.uint8)
+    labels = rs.randint(0, 5, size=(3, 16)).astype(np.int32)
+
+    def run(devices, m):
+        mesh = steps.make_mesh(devices)
+        state = steps.create_train_state(model, tx, jax.random.key(0), images[0, :2])
+        state = steps.replicate(state, mesh)
+        step = steps.compile_train_step(model, tx, mesh, rho=0.05, m=m, batch_size=16)
+        losses = []
+        for i in range(3):
+            batch = steps.shard_batch({"images": images[i], "labels": labels[i]}, mesh)
+            assert len(batch["images"].sharding.device_set) == len(devices)
+            assert batch["images"].addressable_shards[0].data.shape[0] == 16 // len(devices)
+            state, metrics = step(state, batch, steps.replicate(jax.random.key(1), mesh))
+            losses.append([float(metrics[k]) for k in ("loss", "perturbed_loss")])
+        leaves = jax.tree.leaves((state.params, state.batch_stats))
+        return losses, [np.asarray(x).tolist() for x in leaves]
+
+    results = {}
+    for m in (None, 4):
+        results[str(m)] = {"8": run(jax.devices(), m), "1": run(jax.devices()[:1], m)}
+    errors = []
+    mesh = steps.make_mesh()
+    for attempt in (
+        lambda: steps.compile_train_step(model, tx, mesh, rho=0.05, batch_size=12),
+        lambda: steps.shard_batch({"labels": labels[0, :12]}, mesh),
+    ):
+        try:
+            attempt()
+        except ValueError as e:
+            errors.append(str(e))
+    json.dump({"results": results, "errors": errors}, sys.stdout)
+    """
+)
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one_device():
+    """Same SAM run on a 1- and an 8-device mesh: BN and the gradient norm are global."""
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _MULTI_DEVICE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    for m, by_devices in report["results"].items():
+        (losses8, leaves8), (losses1, leaves1) = by_devices["8"], by_devices["1"]
+        np.testing.assert_allclose(losses8, losses1, rtol=1e-4, err_msg=f"m={m}")
+        assert losses8[2][0] < losses8[0][0]  # it trains
+        for a, b in zip(leaves8, leaves1, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"m={m}")
+    # m-sharpness changes the step (the comparison above is not vacuous for m).
+    assert report["results"]["None"]["8"][0][0][1] != report["results"]["4"]["8"][0][0][1]
+    assert len(report["errors"]) == 2
+    assert all("config.batch_size" in e for e in report["errors"]), report["errors"]
