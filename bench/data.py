@@ -7,14 +7,17 @@ modes - synchronous, one prefetch thread (the default), grain worker processes -
 where ``flatfsc_jax.steps`` is importable, of the ERM training step alone (one fixed
 batch) and fed by the pipeline.
 
-    .venv/bin/python bench/data.py                 # everything, about 2 minutes
-    .venv/bin/python bench/data.py --no-step       # pipeline only, about 25 s
+    .venv/bin/python bench/data.py                 # everything, a few minutes
+    .venv/bin/python bench/data.py --no-step       # pipeline only, about 30 s
     .venv/bin/python bench/data.py --arch conv4    # step of another backbone
 
-Measured on the 2-core CPU machine (while other jobs shared the cores, so numbers vary
-by ~2x): the pipeline gives ~1e5 img/s at 28x28x1 and ~2-4e3 img/s at 84x84x3
-(HSV saturation/hue dominates); the paper's ResNet-18 ERM step trains at ~19 img/s at
-84 px (design.md §6): the pipeline costs the step well under 10%.
+Measured on the 2-core CPU machine while other jobs loaded it (load average ~11, so all
+absolute numbers are pessimistic): pipeline 28x28x1 5e4-2.6e5 img/s, 84x84x3 1e3-1.7e3
+img/s (HSV saturation/hue dominates: ~5x faster without augmentation); 2 grain worker
+processes are no faster than the in-process prefetch thread on 2 cores. The ResNet-18
+ERM step, same machine and load: 4-7 img/s (design.md §6: ~19 img/s unloaded at 84 px),
+conv4: 15 img/s at 84 px, 160 img/s at 28 px. On CPU the pipeline is >100x faster than
+the step. On an accelerator at 84 px one host core is not enough: use worker_count > 0.
 """
 
 from __future__ import annotations

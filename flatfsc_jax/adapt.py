@@ -134,7 +134,8 @@ def with_lora(model, variables: dict, sample_images, *, rank: int = DEFAULT_LORA
         dtype=jnp.dtype(module.dtype).name,
     )
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    # Only the adapter shapes matter: initialise abstractly (no convolution is run).
+    # The parameter tree is checked abstractly; the jitted init below returns only the
+    # adapters, so XLA drops the forward pass it would otherwise compute.
     sample = jax.ShapeDtypeStruct((1, *np.shape(sample_images)[1:]), jnp.float32)
     init_shapes = jax.eval_shape(lora_model.init, rng, sample)
     if jax.tree.structure(init_shapes["params"]) != jax.tree.structure(variables["params"]):

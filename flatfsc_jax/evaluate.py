@@ -39,10 +39,11 @@ METRICS = ("cosine", "euclidean")
 # squared distance of real embeddings, so an absent class never wins.
 ABSENT_LOGIT = -1e30
 
-# Default number of episodes evaluated per jitted call. Memory of one call is about
-# chunk * (S + Q) * D * 4 bytes for the gathered embeddings: 32 Meta-Dataset-sized
-# episodes (S = Q = 500, D = 512) need ~65 MB.
-DEFAULT_CHUNK = 32
+# Default number of episodes evaluated per jitted call. One call gathers about
+# chunk * (S + Q) * D * 4 bytes of embeddings: 8 Meta-Dataset-sized episodes (S = Q = 500,
+# D = 512) need 16 MB, which stays in a CPU's last-level cache; 32 (65 MB) measured 2-3x
+# slower on our 2-core machines, and the per-call dispatch cost is negligible at 8.
+DEFAULT_CHUNK = 8
 
 _EPISODE_FIELDS = (
     "support_idx",
@@ -101,10 +102,11 @@ def embed_split(model, variables: dict, split_data, *, batch_size: int = 256) ->
 
 def class_prototypes(support_emb, support_labels, support_mask, max_ways: int):
     """Masked class means [max_ways, D] and per-class support counts [max_ways]."""
-    onehot = jax.nn.one_hot(support_labels, max_ways, dtype=support_emb.dtype)
-    onehot = onehot * support_mask[:, None].astype(support_emb.dtype)
-    counts = onehot.sum(axis=0)
-    sums = jnp.matmul(onehot.T, support_emb, precision=jax.lax.Precision.HIGHEST)
+    # segment_sum, not a one-hot matmul: S * D additions instead of S * D * max_ways MACs
+    # (measured 1.5-2x faster for whole Meta-Dataset-sized episodes on CPU).
+    weights = support_mask.astype(support_emb.dtype)
+    sums = jax.ops.segment_sum(support_emb * weights[:, None], support_labels, max_ways)
+    counts = jax.ops.segment_sum(weights, support_labels, max_ways)
     return sums / jnp.maximum(counts, 1.0)[:, None], counts
 
 

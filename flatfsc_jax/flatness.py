@@ -82,12 +82,20 @@ def _tree_unit(tree: PyTree) -> tuple[PyTree, jax.Array]:
     return _tree_scale(inv, tree), norm
 
 
-def _tree_random_normal(rng: jax.Array, like: PyTree) -> PyTree:
+def _tree_random(rng: jax.Array, like: PyTree, sampler=jax.random.normal) -> PyTree:
+    """i.i.d. draws shaped like ``like`` (float32 or wider), from ONE sampler call.
+
+    One draw over the total size, split into leaves, instead of one draw per leaf:
+    every ``jax.random`` call is its own threefry kernel, and a per-leaf loop over a
+    ResNet's ~60 leaves multiplies compile time several-fold for no statistical gain.
+    """
     leaves, treedef = jax.tree.flatten(like)
-    keys = jax.random.split(rng, len(leaves))
+    sizes = [int(np.size(x)) for x in leaves]
+    flat = sampler(rng, (sum(sizes),), jnp.float32)
+    offsets = np.cumsum([0, *sizes])
     out = [
-        jax.random.normal(k, x.shape, jnp.result_type(x, jnp.float32))
-        for k, x in zip(keys, leaves, strict=True)
+        flat[start:stop].reshape(np.shape(x)).astype(jnp.result_type(x, jnp.float32))
+        for start, stop, x in zip(offsets[:-1], offsets[1:], leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, out)
 
@@ -127,8 +135,9 @@ def _check_same_structure(name: str, tree: PyTree, params: PyTree) -> None:
 def hessian_vector_product(loss_fn: LossFn, params: PyTree, vector: PyTree) -> PyTree:
     """``H(params) @ vector`` without forming ``H``: forward-mode JVP of the gradient.
 
-    Forward-over-reverse costs one gradient evaluation plus its tangent (about 2x a
-    gradient) and needs no extra reverse pass, which is the cheapest exact HVP in JAX.
+    Forward-over-reverse pushes one tangent through the gradient computation: about
+    the cost of two gradients, no second reverse pass and no stored second-order tape,
+    the HVP variant JAX's autodiff cookbook recommends as the most efficient.
     """
     return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
 
@@ -163,7 +172,7 @@ def top_hessian_eigenvalue(
 
     def run(params, rng):
         hvp = functools.partial(hessian_vector_product, loss_fn, params)
-        v0, _ = _tree_unit(_tree_random_normal(rng, params))
+        v0, _ = _tree_unit(_tree_random(rng, params))
 
         def cond(state):
             i, _, eig, prev = state
@@ -203,17 +212,8 @@ def hessian_trace(
     _check_positive("samples", samples, integer=True, minimum=2)
 
     def run(params, rng):
-        leaves, treedef = jax.tree.flatten(params)
-
         def quadratic_form(key):
-            keys = jax.random.split(key, len(leaves))
-            z = jax.tree.unflatten(
-                treedef,
-                [
-                    jax.random.rademacher(k, x.shape, jnp.result_type(x, jnp.float32))
-                    for k, x in zip(keys, leaves, strict=True)
-                ],
-            )
+            z = _tree_random(key, params, jax.random.rademacher)
             return _tree_vdot(z, hessian_vector_product(loss_fn, params, z))
 
         estimates = jax.lax.map(quadratic_form, jax.random.split(rng, samples))
@@ -272,7 +272,7 @@ def rho_sharpness(
     def run(params, rng):
         value_and_grad = jax.value_and_grad(loss_fn)
         select = lambda cond, a, b: jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
-        random_dir, _ = _tree_unit(_tree_random_normal(rng, params))
+        random_dir, _ = _tree_unit(_tree_random(rng, params))
 
         def project(e):
             norm = _tree_norm(e)
@@ -327,24 +327,23 @@ def random_direction(params: PyTree, rng: jax.Array, *, ignore_1d: bool = True) 
     differs in kind); otherwise the whole vector is treated as one filter and scaled to
     the norm of the weight vector. Zero weight filters get zero direction.
     """
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(rng, len(leaves))
 
-    def one_leaf(key, w):
-        w = jnp.asarray(w)
+    def one_leaf(d, w):
         if w.ndim <= 1:
             if ignore_1d:
                 return jnp.zeros_like(w)
-            d = jax.random.normal(key, w.shape, w.dtype)
             d_norm, w_norm = jnp.linalg.norm(d), jnp.linalg.norm(w)
         else:
-            d = jax.random.normal(key, w.shape, w.dtype)
             axes = tuple(range(w.ndim - 1))  # every axis but the output (filter) axis
             d_norm = jnp.sqrt(jnp.sum(d * d, axis=axes, keepdims=True))
             w_norm = jnp.sqrt(jnp.sum(w * w, axis=axes, keepdims=True))
-        return jnp.where(d_norm > 0, d * (w_norm / jnp.where(d_norm > 0, d_norm, 1.0)), 0.0)
+        scale = jnp.where(d_norm > 0, w_norm / jnp.where(d_norm > 0, d_norm, 1.0), 0.0)
+        return (d * scale).astype(w.dtype)
 
-    return jax.tree.unflatten(treedef, [one_leaf(k, w) for k, w in zip(keys, leaves, strict=True)])
+    def run(params, rng):
+        return jax.tree.map(one_leaf, _tree_random(rng, params), params)
+
+    return jax.jit(run)(jax.tree.map(jnp.asarray, params), rng)
 
 
 def _as_grid(name: str, values) -> np.ndarray:

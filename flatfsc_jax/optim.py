@@ -26,9 +26,16 @@ import jax.numpy as jnp
 import optax
 
 
-def make_schedule(*, learning_rate: float, restart_period: int) -> optax.Schedule:
-    """Cosine annealing with warm restarts: period ``restart_period`` steps, floor 0."""
+def make_schedule(
+    *, learning_rate: float, restart_period: int, num_steps: int | None = None
+) -> optax.Schedule:
+    """Cosine annealing with warm restarts: period ``restart_period`` steps, floor 0.
+
+    ``num_steps`` is only validated (the schedule is periodic, see ``make_optimizer``).
+    """
     _check_lr(learning_rate, restart_period)
+    if num_steps is not None:
+        _check_num_steps(num_steps)
 
     def schedule(step):
         phase = jnp.mod(jnp.asarray(step, jnp.int32), restart_period).astype(jnp.float32)
@@ -53,13 +60,14 @@ def make_optimizer(
     so a bad config fails before any compilation.
     """
     _check_lr(learning_rate, restart_period)
-    if not _integer(num_steps) or num_steps < 1:
-        raise ValueError(f"config.num_steps must be a positive integer, got {num_steps!r}")
+    _check_num_steps(num_steps)
     if not _finite(momentum) or not 0 <= momentum < 1:
         raise ValueError(f"config.momentum must be in [0, 1), got {momentum!r}")
     if not _finite(weight_decay) or weight_decay < 0:
         raise ValueError(f"config.weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    schedule = make_schedule(learning_rate=learning_rate, restart_period=restart_period)
+    schedule = make_schedule(
+        learning_rate=learning_rate, restart_period=restart_period, num_steps=num_steps
+    )
     return optax.chain(
         optax.add_decayed_weights(weight_decay),  # coupled: enters the momentum buffer
         optax.trace(decay=momentum, nesterov=nesterov),
@@ -74,6 +82,11 @@ def _check_lr(learning_rate, restart_period) -> None:
         raise ValueError(
             f"config.restart_period must be a positive integer (iterations), got {restart_period!r}"
         )
+
+
+def _check_num_steps(num_steps) -> None:
+    if not _integer(num_steps) or num_steps < 1:
+        raise ValueError(f"config.num_steps must be a positive integer, got {num_steps!r}")
 
 
 def _integer(x) -> bool:

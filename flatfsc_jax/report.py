@@ -100,22 +100,29 @@ def _fmt(cell, signed=False) -> str:
 
 
 def to_markdown(results: dict, table: dict | None = None) -> str:
+    """One Markdown table per adaptation: families, then paired differences."""
     table = table or build_table(results)
-    keys = table["keys"]
     lines = [
         f"Few-shot accuracy (%) on {results['benchmark']}: mean ± 95% CI over "
-        f"{results['episodes']} test episodes per domain (fine-tuning adaptations: first "
-        f"{results['finetune_episodes']}); differences are paired on the same episodes.",
-        "",
-        "| domain | " + " | ".join(keys) + " |",
-        "|---|" + "---|" * len(keys),
+        f"{results['episodes']} test episodes per domain (fine-tuning adaptations: the first "
+        f"{results['finetune_episodes']} of them); differences are paired on the same episodes.",
     ]
-    for row in table["rows"]:
-        name = f"**{row['name']}**" if row["kind"] == "average" else row["name"]
-        if row["kind"] == "unseen":
-            name += " (unseen)"
-        cells = [_fmt(row["cells"][k], signed=" - " in k) for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for a in results["adaptations"]:
+        keys = [k for k in table["keys"] if k.endswith(f" / {a}")]
+        names = [k[: -len(f" / {a}")] for k in keys]
+        lines += [
+            "",
+            f"Adaptation: **{a}**",
+            "",
+            "| domain | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
+        for row in table["rows"]:
+            name = f"**{row['name']}**" if row["kind"] == "average" else row["name"]
+            if row["kind"] == "unseen":
+                name += " (unseen)"
+            cells = [_fmt(row["cells"][k], signed=" - " in k) for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     sel = _selection_lines(results)
     if sel:
         lines += ["", "Backbones chosen by PARC on unseen domains (episodes per backbone):", ""]
@@ -168,8 +175,8 @@ def plot_headline(results: dict, table: dict, path) -> None:
         ax.set_ylabel("average accuracy (%)")
         ax.set_title(f"{results['benchmark']}: {a}")
         lo = np.nanmin([averages[k][f"{f} / {a}"][0] for k in averages for f in fams])
-        ax.set_ylim(max(0.0, lo - 10), 100)
-        ax.legend(loc="lower right")
+        ax.set_ylim(max(0.0, lo - 10), 105)
+        ax.legend(loc="upper left", ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -185,7 +185,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def replicated_sharding(mesh: Mesh) -> NamedSharding:
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device of ``mesh`` (train state, rng keys)."""
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -213,8 +214,12 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """A full copy of ``tree`` on every device of ``mesh``."""
-    return jax.device_put(tree, replicated_sharding(mesh))
+    """A full copy of ``tree`` on every device of ``mesh``.
+
+    Always fresh buffers (never an alias of ``tree``), so donating the result to a step
+    leaves ``tree`` usable.
+    """
+    return jax.device_put(tree, replicated(mesh), may_alias=False)
 
 
 def compile_train_step(
@@ -253,11 +258,11 @@ def compile_train_step(
         label_smoothing=float(label_smoothing),
         train_lora=bool(train_lora),
     )
-    replicated, sharded = replicated_sharding(mesh), batch_sharding(mesh)
+    whole, split = replicated(mesh), batch_sharding(mesh)
     jitted = jax.jit(
         step_fn,
-        in_shardings=(replicated, sharded, replicated),
-        out_shardings=(replicated, replicated),
+        in_shardings=(whole, split, whole),
+        out_shardings=(whole, whole),
         donate_argnums=(0,),
     )
 

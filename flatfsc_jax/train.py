@@ -15,7 +15,6 @@ command ends with exactly the parameters of an uninterrupted run (tests/test_tra
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -129,12 +128,12 @@ def train_and_evaluate(
     valid_split = load_split(cfg, domain, "valid")
     image_shape = train_split.image_shape
     model_config = _model_config(cfg, train_split.num_classes)
-    base_model = models.build_model_from_config(cfg.model, train_split.num_classes, lora_rank=0)
     if lora_rank > 0 and init_variables is None:
         raise ValueError("LoRA training (config.fusion.mode='lora') needs a pre-trained backbone")
-    model = LoraTrainModel(
-        models.build_model_from_config(cfg.model, train_split.num_classes, lora_rank=lora_rank)
-    ) if lora_rank > 0 else base_model
+    train_lora = lora_rank > 0
+    model = models.build_model_from_config(
+        cfg.model, train_split.num_classes, lora_rank=lora_rank
+    )
     eval_every = cfg.validation.every or cfg.restart_period
     evaluator = validation_evaluator(cfg, valid_split)
 
@@ -142,8 +141,6 @@ def train_and_evaluate(
         learning_rate=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         restart_period=cfg.restart_period, num_steps=cfg.num_steps,
     )
-    if lora_rank > 0:
-        tx = lora_optimizer(tx)
     schedule = optim.make_schedule(
         learning_rate=cfg.lr, restart_period=cfg.restart_period, num_steps=cfg.num_steps
     )
@@ -152,9 +149,9 @@ def train_and_evaluate(
     init_rng, step_rng = jax.random.split(rng)
 
     def fresh_state():
-        state = steps.create_train_state(model, tx, init_rng, sample)
+        state = steps.create_train_state(model, tx, init_rng, sample, train_lora=train_lora)
         if init_variables is not None:
-            state = _load_trunk(state, init_variables, tx)
+            state = _load_trunk(state, init_variables, tx, train_lora)
         return state
 
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -197,6 +194,7 @@ def train_and_evaluate(
     train_step = steps.compile_train_step(
         model, tx, mesh, rho=cfg.sam.rho, adaptive=cfg.sam.adaptive,
         m=cfg.sam.m or None, eps=cfg.sam.eps, label_smoothing=cfg.label_smoothing,
+        train_lora=train_lora, batch_size=cfg.batch_size,
     )
     metrics_file = (entry_dir / "metrics.jsonl").open("a") if process_index == 0 else None
 
@@ -218,15 +216,15 @@ def train_and_evaluate(
         manager.wait_until_finished()
 
     def validate_now(step):
-        result = evaluator.run(model, {"params": state.params, "batch_stats": state.batch_stats})
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        if state.lora:
+            variables["lora"] = state.lora
+        result = evaluator.run(model, variables)
         acc, ci = float(result["mean"]), float(result["ci95"])
         improved = acc > progress_record["best_accuracy"]
         if improved:
             progress_record.update(best_accuracy=acc, best_step=step, best_ci95=ci)
-            zoo_lib.save_variables(
-                entry_dir / "best",
-                export_variables(model, {"params": state.params, "batch_stats": state.batch_stats}),
-            )
+            zoo_lib.save_variables(entry_dir / "best", export_variables(state))
         write_metrics({"step": step, "val_accuracy": acc, "val_ci95": ci, "best": improved})
         return acc
 
@@ -239,7 +237,8 @@ def train_and_evaluate(
     t0, steps_done = time.perf_counter(), 0
     step = start
     while step < cfg.num_steps:
-        batch = steps.shard_batch(next(iterator), mesh)
+        host = next(iterator)
+        batch = steps.shard_batch({"images": host["image"], "labels": host["label"]}, mesh)
         state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
         step += 1
         steps_done += 1
@@ -296,89 +295,34 @@ def train_and_evaluate(
     if process_index == 0:
         zoo.finalize(
             cfg.benchmark, domain, entry_method,
-            variables=export_variables(model, {"params": jax.device_get(state.params)}),
+            variables=export_variables(state),
             model_config=model_config, image_shape=image_shape, metadata=metadata,
         )
     return zoo.get(cfg.benchmark, domain, entry_method)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraTrainModel:
-    """A LoRA model whose trainable ``params`` are ``{'base': ..., 'lora': ...}``.
-
-    ``steps.train_step`` differentiates ``params``; folding the 'lora' collection in lets
-    the unchanged step train adapters, with ``lora_optimizer`` freezing the base weights
-    (all but the new head). Fine-tuning fusion (``config.fusion.mode='lora'``) uses it.
-    """
-
-    lora_model: models.Model
-
-    @property
-    def arch(self):
-        return self.lora_model.arch
-
-    @property
-    def embedding_dim(self):
-        return self.lora_model.embedding_dim
-
-    def init(self, rng, sample_images):
-        v = self.lora_model.init(rng, sample_images)
-        return {
-            "params": {"base": v["params"], "lora": v["lora"]},
-            "batch_stats": v["batch_stats"],
-        }
-
-    def _unpack(self, variables):
-        p = variables["params"]
-        return {"params": p["base"], "lora": p["lora"], "batch_stats": variables["batch_stats"]}
-
-    def apply(self, variables, images, train):
-        return self.lora_model.apply(self._unpack(variables), images, train)
-
-    def embed(self, variables, images):
-        return self.lora_model.embed(self._unpack(variables), images)
-
-
-def lora_optimizer(tx):
-    """Updates only LoRA adapters and the head; every other weight gets a zero update."""
-    import optax
-
-    def labels(params):
-        def label(path, _):
-            keys = [getattr(k, "key", None) for k in path]
-            trainable = keys[0] == "lora" or (keys[0] == "base" and keys[1] == "head")
-            return "train" if trainable else "frozen"
-
-        return jax.tree_util.tree_map_with_path(label, params)
-
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-
-
-def export_variables(model, variables: dict) -> dict:
+def export_variables(state) -> dict:
     """The plain-backbone variables to store (LoRA adapters merged into the kernels)."""
-    if isinstance(model, LoraTrainModel):
-        p = variables["params"]
-        merged = models.merge_lora({"params": p["base"], "lora": p["lora"]})
-        return {"params": merged["params"], "batch_stats": variables.get("batch_stats", {})}
-    return variables
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if state.lora:
+        variables = models.merge_lora(dict(variables, lora=state.lora))
+    return jax.device_get(variables)
 
 
-def _load_trunk(state, init_variables: dict, tx) -> Any:
+def _load_trunk(state, init_variables: dict, tx, train_lora: bool) -> Any:
     """Copies trunk params and BN statistics of ``init_variables`` into a fresh state."""
     params = dict(state.params)
-    target = dict(params["base"]) if "base" in params and "lora" in params else params
     for k, v in init_variables["params"].items():
         if k == "head":
-            continue
-        if k not in target:
+            continue  # the target domain has its own classes: always a new head
+        if k not in params or jax.tree.structure(params[k]) != jax.tree.structure(v):
             raise zoo_lib.IncompatibleCheckpointError(
-                f"initial backbone has parameter {k!r} that the model lacks"
+                f"the initial backbone's parameter {k!r} does not fit the model "
+                f"{state.__class__.__name__}; fusion needs the same config.model"
             )
-        target[k] = v
-    if target is not params:
-        params["base"] = target
-    batch_stats = init_variables.get("batch_stats", state.batch_stats)
-    return state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
+        params[k] = v
+    state = state.replace(params=params, batch_stats=init_variables["batch_stats"])
+    return state.replace(opt_state=tx.init(steps.trainable(state, train_lora)))
 
 
 def read_metrics(entry_dir) -> list[dict]:

@@ -176,7 +176,9 @@ def test_embed_split_and_evaluator_match_direct_embedding():
 
     episodes = make_episodes(rng, len(labels), labels, 5, 4, 12, 10)
     result = evaluate.FewShotEvaluator(split, episodes, batch_size=7).run(model, variables)
-    np.testing.assert_allclose(result["accuracies"], reference_accuracies(direct, episodes, "cosine"))
+    np.testing.assert_allclose(
+        result["accuracies"], reference_accuracies(direct, episodes, "cosine")
+    )
     assert result["mean"] == pytest.approx(np.mean(result["accuracies"]))
     with pytest.raises(ValueError, match="metric="):
         evaluate.FewShotEvaluator(split, episodes, metric="dot")

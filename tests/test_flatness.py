@@ -66,7 +66,7 @@ def test_hessian_tools_on_a_nonquadratic_pytree_match_the_dense_hessian(spd):
         w, _ = ravel_pytree(p)
         return 0.5 * w @ a @ w + 0.3 * jnp.sum(jnp.cos(w)) + 0.1 * jnp.sum(w**3)
 
-    dense = np.asarray(jax.hessian(lambda w: loss_fn(unravel(w)))(flat0))
+    dense = np.asarray(jax.jit(jax.hessian(lambda w: loss_fn(unravel(w))))(flat0))
     vector = unravel(jnp.arange(8.0) - 3.0)
     hvp, _ = ravel_pytree(flatness.hessian_vector_product(loss_fn, params, vector))
     np.testing.assert_allclose(hvp, dense @ (np.arange(8.0) - 3.0), rtol=1e-5, atol=1e-4)
@@ -357,9 +357,9 @@ def tiny_model():
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.uniform(-1, 1, size=(6, 16, 16, 1)), jnp.float32)
     labels = jnp.asarray([0, 1, 2, 0, 1, 2], jnp.int32)
-    variables = model.init(jax.random.key(0), images)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
     # Non-trivial running statistics, so eval-mode BN differs from batch statistics.
-    _, batch_stats = model.apply(variables, images, train=True)
+    _, batch_stats = jax.jit(functools.partial(model.apply, train=True))(variables, images)
     variables = {**variables, "batch_stats": batch_stats}
     return model, variables, images, labels
 
@@ -370,22 +370,23 @@ def test_model_loss_fn_is_eval_mode_cross_entropy(tiny_model):
     (logits, _), _ = model.apply(variables, images, train=False)
     expected = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     assert float(loss_fn(variables["params"])) == pytest.approx(float(expected), rel=1e-6)
-    # Eval-mode BN: each example's loss is independent of the rest of the batch.
-    singles = [
-        float(
-            flatness.model_loss_fn(model, variables, images[i : i + 1], labels[i : i + 1])(
-                variables["params"]
-            )
-        )
-        for i in range(len(labels))
+    # Eval-mode BN: an example's loss does not depend on the rest of the batch, so the
+    # mean over the batch is the mean of the two halves' losses.
+    halves = [
+        float(flatness.model_loss_fn(model, variables, images[s], labels[s])(variables["params"]))
+        for s in (slice(0, 3), slice(3, 6))
     ]
-    assert float(loss_fn(variables["params"])) == pytest.approx(np.mean(singles), rel=1e-5)
+    assert float(loss_fn(variables["params"])) == pytest.approx(np.mean(halves), rel=1e-5)
+    # ... which train-mode BN (batch statistics) would violate.
+    (train_logits, _), _ = model.apply(variables, images[:3], train=True)
+    train_loss = optax.softmax_cross_entropy_with_integer_labels(train_logits, labels[:3]).mean()
+    assert abs(float(train_loss) - halves[0]) > 1e-3
 
 
 def test_model_loss_fn_rejects_headless_models_and_bad_labels(tiny_model):
     _, _, images, labels = tiny_model
     trunk = build_model("conv4", 0, width=0.125)
-    trunk_vars = trunk.init(jax.random.key(0), images)
+    trunk_vars = jax.eval_shape(trunk.init, jax.random.key(0), images)
     with pytest.raises(ValueError, match="num_classes=0"):
         flatness.model_loss_fn(trunk, trunk_vars, images, labels)
     model, variables, _, _ = tiny_model

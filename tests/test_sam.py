@@ -16,6 +16,11 @@ import pytest
 from flatfsc_jax import models, sam
 
 RNG = np.random.default_rng(0)
+# Jitted (eager dispatch compiles every op); rho stays a static Python number, as in the
+# production step, so rho == 0 would take the ERM path.
+_sam_gradient = jax.jit(
+    sam.sam_gradient, static_argnames=("loss_fn", "rho", "eps", "adaptive", "m")
+)
 
 
 def _mlp_problem(batch_size=12, dim=6, hidden=5, classes=3):
@@ -88,7 +93,7 @@ def test_quadratic_matches_closed_form():
     w_pert = w + e
     expected_grad = a @ w_pert
     params = {"w": jnp.asarray(w, jnp.float32)}
-    grads, _, diag = sam.sam_gradient(loss_fn, params, None, rho=rho)
+    grads, _, diag = _sam_gradient(loss_fn, params, None, rho=rho)
     np.testing.assert_allclose(grads["w"], expected_grad, rtol=1e-5)
     np.testing.assert_allclose(diag.loss, 0.5 * w @ a @ w, rtol=1e-5)
     np.testing.assert_allclose(diag.perturbed_loss, 0.5 * w_pert @ a @ w_pert, rtol=1e-5)
@@ -104,11 +109,11 @@ def test_asam_matches_hand_computation():
     g = a @ w
     e = rho * w**2 * g / (np.linalg.norm(np.abs(w) * g) + eps)
     params = {"w": jnp.asarray(w, jnp.float32)}
-    grads, _, diag = sam.sam_gradient(loss_fn, params, None, rho=rho, adaptive=True)
+    grads, _, diag = _sam_gradient(loss_fn, params, None, rho=rho, adaptive=True)
     np.testing.assert_allclose(grads["w"], a @ (w + e), rtol=1e-5)
     np.testing.assert_allclose(diag.perturbed_loss, 0.5 * (w + e) @ a @ (w + e), rtol=1e-5)
     # ASAM and SAM perturb differently unless |w| is constant: the test can tell them apart.
-    plain, _, _ = sam.sam_gradient(loss_fn, params, None, rho=rho)
+    plain, _, _ = _sam_gradient(loss_fn, params, None, rho=rho)
     assert not np.allclose(plain["w"], grads["w"], rtol=1e-3)
 
 
@@ -148,8 +153,8 @@ def test_update_matches_optax_contrib_sam():
 
 def test_m_equal_to_batch_is_plain_sam():
     loss_fn, params, batch = _mlp_problem(batch_size=8)
-    plain, plain_aux, plain_diag = sam.sam_gradient(loss_fn, params, batch, rho=0.1)
-    chunked, chunked_aux, chunked_diag = sam.sam_gradient(loss_fn, params, batch, rho=0.1, m=8)
+    plain, plain_aux, plain_diag = _sam_gradient(loss_fn, params, batch, rho=0.1)
+    chunked, chunked_aux, chunked_diag = _sam_gradient(loss_fn, params, batch, rho=0.1, m=8)
     _close(chunked, plain)
     _close(chunked_aux, plain_aux)
     _close(chunked_diag, plain_diag)
@@ -161,9 +166,9 @@ def test_m_sharpness_matches_python_loop_over_chunks():
     per_chunk = []
     for start in range(0, 12, m):
         chunk = jax.tree.map(lambda x, s=start: x[s : s + m], batch)
-        per_chunk.append(sam.sam_gradient(loss_fn, params, chunk, rho=rho))
+        per_chunk.append(_sam_gradient(loss_fn, params, chunk, rho=rho))
     expected = jax.tree.map(lambda *g: sum(g) / len(g), *[c[0] for c in per_chunk])
-    got, aux, diag = sam.sam_gradient(loss_fn, params, batch, rho=rho, m=m)
+    got, aux, diag = _sam_gradient(loss_fn, params, batch, rho=rho, m=m)
     _close(got, expected)
     np.testing.assert_allclose(
         aux["mean_logit"], np.mean([c[1]["mean_logit"] for c in per_chunk]), rtol=1e-5
@@ -177,7 +182,7 @@ def test_m_sharpness_matches_python_loop_over_chunks():
     full = jax.grad(lambda p: loss_fn(p, batch)[0])(params)
     np.testing.assert_allclose(diag.grad_norm, sam.global_norm(full), rtol=1e-5)
     # Per-chunk perturbations differ from one whole-batch perturbation.
-    whole, _, _ = sam.sam_gradient(loss_fn, params, batch, rho=rho)
+    whole, _, _ = _sam_gradient(loss_fn, params, batch, rho=rho)
     assert not np.allclose(whole["w1"], got["w1"], atol=1e-4)
 
 
@@ -185,7 +190,7 @@ def test_m_sharpness_matches_python_loop_over_chunks():
 def test_zero_gradient_gives_finite_numbers(adaptive):
     loss_fn, _, w = _quadratic()
     params = {"w": jnp.zeros_like(jnp.asarray(w, jnp.float32))}  # the minimum: g == 0
-    grads, _, diag = sam.sam_gradient(loss_fn, params, None, rho=0.1, adaptive=adaptive)
+    grads, _, diag = _sam_gradient(loss_fn, params, None, rho=0.1, adaptive=adaptive)
     np.testing.assert_array_equal(grads["w"], 0.0)
     assert all(np.isfinite(np.asarray(x)) for x in diag)
 
@@ -207,26 +212,23 @@ def test_batchnorm_statistics_come_from_the_clean_pass():
     batch = {"images": images, "labels": labels}
     rho = 0.5
     # Everything jitted: eager flax dispatch costs tens of seconds.
-    sam_gradient = jax.jit(sam.sam_gradient, static_argnames=("loss_fn", "m"))
     loss_fn = jax.jit(loss_fn)
     grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]))
-    grads, stats, _ = sam_gradient(loss_fn, variables["params"], batch, rho=rho)
+    grads, stats, _ = _sam_gradient(loss_fn, variables["params"], batch, rho=rho)
     _, clean_stats = loss_fn(variables["params"], batch)
     _close(stats, clean_stats, rtol=1e-6, atol=1e-7)
     clean_grads = grad_fn(variables["params"], batch)
-    perturbed = jax.tree.map(
-        jnp.add,
-        variables["params"],
-        sam.sam_perturbation(variables["params"], clean_grads, rho=rho),
+    perturbed = jax.jit(lambda p, g: jax.tree.map(jnp.add, p, sam.sam_perturbation(p, g, rho=rho)))(
+        variables["params"], clean_grads
     )
     _, perturbed_stats = loss_fn(perturbed, batch)
-    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), stats, perturbed_stats)
+    diffs = jax.tree.map(lambda a, b: np.max(np.abs(np.subtract(a, b))), stats, perturbed_stats)
     assert max(jax.tree.leaves(diffs)) > 1e-4, "perturbed and clean statistics coincide"
     # ... while the gradient is the one at the perturbed point.
     _close(grads, grad_fn(perturbed, batch), rtol=1e-4, atol=1e-6)
 
     # m-sharpness: ghost batches, each chunk's statistics, averaged.
-    _, ghost_stats, _ = sam_gradient(loss_fn, variables["params"], batch, rho=rho, m=4)
+    _, ghost_stats, _ = _sam_gradient(loss_fn, variables["params"], batch, rho=rho, m=4)
     chunk_stats = [
         loss_fn(variables["params"], jax.tree.map(lambda x, s=s: x[s : s + 4], batch))[1]
         for s in (0, 4)

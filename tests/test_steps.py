@@ -100,7 +100,11 @@ def _tiny_setup(batch_size=8, lora_rank=0, size=8):
 
 @pytest.mark.parametrize("rho", [0.0, 0.2])
 def test_train_step_matches_hand_written_step(rho):
-    """ERM (rho=0) and SAM steps against the recipe written out on model.apply."""
+    """ERM (rho=0) and SAM steps against the recipe written out on model.apply.
+
+    The step gets uint8 images and must preprocess them on the device exactly like the
+    host-side ``preprocess`` the reference uses.
+    """
     model, tx, images, labels = _tiny_setup()
     state = steps.create_train_state(model, tx, jax.random.key(0), images[:2])
     step = jax.jit(
@@ -142,18 +146,6 @@ def test_train_step_matches_hand_written_step(rho):
         assert float(metrics["sharpness"]) > 0  # ascent direction: the loss went up
     else:
         assert float(metrics["sharpness"]) == 0.0
-
-
-def test_uint8_and_float_images_give_the_same_step():
-    model, tx, images, labels = _tiny_setup()
-    state = steps.create_train_state(model, tx, jax.random.key(0), images[:2])
-    step = jax.jit(
-        lambda s, b: steps.train_step(s, b, jax.random.key(1), model=model, tx=tx, rho=0.1)
-    )
-    from_uint8, m1 = step(state, {"images": images, "labels": labels})
-    from_float, m2 = step(state, {"images": preprocess(images), "labels": labels})
-    jax.tree.map(np.testing.assert_array_equal, from_uint8.params, from_float.params)
-    np.testing.assert_array_equal(m1["loss"], m2["loss"])
 
 
 def test_lora_step_trains_only_adapters_and_head():
@@ -262,7 +254,6 @@ def test_eight_devices_match_one_device():
     for m, by_devices in report["results"].items():
         (losses8, leaves8), (losses1, leaves1) = by_devices["8"], by_devices["1"]
         np.testing.assert_allclose(losses8, losses1, rtol=1e-4, err_msg=f"m={m}")
-        assert losses8[2][0] < losses8[0][0]  # it trains
         for a, b in zip(leaves8, leaves1, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"m={m}")
     # m-sharpness changes the step (the comparison above is not vacuous for m).

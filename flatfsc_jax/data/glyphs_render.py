@@ -28,14 +28,16 @@ Pipeline (everything seeded by ``SEED``; the same fonts and library versions giv
 4. *Cleaning.* Dropped: renders of code points the cmap maps to .notdef, blank renders, renders
    of code points that share one glyph with another class in the same face (placeholders,
    caps-only fonts) or look the same as another class's render of that face, faces where less
-   than half of the covered characters survive (tofu fonts), then near-duplicate faces
+   than half of the covered characters survive (tofu fonts), outlier faces whose renders are
+   far from every class's median render (dingbats, keycap fonts), then near-duplicate faces
    (weight/width variants, metric clones such as Arimo and Liberation Sans): a face whose mean
    absolute pixel difference to an already kept face over their common classes is below
    ``DEDUP_MAD`` is dropped. Classes with fewer than ``MIN_FACES`` distinct faces are dropped;
    a domain with fewer than ``MIN_FACES`` faces is dropped.
-5. *Sampling.* CJK and Hangul have thousands of classes: a seeded sample of ``SAMPLED_CLASSES``.
-   Each class keeps at most ``MAX_PER_CLASS`` instances, taken in one seeded face order per
-   domain that visits every family once before any family twice (diversity of designers).
+5. *Sampling.* CJK and Hangul have thousands of classes: a seeded sample of ``SAMPLED_CLASSES``
+   from their common characters (:func:`sampling_pool`).
+   Each class keeps at most ``MAX_PER_CLASS`` instances, drawn in a seeded order (per class)
+   that visits every font family once before any family twice (diversity of designers).
 6. *Protocol* (mirrors Meta-Dataset): seen domains split their classes train/valid/test
    70/15/15 with a seeded permutation; unseen domains are test-only.
 """
@@ -51,6 +53,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -69,11 +72,14 @@ MARGIN = 2  # pixels left blank on each side of the face's ink extent
 RENDER_PX = 96  # font size of the high-resolution pass (~4x supersampling)
 MIN_FACES = 10  # distinct faces a class (and a domain) needs
 MAX_PER_CLASS = 30
-DEDUP_MAD = 6.0  # mean |difference| (0..255 scale) below which two faces are one design
+DEDUP_MAD = 5.0  # mean |difference| (0..255 scale) below which two faces are one design
 MIN_DOMAIN_COVERAGE = 0.9  # fraction of a fixed domain's characters a face must map
 MIN_SAMPLED_COVERAGE = 0.5  # ... of a sampled domain's candidate characters
 MIN_VALID_FRACTION = 0.5  # below this fraction of clean renders a face is broken for a domain
 SAME_RENDER_MAD = 1.0  # two classes of one face closer than this are indistinguishable
+# A face whose renders are, class by class, this many times further from the class's median
+# render than a typical face is drawing something else (dingbats, keycaps, ornaments).
+OUTLIER_SCORE = 2.5
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 SPLITS = ("train", "valid", "test")
 FONT_DIRS = ("/usr/share/fonts",)
@@ -123,9 +129,8 @@ DOMAIN_CHARACTERS: dict[str, tuple[int, ...]] = {
     + (0x9B2,)
     + _span(0x9B6, 0x9B9),
 }
-# Blocks the sampled domains draw from: CJK Unified Ideographs, Hangul Syllables.
-SAMPLED_BLOCKS: dict[str, tuple[int, int]] = {"cjk": (0x4E00, 0x9FFF), "hangul": (0xAC00, 0xD7A3)}
 _HANGUL_SYLLABLES = range(0xAC00, 0xD7A4)
+_UNMAPPED = 0xFFFF  # a noncharacter: no font maps it, so it draws the .notdef glyph
 _BOPOMOFO = range(0x3105, 0x312A)
 
 
@@ -188,6 +193,23 @@ def _ink_crop(font, char: str, pad: int):
     return ink, int(rows[0] - origin[1]), int(cols[0] - origin[0])
 
 
+def _place(ink: np.ndarray, top: int, scale: float, centre_y: float, image_size: int):
+    """Resamples an ink crop into the output box: centred on its ink horizontally, on the
+    face's extent vertically (``centre_y``, baseline-relative), ``scale`` output px per px."""
+    from PIL import Image
+
+    half = image_size / 2 / scale  # half the output box, in render pixels
+    # Source window in the crop's own pixel coordinates.
+    x0 = ink.shape[1] / 2 - half
+    y0 = centre_y - top - half
+    x_int, y_int = math.floor(x0), math.floor(y0)
+    window = Image.fromarray(ink).crop(
+        (x_int, y_int, math.ceil(x0 + 2 * half), math.ceil(y0 + 2 * half))
+    )
+    box = (x0 - x_int, y0 - y_int, x0 - x_int + 2 * half, y0 - y_int + 2 * half)
+    return np.asarray(window.resize((image_size, image_size), Image.Resampling.BOX, box=box))
+
+
 def render_characters(
     font_path,
     codepoints: Sequence[int],
@@ -211,47 +233,41 @@ def render_characters(
     Returns:
       ``images`` uint8 [n, image_size, image_size] (ink 255 on 0) and ``drawn`` bool [n]:
       False where the face has no glyph for the code point (not in the cmap, or mapped to
-      .notdef) or the glyph has no ink; those images are all zero.
+      .notdef), the glyph has no ink, or it looks like the face's .notdef box (tofu);
+      those images are all zero.
     """
-    from PIL import Image, ImageFont
+    from PIL import ImageFont
 
     if cmap is None:
         cmap = read_cmap(font_path, face_index)
     font = ImageFont.truetype(
         str(font_path), render_px, index=face_index, layout_engine=ImageFont.Layout.BASIC
     )
+    pad = render_px // 2
     crops = [None] * len(codepoints)
     for i, cp in enumerate(codepoints):
         if cmap.get(cp, ".notdef") != ".notdef":
-            crops[i] = _ink_crop(font, chr(cp), pad=render_px // 2)
+            crops[i] = _ink_crop(font, chr(cp), pad)
     images = np.zeros((len(codepoints), image_size, image_size), np.uint8)
-    drawn = np.array([c is not None for c in crops])
+    drawn = np.array([c is not None for c in crops], bool)
     if not drawn.any():
         return images, drawn
     tops = np.array([c[1] for c in crops if c is not None])
     bottoms = np.array([c[1] + c[0].shape[0] for c in crops if c is not None])
     widths = np.array([c[0].shape[1] for c in crops if c is not None])
-    extent = max(bottoms.max() - tops.min(), widths.max())
+    extent = max(bottoms.max() - tops.min(), widths.max())  # the face's ink extent
     scale = (image_size - 2 * margin) / extent  # output pixels per render pixel
     centre_y = (tops.min() + bottoms.max()) / 2
-    half = image_size / 2 / scale  # half the output box, in render pixels
     for i, crop in enumerate(crops):
-        if crop is None:
-            continue
-        ink, top, left = crop
-        # Source window in the crop's own pixel coordinates: centred on the glyph's ink
-        # horizontally and on the face's extent vertically.
-        x0 = ink.shape[1] / 2 - half
-        y0 = centre_y - half - top
-        x_int, y_int = math.floor(x0), math.floor(y0)
-        window = Image.fromarray(ink).crop(
-            (x_int, y_int, math.ceil(x0 + 2 * half), math.ceil(y0 + 2 * half))
-        )
-        box = (x0 - x_int, y0 - y_int, x0 - x_int + 2 * half, y0 - y_int + 2 * half)
-        images[i] = np.asarray(
-            window.resize((image_size, image_size), Image.Resampling.BOX, box=box)
-        )
+        if crop is not None:
+            images[i] = _place(crop[0], crop[1], scale, centre_y, image_size)
     drawn &= images.reshape(len(images), -1).max(axis=1) > 0
+    # An unmapped code point draws glyph 0 (.notdef); glyphs drawn the same way are tofu.
+    notdef = None if _UNMAPPED in cmap else _ink_crop(font, chr(_UNMAPPED), pad)
+    if notdef is not None:
+        tofu = _place(notdef[0], notdef[1], scale, centre_y, image_size).astype(np.float32)
+        distance = np.abs(images.astype(np.float32) - tofu).mean(axis=(1, 2))
+        drawn &= distance >= SAME_RENDER_MAD
     return images, drawn
 
 
@@ -445,17 +461,38 @@ def _shared_glyph_mask(face: Face, codepoints: Sequence[int]) -> np.ndarray:
 def _same_render_mask(images: np.ndarray, drawn: np.ndarray) -> np.ndarray:
     """True for drawn images within ``SAME_RENDER_MAD`` of another drawn class's image."""
     index = np.flatnonzero(drawn)
+    mask = np.zeros(len(images), bool)
+    if index.size < 2:
+        return mask
     flat = images[index].reshape(len(index), -1).astype(np.float32)
     # Squared L2 distances bound the L1 ones (|d| <= 255), so a matrix product finds the few
     # candidate pairs and only those get the exact mean absolute difference.
     sq = (flat**2).sum(axis=1)
     l2 = sq[:, None] + sq[None, :] - 2 * flat @ flat.T
     bound = 255.0 * flat.shape[1] * SAME_RENDER_MAD
-    mask = np.zeros(len(images), bool)
     for a, b in zip(*np.nonzero(np.triu(l2 < bound, k=1)), strict=True):
         if np.abs(flat[a] - flat[b]).mean() < SAME_RENDER_MAD:
             mask[index[a]] = mask[index[b]] = True
     return mask
+
+
+def _outlier_scores(
+    faces: Sequence[int], images: Mapping[int, np.ndarray], valid: Mapping[int, np.ndarray]
+) -> dict[int, float]:
+    """Per face: median over its classes of (distance to the class's median render) divided
+    by (the median of that distance over the class's faces); about 1 for a typical face."""
+    ratios: dict[int, list[float]] = {f: [] for f in faces}
+    num_classes = len(next(iter(valid.values()))) if valid else 0
+    for c in range(num_classes):
+        drawing = [f for f in faces if valid[f][c]]
+        if len(drawing) < 3:
+            continue
+        stack = np.stack([images[f][c] for f in drawing]).astype(np.float32)
+        distance = np.abs(stack - np.median(stack, axis=0)).mean(axis=(1, 2))
+        typical = max(float(np.median(distance)), 1e-6)
+        for f, d in zip(drawing, distance, strict=True):
+            ratios[f].append(d / typical)
+    return {f: float(np.median(r)) if r else 1.0 for f, r in ratios.items()}
 
 
 def _style_rank(style: str) -> int:
@@ -494,8 +531,10 @@ def _face_order(faces: Sequence[Face], candidates: Sequence[int], rng) -> list[i
         families[faces[f].family].append(f)
     names = sorted(families)
     names = [names[i] for i in rng.permutation(len(names))]
-    queues = [[members[i] for i in rng.permutation(len(members))] for members in
-              (families[n] for n in names)]
+    queues = [
+        [members[i] for i in rng.permutation(len(members))]
+        for members in (families[n] for n in names)
+    ]
     order = []
     while any(queues):
         for queue in queues:
@@ -504,24 +543,48 @@ def _face_order(faces: Sequence[Face], candidates: Sequence[int], rng) -> list[i
     return order
 
 
-def _candidate_codepoints(domain: str, faces: Sequence[Face], rng) -> list[int]:
+def _encodes_in(codepoint: int, codec: str, first: int, last: int) -> bool:
+    """Whether the character's (big-endian) code in ``codec`` lies in ``first..last``."""
+    try:
+        code = int.from_bytes(chr(codepoint).encode(codec), "big")
+    except UnicodeEncodeError:
+        return False
+    return first <= code <= last
+
+
+def sampling_pool(domain: str) -> list[int]:
+    """The common characters a sampled domain draws its classes from.
+
+    cjk: the ideographs in the first (frequent) level of all three national standards
+    GB 2312, JIS X 0208 and Big5 (1583 characters every Chinese and Japanese font has);
+    hangul: the 2350 precomposed syllables of KS X 1001. Defined by Python's codecs, so the
+    pool does not depend on which fonts happen to be installed.
+    """
+    if domain == "cjk":
+        return [
+            cp
+            for cp in range(0x4E00, 0xA000)
+            if _encodes_in(cp, "gb2312", 0xB0A1, 0xD7FE)  # GB 2312 level 1: rows 16-55
+            and _encodes_in(cp, "euc_jp", 0xB0A1, 0xCFFE)  # JIS X 0208 level 1: rows 16-47
+            and _encodes_in(cp, "big5", 0xA440, 0xC67E)  # Big5 frequently used characters
+        ]
+    if domain == "hangul":
+        return [cp for cp in _HANGUL_SYLLABLES if _encodes_in(cp, "euc_kr", 0xB0A1, 0xC8FE)]
+    raise ValueError(f"domain {domain!r} is not sampled; sampled: {sorted(SAMPLED_CLASSES)}")
+
+
+def _candidate_codepoints(domain: str, rng) -> list[int]:
+    """A fixed domain's characters, or a seeded draw (in draw order) from a sampling pool."""
     if domain in DOMAIN_CHARACTERS:
         return list(DOMAIN_CHARACTERS[domain])
-    first, last = SAMPLED_BLOCKS[domain]
-    pool_faces = [f for f in _domain_faces(domain, faces) if len(f.cmap) > 0]
-    coverage = collections.Counter()
-    for face in pool_faces:
-        coverage.update(cp for cp in face.cmap if first <= cp <= last)
-    pool = sorted(cp for cp, n in coverage.items() if n >= MIN_FACES)
+    pool = sampling_pool(domain)
     draw = math.ceil(SAMPLED_CLASSES[domain] * _SAMPLED_OVERDRAW)
     return [pool[i] for i in rng.permutation(len(pool))[:draw]]
 
 
-def _domain_faces(domain: str, faces: Sequence[Face]) -> list[Face]:
-    """Faces allowed in a domain before coverage: CJK excludes Korean fonts."""
-    if domain == "cjk":
-        return [f for f in faces if not f.is_korean]
-    return list(faces)
+def _allowed_in(domain: str, face: Face) -> bool:
+    """Whether a face may take part in a domain at all: CJK excludes Korean fonts."""
+    return domain != "cjk" or not face.is_korean
 
 
 def build_domain(
@@ -530,29 +593,33 @@ def build_domain(
     """Renders and cleans one domain; ``None`` when it has fewer than ``MIN_FACES`` faces."""
     domain_id = DOMAINS.index(domain)
     rng = np.random.default_rng([SEED, domain_id])
-    candidates = _candidate_codepoints(domain, faces, rng)
+    candidates = _candidate_codepoints(domain, rng)
     sampled = domain in SAMPLED_CLASSES
     min_coverage = MIN_SAMPLED_COVERAGE if sampled else MIN_DOMAIN_COVERAGE
-    allowed = set(id(f) for f in _domain_faces(domain, faces))
     members = [
         i
         for i, f in enumerate(faces)
-        if id(f) in allowed
+        if _allowed_in(domain, f)
         and sum(f.cmap.get(cp, ".notdef") != ".notdef" for cp in candidates)
         >= min_coverage * len(candidates)
     ]
     notes = []
     jobs_in = [
-        (faces[i].path, faces[i].index, candidates, {cp: faces[i].cmap.get(cp) for cp in
-                                                     candidates if cp in faces[i].cmap})
+        (
+            faces[i].path,
+            faces[i].index,
+            candidates,
+            {cp: faces[i].cmap.get(cp) for cp in candidates if cp in faces[i].cmap},
+        )
         for i in members
     ]
     images, valid = {}, {}
     broken = []
     with _executor(jobs) as pool:
-        for i, (imgs, drawn) in zip(members, pool.map(_render_job, jobs_in, chunksize=4),
-                                    strict=True):
-            covered = drawn.sum()
+        for i, (imgs, drawn) in zip(
+            members, pool.map(_render_job, jobs_in, chunksize=4), strict=True
+        ):
+            covered = sum(faces[i].cmap.get(cp, ".notdef") != ".notdef" for cp in candidates)
             ok = drawn & ~_shared_glyph_mask(faces[i], candidates)
             ok &= ~_same_render_mask(imgs, ok)
             if covered == 0 or ok.sum() < MIN_VALID_FRACTION * covered:
@@ -560,14 +627,29 @@ def build_domain(
                 continue
             images[i], valid[i] = imgs, ok
     if broken:
-        notes.append(f"{len(broken)} faces dropped as blank/tofu/placeholder fonts")
-    order = sorted(images, key=lambda i: (_style_rank(faces[i].style), faces[i].family,
-                                          faces[i].path, faces[i].index))
-    kept, duplicates = _dedup_faces(order, images, valid)
+        notes.append(
+            "faces dropped as blank/tofu/placeholder fonts: "
+            + ", ".join(f"{faces[f].family} {faces[f].style}" for f in broken)
+        )
+    order = sorted(
+        images,
+        key=lambda i: (_style_rank(faces[i].style), faces[i].family, faces[i].path, faces[i].index),
+    )
+    kept, _ = _dedup_faces(order, images, valid)
     notes.append(
         f"{len(members)} faces cover it, {len(images)} render cleanly, "
         f"{len(kept)} distinct after de-duplication (MAD < {DEDUP_MAD})"
     )
+    # Outliers are judged among distinct faces: clones of one family would otherwise be the
+    # "typical" face and make every other design look like an outlier.
+    scores = _outlier_scores(kept, images, valid)
+    outliers = sorted((f for f in kept if scores[f] > OUTLIER_SCORE), key=lambda f: -scores[f])
+    if outliers:
+        notes.append(
+            "outlier faces dropped: "
+            + ", ".join(f"{faces[f].family} {faces[f].style} ({scores[f]:.1f})" for f in outliers)
+        )
+        kept = [f for f in kept if f not in outliers]
     counts = np.sum([valid[i] for i in kept], axis=0) if kept else np.zeros(len(candidates))
     enough = [cp for cp, n in zip(candidates, counts, strict=True) if n >= MIN_FACES]
     if sampled:
@@ -583,13 +665,16 @@ def build_domain(
             )
     if len(kept) < MIN_FACES or not enough:
         log(f"  {domain}: dropped ({len(kept)} distinct faces, {len(enough)} classes)")
+        for note in notes:
+            log(f"    {note}")
         return None
-    order = _face_order(faces, kept, np.random.default_rng([SEED, domain_id, 1]))
     position = {cp: candidates.index(cp) for cp in enough}
     instances = {}
     for cp in sorted(enough):
-        chosen = [f for f in order if valid[f][position[cp]]][:MAX_PER_CLASS]
-        instances[cp] = [(f, images[f][position[cp]]) for f in sorted(chosen)]
+        drawing = [f for f in kept if valid[f][position[cp]]]
+        order = _face_order(faces, drawing, np.random.default_rng([SEED, domain_id, cp]))
+        chosen = sorted(order[:MAX_PER_CLASS])
+        instances[cp] = [(f, images[f][position[cp]]) for f in chosen]
     used = sorted({f for items in instances.values() for f, _ in items})
     return DomainResult(codepoints=sorted(enough), faces=used, instances=instances, notes=notes)
 
@@ -637,8 +722,10 @@ def build(font_dirs: Sequence[str] = FONT_DIRS, *, jobs: int = 1, log=print):
             log(f"    {note}")
 
     # Global face table: only faces that supplied images, sorted for stable ids.
-    used = sorted({f for r in results.values() for f in r.faces},
-                  key=lambda i: (faces[i].path, faces[i].index))
+    used = sorted(
+        {f for r in results.values() for f in r.faces},
+        key=lambda i: (faces[i].path, faces[i].index),
+    )
     face_id = {f: k for k, f in enumerate(used)}
     owners = debian_packages()
     packages = [owners.get(faces[f].path, "unknown") for f in used]
@@ -769,6 +856,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"rendering Glyphs needs the 'render' extra ({e.name} is missing): "
             "pip install -e .[render]"
         ) from e
+    # fontTools warns about every slightly malformed table of ~1300 fonts; the cmaps are fine.
+    logging.getLogger("fontTools").setLevel(logging.ERROR)
     font_dirs = args.font_dir or list(FONT_DIRS)
     missing = [d for d in font_dirs if not os.path.isdir(d)]
     if missing:

@@ -164,9 +164,7 @@ SOURCES: dict[str, SourceSpec] = {
         ),
         SourceSpec(
             "dtd",
-            CatalogueSpec(
-                "dtd", ("train", "validation", "test"), "label name (texture attribute)"
-            ),
+            CatalogueSpec("dtd", ("train", "validation", "test"), "label name (texture attribute)"),
         ),
         SourceSpec(
             "quickdraw",
@@ -655,12 +653,20 @@ def catalogue_extractor(
                 return []
             decoded = functools.cache(lambda: to_rgb(decode_image(r["image"])))
             out = []
-            for (ymin, xmin, ymax, xmax), label in zip(boxes, labels, strict=True):
-                def crop_object(ymin=ymin, xmin=xmin, ymax=ymax, xmax=xmax):
+            # TFDS stores COCO's pixel boxes (x, y, w, h) normalised as float32
+            # (ymin, xmin, ymax, xmax); undo that in float64.
+            for box_normalised, label in zip(boxes.astype(np.float64), labels, strict=True):
+
+                def crop_object(box_normalised=box_normalised):
                     image = decoded()
                     height, width = image.shape[:2]
-                    xywh = (xmin * width, ymin * height, (xmax - xmin) * width,
-                            (ymax - ymin) * height)  # fmt: skip
+                    ymin, xmin, ymax, xmax = box_normalised
+                    xywh = (
+                        xmin * width,
+                        ymin * height,
+                        (xmax - xmin) * width,
+                        (ymax - ymin) * height,
+                    )
                     box = coco_crop_box(xywh, width, height)
                     return crop(image, box) if box is not None else None
 
@@ -681,9 +687,14 @@ def _vdd_category_names(config: str, data_dir: str, annotations_dir: str | None)
         candidates = [os.path.join(os.path.expanduser(annotations_dir), f"{config}_train.json")]
     else:
         pattern = os.path.join(
-            os.path.expanduser(data_dir), "downloads", "extracted", "*", "decathlon-1.0",
-            "annotations", f"{config}_train.json",
-        )  # fmt: skip
+            os.path.expanduser(data_dir),
+            "downloads",
+            "extracted",
+            "*",
+            "decathlon-1.0",
+            "annotations",
+            f"{config}_train.json",
+        )
         candidates = sorted(glob.glob(pattern))
     candidates = [c for c in candidates if os.path.exists(c)]
     if not candidates:
@@ -727,8 +738,8 @@ def catalogue_examples(
         ) from e
     features = builder.info.features
     label_names: Sequence[str] = ()
-    if cat.name.startswith("visual_domain_decathlon/"):
-        label_names = _vdd_category_names(cat.name.split("/")[1], data_dir, vdd_annotations_dir)
+    if source == "aircraft":  # traffic_sign maps VDD labels to GTSRB class ids directly
+        label_names = _vdd_category_names("aircraft", data_dir, vdd_annotations_dir)
     elif source == "mscoco":
         label_names = features["objects"]["label"].names
     elif "label" in features:
@@ -783,8 +794,8 @@ def fungi_examples(root: str) -> Iterator[Example]:
 def fgvc_aircraft_examples(root: str) -> Iterator[Example]:
     """The FGVC-Aircraft archive, cropped to the annotated boxes as Meta-Dataset does
     (the box also removes the 20-pixel copyright banner)."""
-    data = root if os.path.exists(os.path.join(root, "images_box.txt")) else os.path.join(
-        root, "data"
+    data = (
+        root if os.path.exists(os.path.join(root, "images_box.txt")) else os.path.join(root, "data")
     )
     boxes = {}
     with open(os.path.join(data, "images_box.txt"), encoding="utf-8") as f:
@@ -876,8 +887,7 @@ class MetaDatasetSource(tfds.core.GeneratorBasedBuilder):
         "1.0.0": "Meta-Dataset class splits, 84x84 uint8 (bilinear, aligned corners).",
     }
     BUILDER_CONFIGS = [
-        tfds.core.BuilderConfig(name=s, description=f"Meta-Dataset source {s}")
-        for s in ALL_SOURCES
+        tfds.core.BuilderConfig(name=s, description=f"Meta-Dataset source {s}") for s in ALL_SOURCES
     ]
 
     def __init__(
@@ -920,9 +930,7 @@ class MetaDatasetSource(tfds.core.GeneratorBasedBuilder):
                 f"Meta-Dataset source {self._source} ("
                 + ("seen" if spec.seen else "unseen")
                 + " domain) as class splits at 84x84: "
-                + ", ".join(
-                    f"{s} {self._class_splits.num_classes(s)} classes" for s in SPLITS
-                )
+                + ", ".join(f"{s} {self._class_splits.num_classes(s)} classes" for s in SPLITS)
             ),
             features=tfds.features.FeaturesDict(
                 {
@@ -1025,19 +1033,30 @@ def prepare(
 
 
 class _LazyImages:
-    """Random access to the stored images; read errors name the directory to rebuild."""
+    """Random access to the stored images; read errors name the directory to rebuild.
 
-    def __init__(self, data_source, source: str, path: str):
-        self._ds, self._source, self._path = data_source, source, path
+    Pickles as (path, split) and reopens the files on first access, so grain worker
+    processes get their own readers.
+    """
+
+    def __init__(self, path: str, split: str, source: str, num_examples: int, data_source=None):
+        self._path, self._split, self._source = path, split, source
+        self._num_examples = num_examples
+        self._ds = data_source
 
     def __len__(self) -> int:
-        return len(self._ds)
+        return self._num_examples
 
     def __getitem__(self, index) -> np.ndarray:
         try:
+            if self._ds is None:
+                self._ds = tfds.builder_from_directory(self._path).as_data_source(self._split)
             return self._ds[int(index)]["image"]
         except Exception as e:
             raise MissingDataError(_corrupt_message(self._source, self._path, e)) from e
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ds": None}
 
 
 def _corrupt_message(source: str, path, error: Exception) -> str:
@@ -1144,7 +1163,7 @@ def load_split(
     images = builder.as_data_source(split)
     _check_shards(images, split_info, source, path)
     labels = _labels(builder, split, source, path, num_examples)
-    lazy = _LazyImages(images, source, str(path))
+    lazy = _LazyImages(str(path), split, source, num_examples, images)
     if in_memory:
         stored = np.empty((num_examples, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         try:
