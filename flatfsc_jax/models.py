@@ -70,14 +70,38 @@ class Conv(nn.Module):
             b = self.variable("lora", "b", jnp.zeros, (self.lora_rank, self.features), jnp.float32)
             delta = (a.value @ b.value).reshape(kernel.shape)
             kernel = kernel + (self.lora_alpha / self.lora_rank) * delta
-        pad = ((self.padding, self.padding), (self.padding, self.padding))
+        return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+
+
+def conv2d(x, kernel, stride: int, padding: int):
+    """NHWC x HWIO convolution with symmetric zero padding.
+
+    Feature maps smaller than the kernel (the last ResNet stage at 28 px is 2x2) are
+    computed as an explicit im2col matmul: XLA:CPU lowers such convolutions to a slow
+    path (its backward pass was over half of a 28-px ResNet-10 step; bench/step.py), and
+    the matmul is the same arithmetic. Larger maps use the native convolution.
+    """
+    k = kernel.shape[0]
+    h, w = x.shape[1], x.shape[2]
+    out_h = (h + 2 * padding - k) // stride + 1
+    out_w = (w + 2 * padding - k) // stride + 1
+    if min(h, w, out_h, out_w) >= k:
+        pad = ((padding, padding), (padding, padding))
         return jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=pad,
+            x, kernel, window_strides=(stride, stride), padding=pad,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    # Patches in (kh, kw, cin) order, matching kernel.reshape(-1, cout).
+    patches = jnp.concatenate(
+        [
+            xp[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride]
+            for i in range(k)
+            for j in range(k)
+        ],
+        axis=-1,
+    )
+    return patches @ kernel.reshape(-1, kernel.shape[-1])
 
 
 def _norm(train: bool, dtype):

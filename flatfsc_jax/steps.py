@@ -13,8 +13,9 @@ float32 in [-1, 1] or uint8 (then preprocessed on the device, which moves 4x few
 bytes from the host).
 
 LoRA fine-tuning (``train_lora=True``) differentiates only the adapters (collection
-``'lora'``) and the classifier head; the trunk weights stay frozen while BatchNorm
-running statistics still update. SAM then perturbs only what is trained.
+``'lora'``) and the classifier head; the trunk weights (BatchNorm scales and biases
+included) stay frozen and get no gradient computed, while BatchNorm running statistics
+still update. SAM then perturbs, and normalises over, only what is trained.
 """
 
 from __future__ import annotations

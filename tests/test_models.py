@@ -99,3 +99,25 @@ def test_bfloat16_compute_keeps_float32_params():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(v["params"]))
     (logits, emb), _ = model.apply(v, jnp.ones((2, 28, 28, 1)), train=True)
     assert emb.dtype == jnp.float32 and np.isfinite(np.asarray(logits, np.float32)).all()
+
+
+@pytest.mark.parametrize(
+    "size, k, stride, pad", [(2, 3, 1, 1), (2, 3, 2, 1), (3, 3, 2, 1), (1, 3, 1, 1), (4, 5, 2, 1), (9, 3, 2, 1)]
+)
+def test_small_map_convolution_equals_native_convolution(size, k, stride, pad):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    w = jax.random.normal(jax.random.key(1), (k, k, 3, 4))
+    ref = jax.lax.conv_general_dilated(
+        x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_allclose(models.conv2d(x, w, stride, pad), ref, atol=1e-5)
+    grad = jax.grad(lambda w_: jnp.sum(models.conv2d(x, w_, stride, pad) ** 2))(w)
+    grad_ref = jax.grad(
+        lambda w_: jnp.sum(
+            jax.lax.conv_general_dilated(
+                x, w_, (stride, stride), ((pad, pad), (pad, pad)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            ) ** 2
+        )
+    )(w)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-4, atol=1e-4)
