@@ -14,8 +14,8 @@ computed from the same support embeddings (``10 * cos``), cross-entropy averaged
 unmasked support examples. BatchNorm stays in eval mode (running statistics frozen): a
 few-shot support set is far too small (down to 5 images) to estimate batch statistics,
 and eval-mode BN keeps the adapted network a smooth function of its weights only.
-The whole loop (``steps`` optimiser steps) runs inside one ``jax.jit`` with
-``lax.fori_loop`` on fixed padded shapes; masks remove the padding from the loss.
+Each optimiser step is one jitted call on fixed padded shapes (a Python loop, not
+``lax.fori_loop``: see ``_adapt``); masks remove the padding from the loss.
 Optional SAM (``sam_rho > 0``) uses ``flatfsc_jax.sam.sam_gradient``.
 
 Defaults (the paper did not publish its recipe), chosen with a small check on real
@@ -159,17 +159,37 @@ def _ncc_loss(model, trainable_key, frozen, max_ways, metric, trainable, batch):
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "model",
-        "max_ways",
-        "mode",
-        "steps",
-        "optimizer",
-        "learning_rate",
-        "sam_rho",
-        "metric",
-    ),
+    static_argnames=("model", "max_ways", "mode", "optimizer", "learning_rate", "sam_rho", "metric"),
 )
+def _adapt_step(
+    trainable,
+    opt_state,
+    frozen,
+    support_images,
+    support_labels,
+    support_mask,
+    *,
+    model,
+    max_ways,
+    mode,
+    optimizer,
+    learning_rate,
+    sam_rho,
+    metric,
+):
+    """One optimiser step on the support NCC loss; returns the loss *before* the step."""
+    trainable_key = "params" if mode == "full" else "lora"
+    loss_fn = functools.partial(_ncc_loss, model, trainable_key, frozen, max_ways, metric)
+    batch = (support_images, support_labels, support_mask)
+    tx = make_optimizer(optimizer, learning_rate)
+    if sam_rho > 0:
+        grads, loss, _ = _sam_gradient()(loss_fn, trainable, batch, rho=sam_rho)
+    else:
+        grads, loss = jax.grad(loss_fn, has_aux=True)(trainable, batch)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+
 def _adapt(
     variables,
     support_images,
@@ -185,26 +205,26 @@ def _adapt(
     sam_rho,
     metric,
 ):
+    """``steps`` jitted optimiser steps driven from Python.
+
+    Deliberately not a ``lax.fori_loop``: XLA:CPU runs convolutions inside a while loop
+    about 15x slower than the same step called from Python (measured: 1.8 s vs 0.12 s per
+    step, resnet18 x0.25, 128 support images at 28 px), and dispatching 40 steps costs
+    microseconds.
+    """
     trainable_key = "params" if mode == "full" else "lora"
     frozen = {k: v for k, v in variables.items() if k != trainable_key}
-    loss_fn = functools.partial(_ncc_loss, model, trainable_key, frozen, max_ways, metric)
-    batch = (support_images, support_labels, support_mask)
-    tx = make_optimizer(optimizer, learning_rate)
     trainable = variables[trainable_key]
-
-    def step(i, carry):
-        params, opt_state, losses = carry
-        if sam_rho > 0:
-            grads, loss, _ = _sam_gradient()(loss_fn, params, batch, rho=sam_rho)
-        else:
-            grads, loss = jax.grad(loss_fn, has_aux=True)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, losses.at[i].set(loss)
-
-    if steps == 0:  # nothing to trace: the backbone is returned untouched
-        return variables, jnp.zeros((0,), jnp.float32)
-    init = (trainable, tx.init(trainable), jnp.zeros((steps,), jnp.float32))
-    trainable, _, losses = jax.lax.fori_loop(0, steps, step, init)
+    opt_state = make_optimizer(optimizer, learning_rate).init(trainable)
+    losses = []
+    for _ in range(steps):
+        trainable, opt_state, loss = _adapt_step(
+            trainable, opt_state, frozen, support_images, support_labels, support_mask,
+            model=model, max_ways=max_ways, mode=mode, optimizer=optimizer,
+            learning_rate=learning_rate, sam_rho=sam_rho, metric=metric,
+        )
+        losses.append(loss)
+    losses = jnp.stack(losses) if losses else jnp.zeros((0,), jnp.float32)
     return {**variables, trainable_key: trainable}, losses
 
 

@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
             metric="cosine",
             adaptations=("ncc",),
             finetune_episodes=600,  # episodes for the (slower) fine-tuning adaptations
+            finetune_families=(),  # families fine-tuned at test time; () = all
             finetune_steps=40,
             finetune_lr=0.0,  # 0 -> adapt.py's documented default for the mode
             lora_rank=4,

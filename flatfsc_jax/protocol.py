@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flatfsc_jax import adapt, evaluate, fusion, train, zoo as zoo_lib
+from flatfsc_jax import adapt, evaluate, fusion, models, train
+from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import episodes as episodes_lib
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,18 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
     cache: dict = {}
 
     def backbone(domain, method):
+        """The entry's trunk (no head): every backbone of one architecture is then the
+        same static ``Model``, so jitted embedding / fine-tuning compile once for all."""
         key = (domain, method)
         if key not in cache:
-            cache[key] = zoo.load(config.benchmark, domain, method)
+            loaded = zoo.load(config.benchmark, domain, method)
+            m = loaded.entry.metadata["model"]
+            trunk = models.build_model(m["arch"], 0, width=m["width"], dtype=m["dtype"])
+            variables = {
+                "params": models.trunk_params(loaded.variables["params"]),
+                "batch_stats": loaded.variables["batch_stats"],
+            }
+            cache[key] = zoo_lib.LoadedBackbone(trunk, variables, loaded.entry)
         return cache[key]
 
     results = {
@@ -205,6 +215,8 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
             }
             accs = {}
             for adaptation in ev.adaptations:
+                if adaptation != "ncc" and ev.finetune_families and fam not in ev.finetune_families:
+                    continue  # not fine-tuned at test time (config.evaluation.finetune_families)
                 acc = np.full(len(batch.ways), np.nan)
                 n = len(batch.ways) if adaptation == "ncc" else n_ft
                 for i, c in enumerate(candidates):

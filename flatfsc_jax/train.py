@@ -265,7 +265,7 @@ def train_and_evaluate(
                 write_metrics(m)
                 bar.set_postfix(
                     loss=f"{m['loss']:.3f}", sharp=f"{m.get('sharpness', 0.0):.3f}",
-                    val=f"{100 * max(last_val, 0):.1f}%", refresh=False,
+                    val=f"{100 * last_val:.1f}%" if last_val >= 0 else "-", refresh=False,
                 )
             if save_now:
                 save_checkpoint(step)
