@@ -20,7 +20,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import glyphs as glyphs_config  # noqa: E402
-from flatfsc_jax import train, zoo as zoo_lib  # noqa: E402
+from flatfsc_jax import train  # noqa: E402
+from flatfsc_jax import zoo as zoo_lib
 
 
 def main() -> None:
@@ -58,17 +59,29 @@ def main() -> None:
                 )
                 best = entry.metadata["best_validation"]
                 results.append(
-                    dict(arch=arch, width=float(width), rho=rho, domain=domain,
-                         steps=row.num_steps, val=best["accuracy"], ci=best["ci95"],
-                         best_step=best["step"], seconds=time.perf_counter() - t0)
+                    dict(
+                        arch=arch,
+                        width=float(width),
+                        rho=rho,
+                        domain=domain,
+                        steps=row.num_steps,
+                        val=best["accuracy"],
+                        ci=best["ci95"],
+                        best_step=best["step"],
+                        seconds=time.perf_counter() - t0,
+                    )
                 )
                 print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'arch':10s} {'width':>5s} {'rho':>5s} {'domain':10s} {'steps':>5s} "
-          f"{'val acc':>14s} {'best@':>5s} {'s':>5s}")
+    print(
+        f"\n{'arch':10s} {'width':>5s} {'rho':>5s} {'domain':10s} {'steps':>5s} "
+        f"{'val acc':>14s} {'best@':>5s} {'s':>5s}"
+    )
     for r in results:
-        print(f"{r['arch']:10s} {r['width']:5.2f} {r['rho']:5.2f} {r['domain']:10s} "
-              f"{r['steps']:5d} {100 * r['val']:6.2f} ± {100 * r['ci']:4.2f} "
-              f"{r['best_step']:5d} {r['seconds']:5.0f}")
+        print(
+            f"{r['arch']:10s} {r['width']:5.2f} {r['rho']:5.2f} {r['domain']:10s} "
+            f"{r['steps']:5d} {100 * r['val']:6.2f} ± {100 * r['ci']:4.2f} "
+            f"{r['best_step']:5d} {r['seconds']:5.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def get_config(arg=None):
     c.evaluation.finetune_families = ("erm", "sam")
     if arg == "tiny":  # smoke run: every stage, minimal work
         config_lib.with_table(
-            c, {d: dict(GLYPHS_TABLE[d], num_steps=6, restart_period=6) for d in SEEN[:2]},
+            c,
+            {d: dict(GLYPHS_TABLE[d], num_steps=6, restart_period=6) for d in SEEN[:2]},
             SEEN[:2],
         )
         c.model.width = 0.125

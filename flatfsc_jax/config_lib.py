@@ -168,9 +168,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         )
     _finite_positive(config.model.width, "model.width")
     if config.model.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+        raise ValueError(
+            f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}"
+        )
     rows = [("", config)] if len(config.domains) == 1 else []
-    rows += [(f"per_domain.{d}.", config.per_domain[d]) for d in config.domains if len(config.domains) > 1]
+    rows += [
+        (f"per_domain.{d}.", config.per_domain[d])
+        for d in config.domains
+        if len(config.domains) > 1
+    ]
     for prefix, row in rows:
         rho = row.sam.rho if prefix == "" else row.rho
         rho_key = "sam.rho" if prefix == "" else prefix + "rho"
@@ -195,9 +201,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if config.sam.m < 0:
         raise ValueError(f"config.sam.m must be >= 0 (0 = whole batch), got {config.sam.m!r}")
     if config.validation.episodes <= 0:
-        raise ValueError(f"config.validation.episodes must be > 0, got {config.validation.episodes}")
+        raise ValueError(
+            f"config.validation.episodes must be > 0, got {config.validation.episodes}"
+        )
     if config.validation.metric not in ("cosine", "euclidean"):
-        raise ValueError(f"config.validation.metric must be cosine or euclidean")
+        raise ValueError("config.validation.metric must be cosine or euclidean")
     for a in config.evaluation.adaptations:
         if a not in ADAPTATIONS:
             raise ValueError(f"config.evaluation.adaptations has {a!r}; choose from {ADAPTATIONS}")

@@ -64,9 +64,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
     config_lib.validate(config, num_devices=jax.device_count())
     check_data(config, stages)
     zoo = zoo_lib.Zoo(os.path.join(workdir, "zoo"))
-    _print(f"flatfsc_jax: benchmark {config.benchmark}, domains {', '.join(config.domains)}, "
-           f"methods {', '.join(config.methods)}, {jax.device_count()} device(s) "
-           f"({jax.devices()[0].platform}), workdir {workdir}")
+    _print(
+        f"flatfsc_jax: benchmark {config.benchmark}, domains {', '.join(config.domains)}, "
+        f"methods {', '.join(config.methods)}, {jax.device_count()} device(s) "
+        f"({jax.devices()[0].platform}), workdir {workdir}"
+    )
 
     if "train" in stages:
         for method in config.methods:
@@ -77,14 +79,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
                 if config.retrain:
                     zoo.invalidate(config.benchmark, domain, method)
                 entry = train.train_and_evaluate(config, zoo, domain, method, progress=progress)
-                _print(f"[train] {entry.key}: best validation accuracy "
-                       f"{100 * entry.best_accuracy:.2f}%")
+                _print(
+                    f"[train] {entry.key}: best validation accuracy "
+                    f"{100 * entry.best_accuracy:.2f}%"
+                )
 
     if "fuse" in stages and config.fusion.enabled:
         for method in config.methods:
             for entry in fusion.fuse(config, zoo, method, progress=progress):
-                _print(f"[fuse] {entry.key}: best validation accuracy "
-                       f"{100 * entry.best_accuracy:.2f}%")
+                _print(
+                    f"[fuse] {entry.key}: best validation accuracy {100 * entry.best_accuracy:.2f}%"
+                )
 
     results = None
     if "evaluate" in stages and config.evaluation.enabled:

@@ -22,7 +22,8 @@ import logging
 
 import ml_collections
 
-from flatfsc_jax import train, zoo as zoo_lib
+from flatfsc_jax import train
+from flatfsc_jax import zoo as zoo_lib
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,19 @@ def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_li
     entries = []
     for domain in fusion_targets(config):
         if zoo.is_complete(config.benchmark, domain, target_method) and not config.retrain:
-            log.info("fusion: %s/%s/%s is complete, reusing it", config.benchmark, domain,
-                     target_method)
+            log.info(
+                "fusion: %s/%s/%s is complete, reusing it", config.benchmark, domain, target_method
+            )
             entries.append(zoo.get(config.benchmark, domain, target_method))
             continue
         if config.retrain:
             zoo.invalidate(config.benchmark, domain, target_method)
         entries.append(
             train.train_and_evaluate(
-                cfg, zoo, domain, method,
+                cfg,
+                zoo,
+                domain,
+                method,
                 init_variables=start.variables,
                 lora_rank=lora_rank,
                 entry_method=target_method,

@@ -32,8 +32,9 @@ _DRY_RUN = flags.DEFINE_bool(
 )
 _CACHE = flags.DEFINE_string(
     "compilation_cache",
-    os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                 "flatfsc_jax", "jax"),
+    os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flatfsc_jax", "jax"
+    ),
     "Persistent XLA compilation cache ('' disables it).",
 )
 

@@ -88,14 +88,21 @@ def conv2d(x, kernel, stride: int, padding: int):
     if min(h, w, out_h, out_w) >= k:
         pad = ((padding, padding), (padding, padding))
         return jax.lax.conv_general_dilated(
-            x, kernel, window_strides=(stride, stride), padding=pad,
+            x,
+            kernel,
+            window_strides=(stride, stride),
+            padding=pad,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     # Patches in (kh, kw, cin) order, matching kernel.reshape(-1, cout).
     patches = jnp.concatenate(
         [
-            xp[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride]
+            xp[
+                :,
+                i : i + stride * (out_h - 1) + 1 : stride,
+                j : j + stride * (out_w - 1) + 1 : stride,
+            ]
             for i in range(k)
             for j in range(k)
         ],
@@ -202,9 +209,7 @@ class Model:
         statistics; ``train=False`` uses the running statistics and returns them unchanged.
         """
         if train:
-            out, updates = self.module.apply(
-                variables, images, train=True, mutable=["batch_stats"]
-            )
+            out, updates = self.module.apply(variables, images, train=True, mutable=["batch_stats"])
             return out, updates["batch_stats"]
         out = self.module.apply(variables, images, train=False)
         return out, variables.get("batch_stats", {})

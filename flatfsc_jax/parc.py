@@ -10,7 +10,9 @@ embeddings best agree with the support labels (design.md §2):
 No feature standardisation, no PCA and no x100 (those are in PARC's own code, not in the
 paper's). Highest score wins.
 
-Everything here is pure ``jnp`` and jittable (shapes static, no host round trips).
+Everything here is pure ``jnp`` and jittable (shapes static, no host round trips);
+``parc_score_masked`` scores a padded support set, so ``jax.vmap`` scores every episode of
+an ``EpisodeBatch`` in one call.
 
 Choices where the reference (``numpy.corrcoef`` + ``scipy.stats.spearmanr``) is ill-defined:
 
@@ -97,6 +99,32 @@ def spearman(x, y):
     sxx, syy = jnp.sum(rx * rx), jnp.sum(ry * ry)
     denom = jnp.sqrt(sxx) * jnp.sqrt(syy)
     return jnp.where(denom > 0, jnp.sum(rx * ry) / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def parc_score_masked(features, labels, mask):
+    """PARC of a padded support set: ``features`` [S, D], int ``labels`` [S], bool ``mask``.
+
+    Equals ``parc_score(features[mask], labels[mask])`` with fixed shapes, so it can be
+    vmapped over an ``EpisodeBatch``'s support sets. Pairs that involve a padded slot are
+    given +inf distance, which ranks them after every real pair and leaves the real pairs'
+    (tie-averaged) ranks exactly as without padding; they are then left out of the
+    correlation.
+    """
+    features = jnp.asarray(features)
+    n = features.shape[0]
+    rows, cols = np.triu_indices(n, k=1)
+    mask = jnp.asarray(mask, bool)
+    valid = mask[rows] & mask[cols]
+    d_f = (1.0 - sample_correlation(jnp.where(mask[:, None], features, 0.0)))[rows, cols]
+    d_y = label_distances(labels)[rows, cols]
+    r_f = average_ranks(jnp.where(valid, d_f, jnp.inf))
+    r_y = average_ranks(jnp.where(valid, d_y, jnp.inf))
+    num_valid = jnp.sum(valid)
+    centre = (num_valid + 1) / 2.0  # exact mean of tie-averaged ranks 1..num_valid
+    r_f = jnp.where(valid, r_f - centre, 0.0)
+    r_y = jnp.where(valid, r_y - centre, 0.0)
+    denom = jnp.sqrt(jnp.sum(r_f * r_f)) * jnp.sqrt(jnp.sum(r_y * r_y))
+    return jnp.where(denom > 0, jnp.sum(r_f * r_y) / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
 def parc_score(features, labels, num_classes: int | None = None):

@@ -104,8 +104,11 @@ def parc_scores(embeddings: np.ndarray, batch, *, chunk: int = 32) -> np.ndarray
         out.append(
             np.asarray(
                 _parc_batch(
-                    jnp.asarray(embeddings), batch.support_idx[idx], batch.support_labels[idx],
-                    batch.support_mask[idx], batch.max_ways,
+                    jnp.asarray(embeddings),
+                    batch.support_idx[idx],
+                    batch.support_labels[idx],
+                    batch.support_mask[idx],
+                    batch.max_ways,
                 )
             )[: min(chunk, n - start)]
         )
@@ -187,8 +190,7 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
         split = train.load_split(config, domain, "test")
         _, batch = sample_test_episodes(config, split)
         n_ft = min(ev.finetune_episodes, len(batch.ways))
-        dom = {"seen": domain in seen, "ways": batch.ways.tolist(), "families": {},
-               "selection": {}}
+        dom = {"seen": domain in seen, "ways": batch.ways.tolist(), "families": {}, "selection": {}}
         for fam in fams:
             bar.set_description(f"evaluate {domain} {fam}")
             if domain in seen:
@@ -197,7 +199,9 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
                 candidates = [family_backbone(config, fam, d) for d in seen]
             embeds = {
                 c: evaluate.embed_split(
-                    backbone(*c).model, backbone(*c).variables, split,
+                    backbone(*c).model,
+                    backbone(*c).variables,
+                    split,
                     batch_size=config.validation.batch_size,
                 )
                 for c in candidates
@@ -228,7 +232,10 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
                         acc[idx] = evaluate.episode_accuracies(embeds[c], sub, metric=ev.metric)
                     else:
                         acc[idx] = adapt.adapt_episodes(
-                            backbone(*c).model, backbone(*c).variables, split, sub,
+                            backbone(*c).model,
+                            backbone(*c).variables,
+                            split,
+                            sub,
                             mode="full" if adaptation == "finetune" else "lora",
                             steps=ev.finetune_steps,
                             learning_rate=ev.finetune_lr or None,

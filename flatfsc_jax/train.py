@@ -28,7 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from flatfsc_jax import config_lib, models, optim, steps, zoo as zoo_lib
+from flatfsc_jax import config_lib, models, optim, steps
+from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.data import pipeline, sources
 from flatfsc_jax.evaluate import FewShotEvaluator
@@ -64,7 +65,9 @@ def validation_evaluator(config, valid_split: sources.SplitData) -> FewShotEvalu
     maxima = episodes_lib.bucket_sizes(valid_split, spec)
     batch = episodes_lib.pad_episodes(eps, **maxima)
     return FewShotEvaluator(
-        valid_split, batch, metric=config.validation.metric,
+        valid_split,
+        batch,
+        metric=config.validation.metric,
         batch_size=config.validation.batch_size,
     )
 
@@ -81,8 +84,12 @@ def _model_config(config, num_classes: int) -> dict:
 def _augment_config(config, image_shape) -> pipeline.AugmentConfig:
     a = config.augment
     return pipeline.AugmentConfig(
-        enabled=a.enabled, pad=a.pad, contrast=a.contrast, saturation=a.saturation,
-        hue=a.hue, brightness=a.brightness,
+        enabled=a.enabled,
+        pad=a.pad,
+        contrast=a.contrast,
+        saturation=a.saturation,
+        hue=a.hue,
+        brightness=a.brightness,
     )
 
 
@@ -131,15 +138,16 @@ def train_and_evaluate(
     if lora_rank > 0 and init_variables is None:
         raise ValueError("LoRA training (config.fusion.mode='lora') needs a pre-trained backbone")
     train_lora = lora_rank > 0
-    model = models.build_model_from_config(
-        cfg.model, train_split.num_classes, lora_rank=lora_rank
-    )
+    model = models.build_model_from_config(cfg.model, train_split.num_classes, lora_rank=lora_rank)
     eval_every = cfg.validation.every or cfg.restart_period
     evaluator = validation_evaluator(cfg, valid_split)
 
     tx = optim.make_optimizer(
-        learning_rate=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-        restart_period=cfg.restart_period, num_steps=cfg.num_steps,
+        learning_rate=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        restart_period=cfg.restart_period,
+        num_steps=cfg.num_steps,
     )
     schedule = optim.make_schedule(
         learning_rate=cfg.lr, restart_period=cfg.restart_period, num_steps=cfg.num_steps
@@ -156,8 +164,11 @@ def train_and_evaluate(
 
     process_index, process_count = jax.process_index(), jax.process_count()
     iterator = pipeline.make_train_iterator(
-        train_split, global_batch_size=cfg.batch_size, seed=cfg.seed,
-        augment=_augment_config(cfg, image_shape), process_index=process_index,
+        train_split,
+        global_batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        augment=_augment_config(cfg, image_shape),
+        process_index=process_index,
         process_count=process_count,
     )
 
@@ -192,9 +203,16 @@ def train_and_evaluate(
     start = int(jax.device_get(state.step))
 
     train_step = steps.compile_train_step(
-        model, tx, mesh, rho=cfg.sam.rho, adaptive=cfg.sam.adaptive,
-        m=cfg.sam.m or None, eps=cfg.sam.eps, label_smoothing=cfg.label_smoothing,
-        train_lora=train_lora, batch_size=cfg.batch_size,
+        model,
+        tx,
+        mesh,
+        rho=cfg.sam.rho,
+        adaptive=cfg.sam.adaptive,
+        m=cfg.sam.m or None,
+        eps=cfg.sam.eps,
+        label_smoothing=cfg.label_smoothing,
+        train_lora=train_lora,
+        batch_size=cfg.batch_size,
     )
     metrics_file = (entry_dir / "metrics.jsonl").open("a") if process_index == 0 else None
 
@@ -230,8 +248,13 @@ def train_and_evaluate(
 
     desc = f"{cfg.benchmark}/{domain}/{entry_method}"
     bar = tqdm(
-        total=cfg.num_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True,
-        leave=True, mininterval=1.0,
+        total=cfg.num_steps,
+        initial=start,
+        desc=desc,
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=True,
+        mininterval=1.0,
     )
     last_val = progress_record["best_accuracy"]
     t0, steps_done = time.perf_counter(), 0
@@ -264,8 +287,10 @@ def train_and_evaluate(
                 m["images_per_s"] = steps_done * cfg.batch_size / max(elapsed, 1e-9)
                 write_metrics(m)
                 bar.set_postfix(
-                    loss=f"{m['loss']:.3f}", sharp=f"{m.get('sharpness', 0.0):.3f}",
-                    val=f"{100 * last_val:.1f}%" if last_val >= 0 else "-", refresh=False,
+                    loss=f"{m['loss']:.3f}",
+                    sharp=f"{m.get('sharpness', 0.0):.3f}",
+                    val=f"{100 * last_val:.1f}%" if last_val >= 0 else "-",
+                    refresh=False,
                 )
             if save_now:
                 save_checkpoint(step)
@@ -294,9 +319,13 @@ def train_and_evaluate(
     metadata.update(extra_metadata or {})
     if process_index == 0:
         zoo.finalize(
-            cfg.benchmark, domain, entry_method,
+            cfg.benchmark,
+            domain,
+            entry_method,
             variables=export_variables(state),
-            model_config=model_config, image_shape=image_shape, metadata=metadata,
+            model_config=model_config,
+            image_shape=image_shape,
+            metadata=metadata,
         )
     return zoo.get(cfg.benchmark, domain, entry_method)
 

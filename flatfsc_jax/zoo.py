@@ -234,13 +234,19 @@ class Zoo:
             shutil.rmtree(path / "best")
         save_variables(path / "best", variables)
         self.finalize(
-            benchmark, domain, method, variables=variables, model_config=model_config,
-            image_shape=image_shape, metadata=metadata,
+            benchmark,
+            domain,
+            method,
+            variables=variables,
+            model_config=model_config,
+            image_shape=image_shape,
+            metadata=metadata,
         )
         return self.get(benchmark, domain, method)
 
-    def finalize(self, benchmark, domain, method, *, variables, model_config, image_shape,
-                 metadata) -> None:
+    def finalize(
+        self, benchmark, domain, method, *, variables, model_config, image_shape, metadata
+    ) -> None:
         """Writes metadata.json (atomically) for an entry whose best/ exists."""
         path = self.entry_dir(benchmark, domain, method)
         full = dict(metadata)

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags
 
 from flatfsc_jax import config_lib
 
@@ -35,7 +34,10 @@ def _load(spec, *overrides):
 def _run_main(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, "-m", "flatfsc_jax.main", *args, "--compilation_cache="],
-        capture_output=True, text=True, cwd=cwd, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
     )
 
 
@@ -43,7 +45,11 @@ def test_sam_config_carries_the_paper_table():
     c = _load("configs/sam_resnet18.py:omniglot")
     assert c.domains == ("omniglot",) and c.methods == ("sam",)
     assert (c.batch_size, c.lr, c.num_steps, c.restart_period, c.sam.rho) == (
-        16, 3e-2, 50_000, 3_000, 0.01,
+        16,
+        3e-2,
+        50_000,
+        3_000,
+        0.01,
     )
     assert c.model.arch == "resnet18" and c.model.width == 1.0
     config_lib.validate(c)
@@ -51,8 +57,10 @@ def test_sam_config_carries_the_paper_table():
 
 def test_override_from_the_command_line():
     proc = _run_main(
-        "--config=configs/sam_resnet18.py:omniglot", "--config.sam.rho=0.1",
-        "--config.per_domain.omniglot.lr=0.5", "--dry_run",
+        "--config=configs/sam_resnet18.py:omniglot",
+        "--config.sam.rho=0.1",
+        "--config.per_domain.omniglot.lr=0.5",
+        "--dry_run",
     )
     assert proc.returncode == 0, proc.stderr
     assert "rho: 0.1" in proc.stdout and "lr: 0.5" in proc.stdout
@@ -116,7 +124,8 @@ def test_unknown_domain_and_key_are_rejected():
 def test_main_rejects_bad_value_before_compiling(tmp_path):
     """The command line fails fast (no JAX compile) and names the problem."""
     proc = _run_main(
-        "--config=configs/sam_resnet18.py:omniglot", "--config.sam.rho=-1",
+        "--config=configs/sam_resnet18.py:omniglot",
+        "--config.sam.rho=-1",
         f"--workdir={tmp_path}",
     )
     assert proc.returncode != 0

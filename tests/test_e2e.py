@@ -17,8 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _main(*args, timeout=900):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(
-        [sys.executable, "-m", "flatfsc_jax.main", *args], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "flatfsc_jax.main", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -42,13 +46,19 @@ def test_tiny_glyphs_run_end_to_end_and_rerun_reuses_the_zoo(tmp_path):
     n = results["episodes"]
     assert all(len(a["ncc"]) == n for a in digits["families"].values())
     assert sum(digits["selection"]["sam"].values()) == n  # PARC chose a backbone per task
-    assert "glyphs/latin/sam" in subprocess.run(
-        [sys.executable, "-m", "flatfsc_jax.zoo", f"--zoo={work / 'zoo'}"],
-        capture_output=True, text=True, cwd=ROOT,
-    ).stdout
+    assert (
+        "glyphs/latin/sam"
+        in subprocess.run(
+            [sys.executable, "-m", "flatfsc_jax.zoo", f"--zoo={work / 'zoo'}"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ).stdout
+    )
 
-    second = _main("--config=configs/glyphs.py:tiny", f"--workdir={work}", cache,
-                   "--stages=train,fuse")
+    second = _main(
+        "--config=configs/glyphs.py:tiny", f"--workdir={work}", cache, "--stages=train,fuse"
+    )
     assert second.returncode == 0, second.stderr[-5000:]
     assert second.stdout.count("complete, reusing it") == 4  # 2 domains x erm/sam
     assert "[fuse] glyphs/latin/sam+ft: best validation accuracy" in second.stdout
@@ -56,8 +66,13 @@ def test_tiny_glyphs_run_end_to_end_and_rerun_reuses_the_zoo(tmp_path):
 
 
 def test_meta_dataset_config_fails_fast_listing_missing_sources(tmp_path):
-    proc = _main("--config=configs/sam_resnet18.py", f"--workdir={tmp_path}",
-                 f"--config.data_dir={tmp_path / 'empty'}", "--compilation_cache=", timeout=120)
+    proc = _main(
+        "--config=configs/sam_resnet18.py",
+        f"--workdir={tmp_path}",
+        f"--config.data_dir={tmp_path / 'empty'}",
+        "--compilation_cache=",
+        timeout=120,
+    )
     assert proc.returncode != 0
     err = proc.stderr
     for source in ("ilsvrc_2012", "omniglot", "traffic_sign", "mscoco", "cifar100"):

@@ -254,6 +254,18 @@ def test_sharpened_copy_is_sharper_by_every_measure_but_not_by_landscape(command
 
 
 @pytest.mark.slow
+def test_training_loss_is_flatness_loss_on_the_seeded_subset(command_run, workdir, split):
+    _, results = command_run
+    erm = next(r for r in results["entries"] if r["method"] == "erm")
+    loaded = zoo_lib.Zoo(workdir / "zoo").load("glyphs", DOMAIN, "erm")
+    images, labels, _ = mf.training_batch(split, 64, seed=0)
+    loss_fn = flatness.model_loss_fn(loaded.model, loaded.variables, images, labels)
+    np.testing.assert_allclose(
+        erm["train_loss"], float(jax.jit(loss_fn)(loaded.variables["params"])), rtol=1e-5
+    )
+
+
+@pytest.mark.slow
 def test_table_and_csv_hold_the_entries(command_run):
     paths, results = command_run
     with open(paths["markdown"]) as f:

@@ -31,10 +31,14 @@ def test_resnet18_shapes_and_no_maxpool():
     probe = models.ResNet((2, 2, 2, 2), 0, 0.25)
     feats = jax.eval_shape(
         lambda: probe.apply(
-            {"params": models.trunk_params(variables["params"]),
-             "batch_stats": variables["batch_stats"]},
-            jnp.ones((1, 36, 36, 3)), train=False,
-            capture_intermediates=True, mutable=["intermediates"],
+            {
+                "params": models.trunk_params(variables["params"]),
+                "batch_stats": variables["batch_stats"],
+            },
+            jnp.ones((1, 36, 36, 3)),
+            train=False,
+            capture_intermediates=True,
+            mutable=["intermediates"],
         )[1]
     )
     conv0 = feats["intermediates"]["Conv_0"]["__call__"][0]
@@ -42,7 +46,9 @@ def test_resnet18_shapes_and_no_maxpool():
     last = feats["intermediates"]["BasicBlock_7"]["__call__"][0]
     assert last.shape == (1, 3, 3, 128)
     # Batch statistics changed in train mode, untouched in eval mode.
-    assert not np.allclose(stats["BatchNorm_0"]["mean"], variables["batch_stats"]["BatchNorm_0"]["mean"])
+    assert not np.allclose(
+        stats["BatchNorm_0"]["mean"], variables["batch_stats"]["BatchNorm_0"]["mean"]
+    )
     _, same = model.apply(variables, jnp.ones((2, 36, 36, 3)), train=False)
     assert same is variables["batch_stats"]
 
@@ -66,8 +72,11 @@ def test_lora_starts_at_identity_and_merges_exactly(arch):
     plain = {k: v[k] for k in ("params", "batch_stats")}
     np.testing.assert_array_equal(jax.jit(lora.embed)(v, x), jax.jit(base.embed)(plain, x))
     # Expected adapter size: r * (k*k*cin + cout) per convolution.
-    convs = [p for p in jax.tree_util.tree_leaves_with_path(v["params"])
-             if jax.tree_util.keystr(p[0]).endswith("['kernel']") and p[1].ndim == 4]
+    convs = [
+        p
+        for p in jax.tree_util.tree_leaves_with_path(v["params"])
+        if jax.tree_util.keystr(p[0]).endswith("['kernel']") and p[1].ndim == 4
+    ]
     expected = sum(2 * (k.shape[0] * k.shape[1] * k.shape[2] + k.shape[3]) for _, k in convs)
     assert models.count_params(v["lora"]) == expected
     moved = dict(v, lora=jax.tree.map(lambda a: a + 0.05, v["lora"]))
@@ -102,7 +111,8 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 @pytest.mark.parametrize(
-    "size, k, stride, pad", [(2, 3, 1, 1), (2, 3, 2, 1), (3, 3, 2, 1), (1, 3, 1, 1), (4, 5, 2, 1), (9, 3, 2, 1)]
+    "size, k, stride, pad",
+    [(2, 3, 1, 1), (2, 3, 2, 1), (3, 3, 2, 1), (1, 3, 1, 1), (4, 5, 2, 1), (9, 3, 2, 1)],
 )
 def test_small_map_convolution_equals_native_convolution(size, k, stride, pad):
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
@@ -115,9 +125,13 @@ def test_small_map_convolution_equals_native_convolution(size, k, stride, pad):
     grad_ref = jax.grad(
         lambda w_: jnp.sum(
             jax.lax.conv_general_dilated(
-                x, w_, (stride, stride), ((pad, pad), (pad, pad)),
+                x,
+                w_,
+                (stride, stride),
+                ((pad, pad), (pad, pad)),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            ) ** 2
+            )
+            ** 2
         )
     )(w)
     np.testing.assert_allclose(grad, grad_ref, rtol=1e-4, atol=1e-4)

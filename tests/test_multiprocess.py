@@ -23,7 +23,8 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, {root!r})
     import jax
     import numpy as np
-    num_processes, process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    num_processes, process_id = int(sys.argv[1]), int(sys.argv[2])
+    port, out = sys.argv[3], sys.argv[4]
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{{port}}",
@@ -71,8 +72,13 @@ def test_two_processes_train_together_and_agree(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     port = str(_free_port())
     procs = [
-        subprocess.Popen([sys.executable, str(script), "2", str(i), port, str(tmp_path / f"p{i}.npz")],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), "2", str(i), port, str(tmp_path / f"p{i}.npz")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -82,8 +88,13 @@ def test_two_processes_train_together_and_agree(tmp_path):
 
     # Reference: one process with 2 local devices on the same global batches.
     env1 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    one = subprocess.run([sys.executable, str(script), "1", "0", "0", str(tmp_path / "one.npz")],
-                         env=env1, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, str(script), "1", "0", "0", str(tmp_path / "one.npz")],
+        env=env1,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-4000:]
 
     p0, p1, ref = (np.load(tmp_path / f) for f in ("p0.npz", "p1.npz", "one.npz"))

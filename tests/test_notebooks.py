@@ -27,7 +27,9 @@ EXPECTED_OUTPUT = {
     "loss_landscape": "| domain | train loss erm | train loss sam |",
     "sam_on_your_model": "rho-sharpness",
 }
-EXECUTION_BUDGET_S = 120  # each notebook is meant to run in < 60 s on 2 cores
+# Each notebook is meant to run in < 60 s on 2 idle cores; the bound catches a notebook
+# that starts doing real work (say, measuring the whole zoo), not a slow machine.
+EXECUTION_BUDGET_S = 180
 
 
 def _read(name: str) -> nbformat.NotebookNode:

@@ -121,3 +121,20 @@ def test_select_backbone_and_scores_for_episode():
         parc.parc_score(noise[:2], labels[:2])
     with pytest.raises(ValueError, match="labels has"):
         parc.parc_score(noise, labels[:-1])
+
+
+def test_masked_parc_equals_unpadded_parc_under_vmap():
+    rng = np.random.default_rng(6)
+    width, d, k = 40, 12, 6
+    feats = rng.normal(size=(3, width, d)).astype(np.float32)
+    labels = rng.integers(0, k, (3, width)).astype(np.int32)
+    feats += 1.5 * np.eye(d, dtype=np.float32)[labels]
+    mask = np.zeros((3, width), bool)
+    for e, n in enumerate((7, 23, 40)):  # scattered padding, and one unpadded episode
+        mask[e, rng.choice(width, n, replace=False)] = True
+    feats[~mask] = 123.0  # padded slots hold junk
+    got = np.asarray(jax.jit(jax.vmap(parc.parc_score_masked))(feats, labels, mask))
+    for e in range(3):
+        f, y = feats[e][mask[e]], labels[e][mask[e]]
+        np.testing.assert_allclose(got[e], float(parc_score(f, y)), atol=1e-6)
+        np.testing.assert_allclose(got[e], reference_parc(f, y, k), atol=1e-5)

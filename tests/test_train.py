@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from flatfsc_jax import train, zoo as zoo_lib
+from flatfsc_jax import train
+from flatfsc_jax import zoo as zoo_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,8 +52,15 @@ SCRIPT = textwrap.dedent(
 
 def _script(tmp_path, zoo, sleep):
     path = tmp_path / f"run_{os.path.basename(zoo)}.py"
-    path.write_text(SCRIPT.format(root=ROOT, cache=str(tmp_path / "cache"), sleep=sleep,
-                                  data=str(tmp_path / "data"), zoo=zoo))
+    path.write_text(
+        SCRIPT.format(
+            root=ROOT,
+            cache=str(tmp_path / "cache"),
+            sleep=sleep,
+            data=str(tmp_path / "data"),
+            zoo=zoo,
+        )
+    )
     return [sys.executable, str(path)]
 
 
@@ -74,12 +82,18 @@ def _final_params(zoo_root):
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    out = subprocess.run(_script(tmp_path, full, 0.0), env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        _script(tmp_path, full, 0.0), env=env, capture_output=True, text=True, timeout=600
+    )
     assert "FINISHED" in out.stdout, out.stderr[-3000:]
 
-    proc = subprocess.Popen(_script(tmp_path, resumed, 0.25), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _script(tmp_path, resumed, 0.25),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not any(s >= 8 for s in _steps_saved(resumed)):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -90,8 +104,9 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert killed_at and max(killed_at) < 24, killed_at
     assert not zoo_lib.Zoo(resumed).is_complete("glyphs", "latin", "sam")
 
-    out = subprocess.run(_script(tmp_path, resumed, 0.0), env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        _script(tmp_path, resumed, 0.0), env=env, capture_output=True, text=True, timeout=600
+    )
     assert "FINISHED" in out.stdout, out.stderr[-3000:]
 
     entry_a, params_a = _final_params(full)
@@ -117,6 +132,7 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss .* Lower config\.lr"):
         train.train_and_evaluate(c, zoo, "latin", "erm", progress=False)
     assert not zoo.is_complete("glyphs", "latin", "erm")
-    saved = sorted(int(n) for n in os.listdir(zoo.entry_dir("glyphs", "latin", "erm") / "train")
-                   if n.isdigit())
+    saved = sorted(
+        int(n) for n in os.listdir(zoo.entry_dir("glyphs", "latin", "erm") / "train") if n.isdigit()
+    )
     assert saved, "the last good checkpoint must be kept"

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flatfsc_jax import models, zoo as zoo_lib
+from flatfsc_jax import models
+from flatfsc_jax import zoo as zoo_lib
 
 SHAPE = (16, 16, 1)
 
@@ -17,7 +18,10 @@ def _entry(zoo, domain, method, arch="conv4", width=0.125, classes=4, seed=0):
     model = models.build_model(arch, classes, width=width)
     variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, *SHAPE)))
     entry = zoo.write(
-        "glyphs", domain, method, variables=variables,
+        "glyphs",
+        domain,
+        method,
+        variables=variables,
         model_config=dict(arch=arch, width=width, dtype="float32", num_classes=classes),
         image_shape=SHAPE,
         metadata=dict(rho=0.05, num_steps=10, best_validation=dict(accuracy=0.5)),
@@ -69,7 +73,9 @@ def test_incompatible_restore_names_both_architectures(tmp_path):
     other = models.build_model("conv4", 4, width=0.125)
     with pytest.raises(zoo_lib.IncompatibleCheckpointError) as err:
         zoo_lib.restore_variables(
-            entry.path / "best", other, jnp.zeros((1, *SHAPE)),
+            entry.path / "best",
+            other,
+            jnp.zeros((1, *SHAPE)),
             stored=zoo_lib.describe_model(entry.metadata["model"]),
         )
     msg = str(err.value)
