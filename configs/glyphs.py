@@ -67,6 +67,9 @@ def get_config(arg=None):
     c.evaluation.finetune_episodes = 10
     c.evaluation.finetune_steps = 10
     c.evaluation.finetune_families = ("erm", "sam")
+    # PARC compares all support pairs (O(S^2) plus a sort): 100 images per task suffice
+    # to rank 5 backbones and keep 600 tasks x 5 backbones x 7 unseen scripts cheap.
+    c.evaluation.parc_max_support = 100
     if arg == "tiny":  # smoke run: every stage, minimal work
         config_lib.with_table(
             c,

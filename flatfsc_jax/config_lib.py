@@ -102,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
             finetune_lr=0.0,  # 0 -> adapt.py's documented default for the mode
             lora_rank=4,
             parc_support=True,  # unseen domains: pick the backbone per task with PARC
+            parc_max_support=0,  # > 0: PARC on a random subset of this many support images
         )
     )
     return c

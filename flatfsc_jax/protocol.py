@@ -23,7 +23,6 @@ Results are plain data (``dict``): ``results["domains"][domain]["families"][fami
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flatfsc_jax import adapt, evaluate, fusion, models, train
+from flatfsc_jax import adapt, evaluate, fusion, models, parc, train
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import episodes as episodes_lib
 
@@ -44,71 +43,50 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------
 
 
-def _average_ranks(values, valid):
-    """1-based average ranks (ties share their mean rank) of ``values[valid]``.
+@jax.jit
+def _parc_batch(embeddings, support_idx, support_labels, support_mask):
+    return jax.vmap(parc.parc_score_masked)(embeddings[support_idx], support_labels, support_mask)
 
-    Invalid entries are pushed past every valid one and get rank 0 (unused).
+
+def parc_subsets(batch, max_support: int, seed: int):
+    """Per-episode random subsets of at most ``max_support`` support examples for PARC.
+
+    PARC's cost grows with the square of the support size (all sample pairs, then a sort
+    of them); a seeded uniform subsample keeps scoring 500-image supports cheap. Returns
+    ``(support_idx, support_labels, support_mask)`` of width ``max_support`` (or the
+    batch's own arrays when ``max_support`` is 0 or not smaller than the padded width).
     """
-    big = jnp.where(valid, values, jnp.inf)
-    ordered = jnp.sort(big)
-    left = jnp.searchsorted(ordered, big, side="left")
-    right = jnp.searchsorted(ordered, big, side="right")
-    return jnp.where(valid, (left + right + 1) / 2.0, 0.0)
-
-
-def _masked_pearson(x, y, w):
-    n = jnp.sum(w)
-    mx, my = jnp.sum(w * x) / n, jnp.sum(w * y) / n
-    dx, dy = (x - mx) * w, (y - my) * w
-    denom = jnp.sqrt(jnp.sum(dx * dx) * jnp.sum(dy * dy))
-    return jnp.where(denom > 0, jnp.sum(dx * dy) / jnp.where(denom > 0, denom, 1.0), 0.0)
-
-
-def _row_corrcoef(x):
-    x = x - jnp.mean(x, axis=1, keepdims=True)
-    norm = jnp.linalg.norm(x, axis=1, keepdims=True)
-    x = x / jnp.where(norm > 0, norm, 1.0)  # constant rows: correlation 0 (numpy: NaN)
-    return x @ x.T
-
-
-def masked_parc(features, labels, mask, num_classes):
-    """PARC (design.md §2) of one padded support set; equals ``parc.parc_score`` unpadded.
-
-    Spearman correlation between the strict upper triangles of ``1 - corrcoef(F)`` and
-    ``1 - corrcoef(onehot(Y))`` over the valid samples, average ranks for ties.
-    """
-    d_f = 1.0 - _row_corrcoef(features.astype(jnp.float32))
-    d_y = 1.0 - _row_corrcoef(jax.nn.one_hot(labels, num_classes))
-    n = features.shape[0]
-    upper = jnp.triu(jnp.ones((n, n), bool), k=1)
-    pair_valid = (upper & mask[:, None] & mask[None, :]).reshape(-1)
-    r_f = _average_ranks(d_f.reshape(-1), pair_valid)
-    r_y = _average_ranks(d_y.reshape(-1), pair_valid)
-    return _masked_pearson(r_f, r_y, pair_valid.astype(jnp.float32))
-
-
-@functools.partial(jax.jit, static_argnames=("num_classes",))
-def _parc_batch(embeddings, support_idx, support_labels, support_mask, num_classes):
-    feats = embeddings[support_idx]
-    return jax.vmap(masked_parc, in_axes=(0, 0, 0, None))(
-        feats, support_labels, support_mask, num_classes
-    )
-
-
-def parc_scores(embeddings: np.ndarray, batch, *, chunk: int = 32) -> np.ndarray:
-    """PARC score of every episode's support set: float [E]."""
-    out = []
+    width = batch.support_idx.shape[1]
+    if not max_support or max_support >= width:
+        return batch.support_idx, batch.support_labels, batch.support_mask
+    rng = np.random.default_rng(seed)
     n = len(batch.ways)
+    idx = np.zeros((n, max_support), batch.support_idx.dtype)
+    lab = np.zeros((n, max_support), batch.support_labels.dtype)
+    mask = np.zeros((n, max_support), bool)
+    for e in range(n):
+        valid = np.flatnonzero(batch.support_mask[e])
+        take = rng.permutation(valid)[:max_support]
+        idx[e, : len(take)] = batch.support_idx[e, take]
+        lab[e, : len(take)] = batch.support_labels[e, take]
+        mask[e, : len(take)] = True
+    return idx, lab, mask
+
+
+def parc_scores(embeddings: np.ndarray, subsets, *, chunk: int = 32) -> np.ndarray:
+    """PARC score of every episode's (sub-sampled) support set: float [E]."""
+    support_idx, support_labels, support_mask = subsets
+    out = []
+    n = len(support_idx)
     for start in range(0, n, chunk):
         idx = np.arange(start, start + chunk) % n  # pad the last chunk: one compilation
         out.append(
             np.asarray(
                 _parc_batch(
                     jnp.asarray(embeddings),
-                    batch.support_idx[idx],
-                    batch.support_labels[idx],
-                    batch.support_mask[idx],
-                    batch.max_ways,
+                    support_idx[idx],
+                    support_labels[idx],
+                    support_mask[idx],
                 )
             )[: min(chunk, n - start)]
         )
@@ -190,6 +168,7 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
         split = train.load_split(config, domain, "test")
         _, batch = sample_test_episodes(config, split)
         n_ft = min(ev.finetune_episodes, len(batch.ways))
+        parc_support_sets = parc_subsets(batch, ev.parc_max_support, config.seed + 2000)
         dom = {"seen": domain in seen, "ways": batch.ways.tolist(), "families": {}, "selection": {}}
         for fam in fams:
             bar.set_description(f"evaluate {domain} {fam}")
@@ -209,7 +188,7 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
             if len(candidates) == 1:
                 choice = np.zeros(len(batch.ways), np.int64)
             else:
-                scores = np.stack([parc_scores(embeds[c], batch) for c in candidates])
+                scores = np.stack([parc_scores(embeds[c], parc_support_sets) for c in candidates])
                 if ev.parc_support:
                     choice = np.argmax(scores, axis=0)
                 else:
@@ -241,6 +220,9 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
                             learning_rate=ev.finetune_lr or None,
                             lora_rank=ev.lora_rank,
                             metric=ev.metric,
+                            # One padded shape per domain: a single compilation serves
+                            # every episode and backbone (compiles dominate 10 episodes).
+                            bucket=False,
                         )
                 accs[adaptation] = acc[:n].tolist()
             dom["families"][fam] = accs
