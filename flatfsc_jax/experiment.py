@@ -60,6 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"--stages has {sorted(unknown)}; choose from {STAGES}")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
     config = resolve_paths(config, workdir)
     config_lib.validate(config, num_devices=jax.device_count())
     check_data(config, stages)

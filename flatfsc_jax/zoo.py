@@ -145,7 +145,8 @@ class Zoo:
     """The zoo at ``root``: list, load and write entries."""
 
     def __init__(self, root):
-        self.root = epath.Path(os.path.expanduser(str(root)))
+        # Absolute: Orbax refuses relative checkpoint paths (e.g. the default "work").
+        self.root = epath.Path(os.path.abspath(os.path.expanduser(str(root))))
 
     def entry_dir(self, benchmark: str, domain: str, method: str) -> epath.Path:
         return self.root / benchmark / domain / method
