@@ -14,11 +14,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _main(*args, timeout=900):
+def _main(*args, timeout=900, cwd=ROOT):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(
         [sys.executable, "-m", "flatfsc_jax.main", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -30,7 +30,8 @@ def _main(*args, timeout=900):
 def test_tiny_glyphs_run_end_to_end_and_rerun_reuses_the_zoo(tmp_path):
     work = tmp_path / "work"
     cache = f"--compilation_cache={tmp_path / 'cache'}"
-    first = _main("--config=configs/glyphs.py:tiny", f"--workdir={work}", cache)
+    # A relative --workdir (like the default "work"), resolved against the current directory.
+    first = _main(f"--config={ROOT}/configs/glyphs.py:tiny", "--workdir=work", cache, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-5000:]
     out = first.stdout
     for key in ("glyphs/cjk/erm", "glyphs/latin/sam", "glyphs/latin/sam+ft"):
