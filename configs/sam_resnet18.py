@@ -22,15 +22,4 @@ from flatfsc_jax import config_lib
 
 
 def get_config(arg=None):
-    c = config_lib.base_config()
-    c.benchmark = "meta_dataset"
-    c.methods = ("sam",)
-    domains = config_lib.parse_domain_arg(arg, config_lib.META_DATASET_TABLE, "all")
-    config_lib.with_table(c, config_lib.META_DATASET_TABLE, domains)
-    c.model.arch, c.model.width = "resnet18", 1.0
-    c.fusion.enabled = len(domains) == len(config_lib.META_DATASET_TABLE)
-    c.fusion.source_domain = "ilsvrc_2012"
-    c.evaluation.enabled = len(domains) == len(config_lib.META_DATASET_TABLE)
-    c.evaluation.domains = config_lib.META_DATASET_SEEN + config_lib.META_DATASET_UNSEEN
-    c.evaluation.adaptations = ("ncc", "finetune")
-    return c
+    return config_lib.meta_dataset_config("sam", arg)

@@ -132,6 +132,26 @@ def parse_domain_arg(arg: str | None, table: dict, default: str) -> tuple[str, .
     return tuple(a for a in arg.split(",") if a)
 
 
+def meta_dataset_config(method: str, arg: str | None) -> ml_collections.ConfigDict:
+    """The paper's Meta-Dataset job for ``method``: one domain, several, or ``all``.
+
+    With all eight seen domains it also fuses (from ImageNet) and evaluates on all 13.
+    """
+    c = base_config()
+    c.benchmark = "meta_dataset"
+    c.methods = (method,)
+    domains = parse_domain_arg(arg, META_DATASET_TABLE, "all")
+    with_table(c, META_DATASET_TABLE, domains)
+    c.model.arch, c.model.width = "resnet18", 1.0
+    everything = len(domains) == len(META_DATASET_TABLE)
+    c.fusion.enabled = everything
+    c.fusion.source_domain = "ilsvrc_2012"
+    c.evaluation.enabled = everything
+    c.evaluation.domains = META_DATASET_SEEN + META_DATASET_UNSEEN
+    c.evaluation.adaptations = ("ncc", "finetune")
+    return c
+
+
 def domain_config(config: ml_collections.ConfigDict, domain: str, method: str):
     """The effective single-domain, single-method config of one zoo entry."""
     c = ml_collections.ConfigDict(config.to_dict())
