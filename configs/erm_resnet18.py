@@ -11,8 +11,8 @@ Needs the Meta-Dataset sources prepared with ``python -m flatfsc_jax.data.prepar
 iterations, restart period and rho are the paper's table (design.md §2); override one
 domain of ``all`` with ``--config.per_domain.<domain>.rho=...``.
 
-Expected run time: 80.8M training images per method over the 8 domains; ~47 (ERM) /
-~86 (SAM) days on our 2-core CPU (measured step rate), an *estimated* ~4 / ~8 hours on
+Expected run time: 80.8M training images per method over the 8 domains; ~48 (ERM) /
+~84 (SAM) days on our 2-core CPU (measured step rate), an *estimated* ~4 / ~8 hours on
 one accelerator sustaining 30 TFLOP/s (README "Benchmarks and expected cost").
 Expected result (paper, Meta-Dataset, 600 episodes, NCC on ERM backbones): seen average
 75.99%, unseen 76.84%; with fine-tuning fusion (ERM+FT) 80.02% / 76.92%.
