@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
@@ -359,15 +358,3 @@ def read_metrics(entry_dir) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def final_train_params(zoo: zoo_lib.Zoo, benchmark: str, domain: str, method: str, like):
-    """The parameters of the last training checkpoint (resume-equality tests)."""
-    manager = ocp.CheckpointManager(zoo.entry_dir(benchmark, domain, method) / "train")
-    step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))
-    return restored.state
-
-
-def _np(x):
-    return np.asarray(jax.device_get(x))

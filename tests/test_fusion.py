@@ -1,0 +1,48 @@
+"""Fusion by fine-tuning: full and LoRA entries start from the general backbone."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import glyphs as glyphs_config
+from flatfsc_jax import fusion, models, train
+from flatfsc_jax import zoo as zoo_lib
+
+
+@pytest.mark.slow
+def test_full_and_lora_fusion_write_plain_backbones(tmp_path):
+    c = glyphs_config.get_config("tiny")
+    c.data_dir = str(tmp_path / "data")
+    c.methods = ("erm",)
+    zoo = zoo_lib.Zoo(tmp_path / "zoo")
+    from flatfsc_jax.experiment import check_data
+
+    check_data(c, ("train",))
+    source = train.train_and_evaluate(c, zoo, "cjk", "erm", progress=False)
+    assert source.metadata["train_classes"] == 280
+
+    entries = {}
+    for mode in ("full", "lora"):
+        c.fusion.mode = mode
+        (entries[mode],) = fusion.fuse(c, zoo, "erm", progress=False)
+    assert entries["full"].method == "erm+ft" and entries["lora"].method == "erm+lora"
+    assert entries["lora"].metadata["fusion"]["lora_rank"] == c.fusion.lora_rank
+
+    general = zoo.load("glyphs", "cjk", "erm").variables["params"]
+    for mode, entry in entries.items():
+        loaded = zoo.load("glyphs", "latin", entry.method)  # a plain backbone again
+        assert "lora" not in loaded.variables
+        trunk_new = models.trunk_params(loaded.variables["params"])
+        trunk_old = models.trunk_params(general)
+        moved = [
+            not np.array_equal(a, b)
+            for a, b in zip(jax.tree.leaves(trunk_new), jax.tree.leaves(trunk_old), strict=True)
+        ]
+        assert any(moved), mode  # fine-tuning changed the general backbone
+        # LoRA changes only convolution kernels (merged adapters); BN affine stays frozen.
+        if mode == "lora":
+            flat_new = jax.tree_util.tree_leaves_with_path(trunk_new)
+            flat_old = dict(jax.tree_util.tree_leaves_with_path(trunk_old))
+            for path, value in flat_new:
+                if "BatchNorm" in jax.tree_util.keystr(path):
+                    np.testing.assert_array_equal(value, flat_old[path])
