@@ -73,7 +73,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flatfsc_jax import models
 from flatfsc_jax.data import sources
 from flatfsc_jax.evaluate import check_episodes, check_metric, prototype_logits
 
@@ -144,20 +143,13 @@ def with_lora(model, variables: dict, sample_images, *, rank: int = DEFAULT_LORA
     ``sample_images`` [n, H, W, C] only fixes the input channels (n and H, W are free).
     A model that already has adapters is returned as is.
     """
-    module = model.module
-    if getattr(module, "lora_rank", 0) > 0:
+    if model.lora_rank > 0:
         if "lora" not in variables:
             raise ValueError("model has LoRA adapters but variables has no 'lora' collection")
         return model, variables
     if rank < 1:
         raise ValueError(f"lora_rank must be >= 1, got {rank!r}")
-    lora_model = models.build_model(
-        model.arch,
-        module.num_classes,
-        width=module.width,
-        lora_rank=rank,
-        dtype=jnp.dtype(module.dtype).name,
-    )
+    lora_model = model.with_lora_rank(rank)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     # The parameter tree is checked abstractly; the jitted init below returns only the
     # adapters, so XLA drops the forward pass it would otherwise compute.

@@ -18,7 +18,6 @@ import ml_collections
 
 from flatfsc_jax import config_lib, fusion, protocol, report, train
 from flatfsc_jax import zoo as zoo_lib
-from flatfsc_jax.data import sources
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +107,3 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
 def _print(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
-
-
-__all__ = ["run", "STAGES", "sources"]

@@ -197,6 +197,16 @@ class Model:
     arch: str
     embedding_dim: int
 
+    @property
+    def lora_rank(self) -> int:
+        return self.module.lora_rank
+
+    def with_lora_rank(self, rank: int) -> Model:
+        """The same architecture with LoRA adapters of ``rank`` (0: none)."""
+        if rank < 0:
+            raise ValueError(f"config.model.lora_rank must be >= 0, got {rank!r}")
+        return dataclasses.replace(self, module=self.module.clone(lora_rank=rank))
+
     def init(self, rng: jax.Array, sample_images: jax.Array) -> dict:
         """Variables for images shaped like ``sample_images`` (N, H, W, C)."""
         variables = self.module.init({"params": rng}, sample_images, train=False)

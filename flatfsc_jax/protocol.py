@@ -169,6 +169,8 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
         _, batch = sample_test_episodes(config, split)
         n_ft = min(ev.finetune_episodes, len(batch.ways))
         parc_support_sets = parc_subsets(batch, ev.parc_max_support, config.seed + 2000)
+        embeds: dict = {}  # (domain, method) of a backbone -> embeddings of this split
+        parc_cache: dict = {}  # (domain, method) -> PARC score per episode
         dom = {"seen": domain in seen, "ways": batch.ways.tolist(), "families": {}, "selection": {}}
         for fam in fams:
             bar.set_description(f"evaluate {domain} {fam}")
@@ -176,19 +178,23 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
                 candidates = [family_backbone(config, fam, domain)]
             else:
                 candidates = [family_backbone(config, fam, d) for d in seen]
-            embeds = {
-                c: evaluate.embed_split(
-                    backbone(*c).model,
-                    backbone(*c).variables,
-                    split,
-                    batch_size=config.validation.batch_size,
-                )
-                for c in candidates
-            }
+            # Families share backbones (a fused family uses the general domain's own
+            # backbone): embed and PARC-score each backbone once per domain.
+            for c in candidates:
+                if c not in embeds:
+                    embeds[c] = evaluate.embed_split(
+                        backbone(*c).model,
+                        backbone(*c).variables,
+                        split,
+                        batch_size=config.validation.batch_size,
+                    )
             if len(candidates) == 1:
                 choice = np.zeros(len(batch.ways), np.int64)
             else:
-                scores = np.stack([parc_scores(embeds[c], parc_support_sets) for c in candidates])
+                for c in candidates:
+                    if c not in parc_cache:
+                        parc_cache[c] = parc_scores(embeds[c], parc_support_sets)
+                scores = np.stack([parc_cache[c] for c in candidates])
                 if ev.parc_support:
                     choice = np.argmax(scores, axis=0)
                 else:

@@ -80,18 +80,6 @@ def _model_config(config, num_classes: int) -> dict:
     )
 
 
-def _augment_config(config, image_shape) -> pipeline.AugmentConfig:
-    a = config.augment
-    return pipeline.AugmentConfig(
-        enabled=a.enabled,
-        pad=a.pad,
-        contrast=a.contrast,
-        saturation=a.saturation,
-        hue=a.hue,
-        brightness=a.brightness,
-    )
-
-
 def _to_python(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -107,7 +95,6 @@ def train_and_evaluate(
     entry_method: str | None = None,
     extra_metadata: dict | None = None,
     progress: bool = True,
-    stop_after: int | None = None,
 ) -> zoo_lib.ZooEntry:
     """Trains (or resumes) one zoo entry and returns it once complete.
 
@@ -121,8 +108,6 @@ def train_and_evaluate(
       lora_rank: > 0 trains only LoRA adapters of this rank (and the new head) on top of
         the frozen ``init_variables`` trunk; the adapters are merged into the stored weights.
       entry_method: the zoo method name (default ``method``; fusion uses ``sam+ft``).
-      stop_after: stop (without finishing the entry) after this many steps of this call;
-        used by tests to simulate an interruption.
     """
     cfg = config_lib.domain_config(config, domain, method)
     entry_method = entry_method or method
@@ -166,7 +151,7 @@ def train_and_evaluate(
         train_split,
         global_batch_size=cfg.batch_size,
         seed=cfg.seed,
-        augment=_augment_config(cfg, image_shape),
+        augment=pipeline.AugmentConfig(**cfg.augment.to_dict()),
         process_index=process_index,
         process_count=process_count,
     )
@@ -293,10 +278,6 @@ def train_and_evaluate(
                 )
             if save_now:
                 save_checkpoint(step)
-        if stop_after is not None and steps_done >= stop_after:
-            bar.close()
-            save_checkpoint(step)
-            return None
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
