@@ -87,6 +87,7 @@ def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_li
                     )
                 ),
                 progress=progress,
+                stage="fuse",
             )
         )
     return entries
