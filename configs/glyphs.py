@@ -30,7 +30,7 @@ UNSEEN = ("digits", "hangul", "thai", "arabic", "hebrew", "devanagari", "bengali
 # recipe"). CJK needs a tiny rho: with larger ones SAM does not leave the initial
 # ln(280) loss plateau within 400 steps.
 GLYPHS_TABLE = {
-    "cjk": dict(batch_size=64, lr=5e-2, num_steps=2000, restart_period=500, rho=0.05),
+    "cjk": dict(batch_size=64, lr=5e-2, num_steps=2000, restart_period=500, rho=0.1),
     "latin": dict(batch_size=64, lr=5e-2, num_steps=500, restart_period=250, rho=0.1),
     "greek": dict(batch_size=64, lr=5e-2, num_steps=500, restart_period=250, rho=0.1),
     "cyrillic": dict(batch_size=64, lr=5e-2, num_steps=500, restart_period=250, rho=0.01),
