@@ -212,7 +212,9 @@ def domain_config(config: ml_collections.ConfigDict, domain: str, method: str):
 
     The top-level batch_size / lr / num_steps / restart_period / sam.rho are the domain's
     row (rho 0 for ERM) and ``per_domain`` holds that row only, so the result describes
-    the entry on its own (it is what ``metadata.json`` stores).
+    the entry on its own (it is what ``metadata.json`` stores): a one-domain training
+    job, so the run-level stages are off in it (``fusion.enabled``,
+    ``evaluation.enabled``; the other fusion keys stay, they define fused entries).
     """
     check_row_overrides(config)
     if domain not in config.per_domain:
@@ -228,6 +230,7 @@ def domain_config(config: ml_collections.ConfigDict, domain: str, method: str):
     c.num_steps, c.restart_period = row.num_steps, row.restart_period
     c.sam.rho = row.rho
     c.per_domain = ml_collections.ConfigDict({domain: row.to_dict()})
+    c.fusion.enabled = c.evaluation.enabled = False
     c.domains = (domain,)
     c.methods = (method,)
     c.lock()

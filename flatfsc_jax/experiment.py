@@ -185,20 +185,35 @@ def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
 
 
 def check_data(config, stages) -> None:
-    """Prepares Glyphs if needed; for other benchmarks fails fast listing missing sources."""
-    needed = set()
+    """Prepares Glyphs if needed; for other benchmarks fails fast listing missing sources.
+
+    Then checks the files of every split the run will read (``sources.verify_prepared``:
+    JSON files, feature classes, shard files), so damaged data is found before training
+    rather than when a split is first read, possibly hours later.
+    """
+    from flatfsc_jax.data import sources
+
+    splits: dict[str, set] = {}
     if "train" in stages or "fuse" in stages:
-        needed |= set(config.domains)
+        for d in config.domains:
+            splits.setdefault(d, set()).update(("train", "valid"))
     if "evaluate" in stages and config.evaluation.enabled:
-        needed |= set(config.evaluation.domains)
+        for d in config.evaluation.domains:
+            splits.setdefault(d, set()).add("test")
+    needed = sorted(splits)
     if config.benchmark == "glyphs":
         from flatfsc_jax.data import glyphs
 
-        glyphs.prepare(config.data_dir, domains=sorted(needed))
-        return
-    from flatfsc_jax.data import meta_dataset
+        glyphs.prepare(config.data_dir, domains=needed)
+        builder = glyphs.BUILDER_NAME
+    else:
+        from flatfsc_jax.data import meta_dataset
 
-    meta_dataset.require_sources(sorted(needed), config.data_dir)
+        meta_dataset.require_sources(needed, config.data_dir)
+        builder = meta_dataset.BUILDER_NAME
+    for d in needed:
+        path = sources.prepared_dir(config.data_dir, builder, d)
+        sources.verify_prepared(path, sorted(splits[d]), source=f"{config.benchmark}/{d}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progress=True):
@@ -227,12 +242,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
                 if state == "complete" and not config.retrain:
                     _print(f"[train] {key}: complete, reusing it")
                     continue
-                if config.retrain or state == "damaged":
-                    if state == "damaged":
-                        _print(f"[train] {key}: damaged ({problem}), retraining it")
-                    zoo.invalidate(config.benchmark, domain, method)
+                if state == "damaged":
+                    _print(f"[train] {key}: damaged ({problem}), retraining it")
                 cfg = config_lib.domain_config(config, domain, method)
-                changed = zoo.begin(config.benchmark, domain, method, {"config": cfg.to_dict()})
+                changed = zoo.begin(
+                    config.benchmark,
+                    domain,
+                    method,
+                    {"config": cfg.to_dict()},
+                    discard=config.retrain or state == "damaged",
+                )
                 if changed:
                     _print(
                         f"[train] {key}: discarded an unfinished run with other settings "

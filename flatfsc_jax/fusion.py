@@ -81,17 +81,15 @@ def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_li
                 entries.append(entry)
                 continue
             print(f"[fuse] {key}: its source {start.entry.key} was retrained; fusing again")
-            zoo.invalidate(config.benchmark, domain, target_method)
-        if config.retrain or state == "damaged":
-            if state == "damaged":
-                print(f"[fuse] {key}: damaged ({problem}), retraining it")
-            zoo.invalidate(config.benchmark, domain, target_method)
+        if state == "damaged":
+            print(f"[fuse] {key}: damaged ({problem}), retraining it")
         entry_cfg = config_lib.domain_config(cfg, domain, method)
         changed = zoo.begin(
             config.benchmark,
             domain,
             target_method,
             {"config": entry_cfg.to_dict(), "source_sha256": source_sha},
+            discard=config.retrain or state != "incomplete",  # complete (stale), damaged
         )
         if changed:
             print(

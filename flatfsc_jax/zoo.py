@@ -406,18 +406,20 @@ class Zoo:
         if path.exists():
             shutil.rmtree(path)
 
-    def begin(self, benchmark, domain, method, record: dict) -> list[str]:
-        """Records what an unfinished run of an entry trains (``started.json``).
+    def begin(self, benchmark, domain, method, record: dict, *, discard: bool = False) -> list[str]:
+        """Records what a run of an entry trains (``started.json``) before training starts.
 
         An unfinished run (``train/`` checkpoints, no complete metadata) started with a
         different ``record`` (effective config, fused source) is discarded so that the
         run starts afresh instead of resuming it; returns the changed keys (empty when
-        nothing was discarded).
+        nothing was discarded). ``discard=True`` removes the entry first in any case
+        (``--retrain``, a damaged entry). With several processes, process 0 writes and
+        all wait for it.
         """
         path = self.entry_dir(benchmark, domain, method)
         started = path / "started.json"
         changes = []
-        if started.exists():
+        if started.exists() and not discard:
             try:
                 old = json.loads(started.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
@@ -429,12 +431,17 @@ class Zoo:
                 changes = config_changes(old.get("config", {}), record["config"], fused=fused)
                 if old.get("source_sha256") != record.get("source_sha256"):
                     changes.append("fusion source backbone: retrained")
-            if changes:
+        if jax.process_index() == 0:
+            if discard or changes:
                 self.invalidate(benchmark, domain, method)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / "started.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2, default=_json_default))
-        os.replace(tmp, started)
+            path.mkdir(parents=True, exist_ok=True)
+            tmp = path / "started.json.tmp"
+            tmp.write_text(json.dumps(record, indent=2, default=_json_default))
+            os.replace(tmp, started)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"zoo.begin {benchmark}/{domain}/{method}")
         return changes
 
 

@@ -41,9 +41,10 @@ SCRIPT = textwrap.dedent(
     c = glyphs_config.get_config("tiny")
     c.data_dir = {data!r}
     c.domains = ("latin",)
-    c.num_steps, c.restart_period, c.checkpoint_every = 24, 24, 4
+    row = c.per_domain.latin
+    row.num_steps, row.restart_period, row.batch_size = 24, 24, 16
+    c.checkpoint_every = 4
     c.validation.every, c.validation.episodes = 8, 4
-    c.batch_size = 16
     train.train_and_evaluate(c, zoo_lib.Zoo({zoo!r}), "latin", "sam", progress=False)
     print("FINISHED")
     """
@@ -125,11 +126,12 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     c = glyphs_config.get_config("tiny")
     c.data_dir = str(tmp_path / "data")
     c.domains = ("latin",)
-    c.num_steps, c.restart_period = 12, 12
+    row = c.per_domain.latin
+    row.num_steps, row.restart_period = 12, 12
     c.checkpoint_every, c.log_every, c.validation.every, c.validation.episodes = 2, 2, 12, 2
-    c.lr = 1e12  # diverges within a few steps
+    row.lr = 1e12  # diverges within a few steps
     zoo = zoo_lib.Zoo(tmp_path / "zoo")
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss .* Lower config\.lr"):
+    with pytest.raises(train.NonFiniteError, match=r"Lower config\.per_domain\.latin\.lr"):
         train.train_and_evaluate(c, zoo, "latin", "erm", progress=False)
     assert not zoo.is_complete("glyphs", "latin", "erm")
     saved = sorted(
