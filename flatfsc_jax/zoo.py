@@ -343,6 +343,13 @@ class Zoo:
         except Exception as e:  # a truncated or altered file Orbax cannot read
             problem = f"best/ cannot be restored: {type(e).__name__}: {str(e)[:200]}"
             raise DamagedEntryError(self.damaged_message(benchmark, domain, method, problem)) from e
+        # Training never stores a non-finite state; an older version could (a diverged
+        # run finalized as complete): never evaluate one.
+        leaves = jax.tree.leaves(variables)
+        bad = sum(not np.all(np.isfinite(np.asarray(x))) for x in leaves)
+        if bad:
+            problem = f"{bad} of its {len(leaves)} arrays are NaN/inf (a diverged run)"
+            raise DamagedEntryError(self.damaged_message(benchmark, domain, method, problem))
         return LoadedBackbone(model, variables, entry)
 
     def write(

@@ -334,6 +334,42 @@ def test_truncated_best_checkpoint_is_damaged_named_and_retrained_alone(
     assert zoo.status("glyphs", "latin", "sam")[0] == "complete"
 
 
+def test_non_finite_stored_backbone_is_refused(tmp_path):
+    zoo = zoo_lib.Zoo(tmp_path / "zoo")
+    model = models.build_model("conv4", 4, width=0.125)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *SHAPE)))
+    variables = dict(variables, params=jax.tree.map(lambda x: x * jnp.nan, variables["params"]))
+    zoo.write(
+        "glyphs",
+        "latin",
+        "erm",
+        variables=variables,
+        model_config=dict(arch="conv4", width=0.125, dtype="float32", num_classes=4),
+        image_shape=SHAPE,
+        metadata=dict(config={}, best_validation=dict(accuracy=0.16)),
+    )
+    with pytest.raises(zoo_lib.DamagedEntryError, match=r"are NaN/inf .* delete"):
+        zoo.load("glyphs", "latin", "erm")
+
+
+def test_dry_run_shows_which_entries_are_stale(tmp_path):
+    c = _tiny()
+    zoo = zoo_lib.Zoo(tmp_path / "zoo")
+    _write(zoo, c, "latin", "sam")
+    proc = _main(
+        "--config=configs/glyphs.py:tiny",
+        "--dry_run",
+        f"--workdir={tmp_path}",
+        "--config.per_domain.latin.rho=0.1",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "glyphs/latin/sam: batch 64, lr 0.05, steps 6, restart period 6, rho 0.1" in proc.stdout
+    assert "[STALE: sam.rho: 0.05 -> 0.1]" in proc.stdout
+    assert "glyphs/latin/erm: batch 64, lr 0.05, steps 6, restart period 6, rho 0  [absent]" in (
+        proc.stdout
+    )
+
+
 def test_restore_failure_names_the_entry_and_fix(tmp_path):
     c = _tiny()
     zoo = zoo_lib.Zoo(tmp_path / "zoo")
