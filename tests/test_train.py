@@ -122,6 +122,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 
 def test_non_finite_state_stops_with_clear_error_and_saves_nothing_non_finite(tmp_path):
     import orbax.checkpoint as ocp
+
     from configs import glyphs as glyphs_config
 
     c = glyphs_config.get_config("tiny")
