@@ -69,6 +69,16 @@ def _check_finite(state, where: str, advice: str) -> None:
         )
 
 
+def _divergence_advice(cfg, domain: str, fused: bool, manager, entry_dir) -> str:
+    lr_key = "config.fusion.lr" if fused else f"config.per_domain.{domain}.lr"
+    return (
+        f"The last good checkpoint (step {manager.latest_step()}; every saved one is finite) "
+        f"is kept in {str(entry_dir / 'train')!r} and nothing was marked complete. Lower "
+        f"{lr_key} (now {cfg.lr}) or config.per_domain.{domain}.rho (now {cfg.sam.rho}) "
+        "and re-run (an unfinished run with other settings is restarted)."
+    )
+
+
 def resolve_data_dir(config) -> str:
     import os
 
@@ -290,25 +300,20 @@ def train_and_evaluate(
         val_now = step % eval_every == 0 or step == cfg.num_steps
         if log_now or save_now or val_now:
             m = _to_python(metrics)
-            good = manager.latest_step()
-            advice = (
-                f"The last good checkpoint (step {good}; every saved one is finite) is kept "
-                f"in {str(entry_dir / 'train')!r} and nothing was marked complete. Lower "
-                f"config.per_domain.{domain}.lr (now {cfg.lr}) or "
-                f"config.per_domain.{domain}.rho (now {cfg.sam.rho}) and re-run (an "
-                "unfinished run with other settings is restarted)."
-            )
             if not math.isfinite(m["loss"]):
                 bar.close()
                 raise NonFiniteError(
-                    f"{desc}: non-finite loss {m['loss']} at step {step}. {advice}"
+                    f"{desc}: non-finite loss {m['loss']} at step {step}. "
+                    + _divergence_advice(cfg, domain, entry_method != method, manager, entry_dir)
                 )
             if save_now or val_now:  # never validate, save or finalize a non-finite state
-                try:
-                    _check_finite(state, f"{desc} at step {step}", advice)
-                except NonFiniteError:
+                if non_finite_leaves(state):
                     bar.close()
-                    raise
+                    _check_finite(
+                        state,
+                        f"{desc} at step {step}",
+                        _divergence_advice(cfg, domain, entry_method != method, manager, entry_dir),
+                    )
             m.update(step=step, learning_rate=float(schedule(step - 1)))
             if val_now:
                 last_val = validate_now(step)
