@@ -4,7 +4,12 @@ Command (the README's first command; no arguments needed):
 
   ./run.sh                                   # = --config=configs/glyphs.py
   ./run.sh --config=configs/glyphs.py:tiny   # a 1-minute smoke run (what the e2e test runs)
-  ./run.sh --config.per_domain.latin.rho=0.1  # any key can be overridden
+  ./run.sh --config.per_domain.latin.rho=0.1  # any key can be overridden (--dry_run to see)
+
+Each seen script trains with its row of GLYPHS_TABLE (``config.per_domain.<script>``),
+also when only some are trained (``--config.domains='("latin",)'``). A workdir whose zoo
+already holds a latin/sam backbone trained with another rho stops and names the choices
+(README "Reliability").
 
 Trains ERM and SAM backbones for the five seen scripts (CJK is the large "general"
 domain, like ImageNet), fuses by fine-tuning the CJK backbone on the other seen scripts,

@@ -4,12 +4,15 @@ Command (one domain, or ``all`` eight seen domains in sequence; default ``all``)
 
   ./run.sh --config=configs/sam_resnet18.py:omniglot --workdir=/ckpt/flatfsc
   ./run.sh --config=configs/sam_resnet18.py --workdir=/ckpt/flatfsc   # all + fusion + eval
-  ./run.sh --config=configs/sam_resnet18.py:omniglot --config.sam.rho=0.1
+  ./run.sh --config=configs/sam_resnet18.py:omniglot --config.per_domain.omniglot.rho=0.1
 
 Needs the Meta-Dataset sources prepared with ``python -m flatfsc_jax.data.prepare``
 (the run stops at once and lists what is missing). Per-domain batch size, learning rate,
-iterations, restart period and rho are the paper's table (design.md §2); override one
-domain of ``all`` with ``--config.per_domain.<domain>.rho=...``.
+iterations, restart period and rho are the paper's table (design.md §2). Every domain,
+alone or with others, trains with its row: override it with
+``--config.per_domain.<domain>.rho=...`` (the top-level ``--config.sam.rho``, ``lr``,
+``batch_size``, ``num_steps`` and ``restart_period`` would be ignored, so they are errors
+that name the ``per_domain`` key). ``--dry_run`` prints every entry's effective values.
 
 Expected run time: 80.8M training images per method over the 8 domains; ~48 (ERM) /
 ~84 (SAM) days on our 2-core CPU (measured step rate), an *estimated* ~4 / ~8 hours on

@@ -5,12 +5,15 @@ Configs are Python files whose ``get_config(arg)`` returns an ``ml_collections.C
 (design.md §2), the Glyphs table, the default sub-configs, and ``validate``, which checks
 every key a run uses *before anything is compiled* and names the key when it is wrong.
 
-Per-domain hyper-parameters. A config names the domains it trains (``config.domains``)
-and carries a table ``config.per_domain.<domain>`` (batch_size, lr, num_steps,
-restart_period, rho). With exactly one domain (``configs/sam_resnet18.py:omniglot``) the
-top-level keys (``config.batch_size``, ``config.sam.rho``, ...) are authoritative, so
-``--config.sam.rho=0.1`` does what it says. With several domains (``:all``) each domain
-runs with its table row: override one with ``--config.per_domain.omniglot.rho=0.1``.
+Per-domain hyper-parameters: one meaning per key. A config names the domains it trains
+(``config.domains``) and carries a table row ``config.per_domain.<domain>`` (batch_size,
+lr, num_steps, restart_period, rho) for each; a domain *always* trains with its row,
+whether one domain or several are trained. Override a row with
+``--config.per_domain.omniglot.rho=0.1``. The top-level ``config.batch_size``, ``lr``,
+``num_steps``, ``restart_period`` and ``sam.rho`` are unset (``None``) in a run's config;
+``domain_config`` fills them from the row to give the effective config of one zoo entry
+(what ``metadata.json`` stores). Setting one of them on the command line would be ignored,
+so it is an error naming the ``per_domain`` key to use instead.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 # design.md §2: batch, lr, iterations, restart period T0, SAM rho per Meta-Dataset domain.
 META_DATASET_TABLE = {
@@ -37,6 +41,29 @@ METHODS = ("erm", "sam")
 BENCHMARKS = ("glyphs", "meta_dataset")
 ADAPTATIONS = ("ncc", "finetune", "lora")
 
+# Top-level key -> key of a per-domain row. The top-level keys are set only in the
+# effective config of one zoo entry (``domain_config``), never in a run's config.
+ROW_KEYS = {
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "num_steps": "num_steps",
+    "restart_period": "restart_period",
+    "sam.rho": "rho",
+}
+
+
+class ConfigError(ValueError):
+    """A config key has a wrong value; the message names the key and the fix."""
+
+
+def benchmark_domains(benchmark: str) -> tuple[str, ...]:
+    """Every domain (seen and unseen) the data of ``benchmark`` has."""
+    if benchmark == "glyphs":
+        from flatfsc_jax.data import glyphs_render  # numpy only: cheap
+
+        return glyphs_render.DOMAINS
+    return META_DATASET_SEEN + META_DATASET_UNSEEN
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Every key a run reads, with the paper's defaults (Meta-Dataset, ResNet-18)."""
@@ -55,15 +82,17 @@ def base_config() -> ml_collections.ConfigDict:
         dict(arch="resnet18", width=1.0, dtype="float32", lora_rank=0, head_classes=0)
     )
 
-    # Single-domain hyper-parameters (authoritative when len(domains) == 1).
-    c.batch_size = 16
-    c.lr = 3e-2
-    c.num_steps = 50_000
-    c.restart_period = 3_000
+    # Per-entry hyper-parameters live in config.per_domain.<domain> (see the module
+    # docstring); these stay None in a run's config and are filled by domain_config.
+    c.batch_size = placeholder(int)
+    c.lr = placeholder(float)
+    c.num_steps = placeholder(int)
+    c.restart_period = placeholder(int)
     c.momentum = 0.9
     c.weight_decay = 7e-4
     c.label_smoothing = 0.0
-    c.sam = ml_collections.ConfigDict(dict(rho=0.05, adaptive=False, m=0, eps=1e-12))
+    c.sam = ml_collections.ConfigDict(dict(adaptive=False, m=0, eps=1e-12))
+    c.sam.rho = placeholder(float)  # per_domain.<domain>.rho (0 for ERM entries)
     c.per_domain = ml_collections.ConfigDict()
 
     # design.md §2 augmentation; pad is 8 px at 84 px.
@@ -115,18 +144,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def with_table(c: ml_collections.ConfigDict, table: dict, domains) -> ml_collections.ConfigDict:
-    """Fills ``per_domain`` from ``table`` and, for one domain, the top-level keys."""
+    """Sets ``domains`` and fills ``per_domain`` with their rows of ``table``."""
     domains = tuple(domains)
     for d in domains:
         if d not in table:
-            raise ValueError(f"domain {d!r} is unknown; choose one of {tuple(table)} or 'all'")
+            raise ConfigError(f"domain {d!r} is unknown; choose one of {tuple(table)} or 'all'")
     c.domains = domains
     c.per_domain = ml_collections.ConfigDict({d: dict(table[d]) for d in domains})
-    if len(domains) == 1:
-        row = table[domains[0]]
-        c.batch_size, c.lr = row["batch_size"], row["lr"]
-        c.num_steps, c.restart_period = row["num_steps"], row["restart_period"]
-        c.sam.rho = row["rho"]
     return c
 
 
@@ -158,38 +182,119 @@ def meta_dataset_config(method: str, arg: str | None) -> ml_collections.ConfigDi
     return c
 
 
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_row_overrides(config: ml_collections.ConfigDict) -> None:
+    """Rejects a top-level key that would be ignored because a domain has its own row.
+
+    A top-level value equal to every trained domain's row changes nothing and passes (it
+    is what ``domain_config`` produces for one entry).
+    """
+    for key, row_key in ROW_KEYS.items():
+        value = _get(config, key)
+        if value is None:
+            continue
+        ignored = [
+            d
+            for d in config.domains
+            if d in config.per_domain and config.per_domain[d][row_key] != value
+        ]
+        if ignored:
+            fixes = " ".join(f"--config.per_domain.{d}.{row_key}={value}" for d in ignored)
+            raise ConfigError(
+                f"config.{key}={value!r} would be ignored: every domain trains with its "
+                f"table row config.per_domain.<domain>. Use {fixes} instead (and drop "
+                f"--config.{key})"
+            )
+
+
 def domain_config(config: ml_collections.ConfigDict, domain: str, method: str):
-    """The effective single-domain, single-method config of one zoo entry."""
+    """The effective single-domain, single-method config of one zoo entry.
+
+    The top-level batch_size / lr / num_steps / restart_period / sam.rho are the domain's
+    row (rho 0 for ERM) and ``per_domain`` holds that row only, so the result describes
+    the entry on its own (it is what ``metadata.json`` stores): a one-domain training
+    job, so the run-level stages are off in it (``fusion.enabled``,
+    ``evaluation.enabled``; the other fusion keys stay, they define fused entries).
+    """
+    check_row_overrides(config)
+    if domain not in config.per_domain:
+        raise ConfigError(
+            f"domain {domain!r} has no table row config.per_domain.{domain}; trained domains "
+            f"need one (rows: {tuple(config.per_domain)})"
+        )
     c = ml_collections.ConfigDict(config.to_dict())
-    if len(config.domains) > 1:
-        row = config.per_domain[domain]
-        c.batch_size, c.lr = row.batch_size, row.lr
-        c.num_steps, c.restart_period = row.num_steps, row.restart_period
-        c.sam.rho = row.rho
+    row = ml_collections.ConfigDict(config.per_domain[domain].to_dict())
     if method == "erm":
-        c.sam.rho = 0.0
+        row.rho = 0.0
+    c.batch_size, c.lr = row.batch_size, row.lr
+    c.num_steps, c.restart_period = row.num_steps, row.restart_period
+    c.sam.rho = row.rho
+    c.per_domain = ml_collections.ConfigDict({domain: row.to_dict()})
+    c.fusion.enabled = c.evaluation.enabled = False
     c.domains = (domain,)
     c.methods = (method,)
     c.lock()
     return c
 
 
+def describe_entry(cfg: ml_collections.ConfigDict) -> str:
+    """One line of an entry's effective hyper-parameters (``--dry_run``)."""
+    return (
+        f"batch {cfg.batch_size}, lr {cfg.lr:g}, steps {cfg.num_steps}, "
+        f"restart period {cfg.restart_period}, rho {cfg.sam.rho:g}"
+    )
+
+
 def _finite_positive(value, key):
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"config.{key} must be a finite number > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"config.{key} must be a finite number > 0, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"config.{key} must be a finite number > 0, got {value!r}")
+
+
+def _positive_int(value, key, *, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"config.{key} must be {what}, got {value!r}")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Raises ``ValueError`` naming the first bad key; cheap, run before compiling."""
+    """Raises ``ConfigError`` naming the first bad key; cheap, run before compiling.
+
+    Checks every key a run reads: benchmark, domains and their table rows, methods,
+    model, SAM, validation, checkpoint/log intervals, fusion and evaluation settings.
+    """
     from flatfsc_jax import models
 
     if config.benchmark not in BENCHMARKS:
-        raise ValueError(f"config.benchmark={config.benchmark!r} is unknown; choose {BENCHMARKS}")
+        raise ConfigError(f"config.benchmark={config.benchmark!r} is unknown; choose {BENCHMARKS}")
+    known = benchmark_domains(config.benchmark)
+    if not config.domains:
+        raise ConfigError("config.domains is empty; name at least one domain to train")
+    for d in config.domains:
+        if d not in known:
+            raise ConfigError(
+                f"config.domains has {d!r}, not a {config.benchmark} domain; choose from {known}"
+            )
+        if d not in config.per_domain:
+            raise ConfigError(
+                f"config.domains has {d!r} but config.per_domain has no row for it (rows: "
+                f"{tuple(config.per_domain)}); train a domain that has a row, or add one "
+                f"with batch_size, lr, num_steps, restart_period and rho"
+            )
+    if not config.methods:
+        raise ConfigError(f"config.methods is empty; choose from {METHODS}")
     for m in config.methods:
         if m not in METHODS:
-            raise ValueError(f"config.methods has {m!r}; each must be one of {METHODS}")
+            raise ConfigError(f"config.methods has {m!r}; each must be one of {METHODS}")
     if config.model.arch not in models.ARCHITECTURES:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.arch={config.model.arch!r} is unknown; choose one of "
             f"{models.ARCHITECTURES}"
         )
@@ -200,46 +305,89 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
             f"config.model.head_classes must be an integer >= 0 (0: no padding), got {head!r}"
         )
     if config.model.dtype not in ("float32", "bfloat16"):
-        raise ValueError(
+        raise ConfigError(
             f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}"
         )
-    rows = [("", config)] if len(config.domains) == 1 else []
-    rows += [
-        (f"per_domain.{d}.", config.per_domain[d])
-        for d in config.domains
-        if len(config.domains) > 1
-    ]
-    for prefix, row in rows:
-        rho = row.sam.rho if prefix == "" else row.rho
-        rho_key = "sam.rho" if prefix == "" else prefix + "rho"
-        if not isinstance(rho, int | float) or not math.isfinite(rho) or rho < 0:
-            raise ValueError(f"config.{rho_key} must be a finite number >= 0, got {rho!r}")
+    if isinstance(config.sam.m, bool) or not isinstance(config.sam.m, int) or config.sam.m < 0:
+        raise ConfigError(f"config.sam.m must be >= 0 (0 = whole batch), got {config.sam.m!r}")
+    check_row_overrides(config)
+    for d in config.domains:
+        prefix, row = f"per_domain.{d}.", config.per_domain[d]
+        rho = row.rho
+        if isinstance(rho, bool) or not isinstance(rho, int | float) or not math.isfinite(rho):
+            raise ConfigError(f"config.{prefix}rho must be a finite number >= 0, got {rho!r}")
+        if rho < 0:
+            raise ConfigError(f"config.{prefix}rho must be a finite number >= 0, got {rho!r}")
         _finite_positive(row.lr, prefix + "lr")
         for key in ("batch_size", "num_steps", "restart_period"):
-            value = row[key]
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"config.{prefix}{key} must be a positive integer, got {value!r}")
+            _positive_int(row[key], prefix + key)
         if row.batch_size % num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"config.{prefix}batch_size={row.batch_size} is not divisible by the "
                 f"{num_devices} devices of the mesh; use a multiple of {num_devices}"
             )
         m = config.sam.m
         if m and row.batch_size % m:
-            raise ValueError(
+            raise ConfigError(
                 f"config.{prefix}batch_size={row.batch_size} is not divisible by "
                 f"config.sam.m={m} (m-sharpness chunks)"
             )
-    if config.sam.m < 0:
-        raise ValueError(f"config.sam.m must be >= 0 (0 = whole batch), got {config.sam.m!r}")
-    if config.validation.episodes <= 0:
-        raise ValueError(
-            f"config.validation.episodes must be > 0, got {config.validation.episodes}"
-        )
+    _positive_int(config.checkpoint_every, "checkpoint_every")
+    _positive_int(config.log_every, "log_every")
+    _positive_int(config.validation.episodes, "validation.episodes")
+    _positive_int(config.validation.batch_size, "validation.batch_size")
+    _positive_int(config.validation.every, "validation.every (0 = every restart period)", minimum=0)
     if config.validation.metric not in ("cosine", "euclidean"):
-        raise ValueError("config.validation.metric must be cosine or euclidean")
-    for a in config.evaluation.adaptations:
-        if a not in ADAPTATIONS:
-            raise ValueError(f"config.evaluation.adaptations has {a!r}; choose from {ADAPTATIONS}")
-    if config.fusion.mode not in ("full", "lora"):
-        raise ValueError(f"config.fusion.mode must be 'full' or 'lora', got {config.fusion.mode!r}")
+        raise ConfigError(
+            "config.validation.metric must be cosine or euclidean, got "
+            f"{config.validation.metric!r}"
+        )
+    f = config.fusion
+    if f.mode not in ("full", "lora"):
+        raise ConfigError(f"config.fusion.mode must be 'full' or 'lora', got {f.mode!r}")
+    if f.enabled:
+        if f.source_domain not in config.domains:
+            raise ConfigError(
+                f"config.fusion.source_domain={f.source_domain!r} is not one of config.domains "
+                f"{tuple(config.domains)}; fusion fine-tunes that domain's backbone on the "
+                "others (or set --config.fusion.enabled=False)"
+            )
+        _finite_positive(f.lr, "fusion.lr")
+        _positive_int(f.num_steps, "fusion.num_steps")
+        _positive_int(f.restart_period, "fusion.restart_period")
+        if f.mode == "lora":
+            _positive_int(f.lora_rank, "fusion.lora_rank")
+    ev = config.evaluation
+    if ev.enabled:
+        for d in ev.domains:
+            if d not in known:
+                raise ConfigError(
+                    f"config.evaluation.domains has {d!r}, not a {config.benchmark} domain; "
+                    f"choose from {known}"
+                )
+        _positive_int(ev.episodes, "evaluation.episodes")
+        if ev.metric not in ("cosine", "euclidean"):
+            raise ConfigError(
+                f"config.evaluation.metric must be cosine or euclidean, got {ev.metric!r}"
+            )
+        for a in ev.adaptations:
+            if a not in ADAPTATIONS:
+                raise ConfigError(
+                    f"config.evaluation.adaptations has {a!r}; choose from {ADAPTATIONS}"
+                )
+        if any(a != "ncc" for a in ev.adaptations):
+            _positive_int(ev.finetune_steps, "evaluation.finetune_steps")
+            _positive_int(ev.finetune_episodes, "evaluation.finetune_episodes", minimum=0)
+            if "lora" in ev.adaptations:
+                _positive_int(ev.lora_rank, "evaluation.lora_rank")
+            lr = ev.finetune_lr
+            if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
+                raise ConfigError(
+                    f"config.evaluation.finetune_lr must be a finite number >= 0 (0 = the "
+                    f"default), got {lr!r}"
+                )
+            if lr < 0:
+                raise ConfigError(
+                    f"config.evaluation.finetune_lr must be a finite number >= 0, got {lr!r}"
+                )
+        _positive_int(ev.parc_max_support, "evaluation.parc_max_support (0 = all)", minimum=0)

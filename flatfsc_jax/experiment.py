@@ -1,17 +1,29 @@
 """The main job: data check -> backbone zoo -> fusion -> evaluation -> report.
 
 ``run(config, workdir, stages)`` is what ``./run.sh`` / ``python -m flatfsc_jax.main``
-execute. Every stage reuses what is already complete in ``<workdir>/zoo`` (a second run
-retrains nothing unless ``--config.retrain=True``), and every stage checks its inputs
-before compiling anything: missing data sources are listed together with the command
-that prepares them.
+execute. Every stage checks its inputs before compiling anything (config keys, stages,
+a writable workdir, the data, the zoo entries it will reuse) and reuses what is already
+complete in ``<workdir>/zoo``, under the reuse rules of README "Reliability":
+
+* a complete entry is reused only if the keys that define its backbone
+  (``zoo.BACKBONE_KEYS``) equal those of the effective config the run would train it
+  with; otherwise the run stops *before training anything*, naming each such entry, the
+  changed keys and the choices (``--retrain``, delete the entry, another ``--workdir``):
+  a complete backbone may have cost hours and is never thrown away silently;
+* an unfinished run of an entry (``train/`` checkpoints, no complete metadata) started
+  with other settings is discarded and restarted, saying which keys changed;
+* a damaged entry (``best/`` missing or not matching its recorded sha256) is retrained
+  by the train stage, saying so; evaluation names it and the fix;
+* a fused entry whose source backbone was retrained is fused again by the fuse stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import tempfile
 import time
 
 import jax
@@ -24,6 +36,142 @@ from flatfsc_jax.profiling import PROFILE
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "fuse", "evaluate")
+
+
+class WorkdirError(ValueError):
+    """``--workdir`` is not a writable directory."""
+
+
+def check_stages(stages) -> tuple[str, ...]:
+    stages = tuple(stages)
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or not stages:
+        raise config_lib.ConfigError(
+            f"--stages={','.join(stages)} has {unknown or 'no stage'}; choose from "
+            f"{','.join(STAGES)}"
+        )
+    return stages
+
+
+def check_workdir(workdir: str) -> None:
+    """Fails with the path and the fix unless ``workdir`` is (or can be) a writable dir."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise WorkdirError(
+            f"--workdir={workdir} is not a writable directory ({type(e).__name__}: "
+            f"{e.strerror or e}); choose another --workdir"
+        ) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """One zoo entry a run trains or uses, with its effective config."""
+
+    domain: str
+    method: str  # training method: erm / sam
+    entry_method: str  # zoo name: erm, sam, sam+ft, ...
+    cfg: ml_collections.ConfigDict
+    fused: bool
+
+
+def plan(config: ml_collections.ConfigDict) -> list[Planned]:
+    """Every zoo entry of the run (per-domain backbones, then fused ones), in order."""
+    out = [
+        Planned(d, m, m, config_lib.domain_config(config, d, m), False)
+        for m in config.methods
+        for d in config.domains
+    ]
+    if config.fusion.enabled:
+        fcfg = fusion.fusion_config(config)
+        for m in config.methods:
+            for d in fusion.fusion_targets(config):
+                name = fusion.fused_method(m, config.fusion.mode)
+                out.append(Planned(d, m, name, config_lib.domain_config(fcfg, d, m), True))
+    return out
+
+
+def stale_entries(config, zoo: zoo_lib.Zoo) -> list[tuple[Planned, list[str]]]:
+    """Complete planned entries whose backbone-defining keys differ from the config."""
+    out = []
+    for p in plan(config):
+        if not zoo.is_complete(config.benchmark, p.domain, p.entry_method):
+            continue
+        stored = zoo.get(config.benchmark, p.domain, p.entry_method).metadata.get("config")
+        if not isinstance(stored, dict):
+            changes = ["config: not recorded in metadata.json"]
+        else:
+            changes = zoo_lib.config_changes(stored, p.cfg.to_dict(), fused=p.fused)
+        if changes:
+            out.append((p, changes))
+    return out
+
+
+def check_reuse(config, zoo: zoo_lib.Zoo) -> None:
+    """Stops (``StaleEntryError``) before anything trains if a complete entry is stale."""
+    if config.retrain:
+        return
+    stale = stale_entries(config, zoo)
+    if not stale:
+        return
+    lines = [
+        f"the zoo {str(zoo.root)!r} has complete entries trained with other settings than "
+        "this run's config; reusing them would report the wrong backbones:"
+    ]
+    for p, changes in stale:
+        lines.append(f"  {config.benchmark}/{p.domain}/{p.entry_method}: {'; '.join(changes)}")
+    paths = " ".join(
+        str(zoo.entry_dir(config.benchmark, p.domain, p.entry_method)) for p, _ in stale
+    )
+    lines += [
+        "Choose one:",
+        "  --retrain                       retrain every entry of this run",
+        f"  rm -r {paths}",
+        "                                  then re-run: retrains only these entries (and "
+        "the fused entries built on them)",
+        "  --workdir=<another directory>   keep this zoo and train a new one",
+    ]
+    raise zoo_lib.StaleEntryError("\n".join(lines))
+
+
+def describe_plan(config, zoo: zoo_lib.Zoo | None = None) -> str:
+    """The effective hyper-parameters of every entry (``--dry_run``), and its zoo state."""
+    lines = ["entries (effective batch size, lr, steps, restart period, rho):"]
+    stale = {(p.domain, p.entry_method): c for p, c in stale_entries(config, zoo)} if zoo else {}
+    for p in plan(config):
+        line = (
+            f"  {config.benchmark}/{p.domain}/{p.entry_method}: {config_lib.describe_entry(p.cfg)}"
+        )
+        if zoo is not None:
+            state, problem = zoo.status(config.benchmark, p.domain, p.entry_method)
+            if (p.domain, p.entry_method) in stale:
+                state = "STALE: " + "; ".join(stale[(p.domain, p.entry_method)])
+            elif state == "complete":
+                state = "complete, reused" if not config.retrain else "complete, retrained"
+            elif problem:
+                state = f"{state}: {problem}"
+            line += f"  [{state}]"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def check_fused_sources(config, zoo: zoo_lib.Zoo) -> None:
+    """Before evaluation: every fused entry was fine-tuned from the current source."""
+    if not config.fusion.enabled:
+        return
+    for p in plan(config):
+        if not p.fused:
+            continue
+        entry = zoo.get(config.benchmark, p.domain, p.entry_method)
+        source = zoo.get(config.benchmark, config.fusion.source_domain, p.method)
+        recorded = entry.metadata.get("fusion", {}).get("source_sha256")
+        if recorded is not None and recorded != fusion.source_checksum(source):
+            raise zoo_lib.StaleEntryError(
+                f"zoo entry {entry.key} was fine-tuned from an earlier {source.key} backbone "
+                f"(retrained since); run the fuse stage again (--stages=fuse,evaluate)"
+            )
 
 
 def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -39,20 +187,35 @@ def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
 
 
 def check_data(config, stages) -> None:
-    """Prepares Glyphs if needed; for other benchmarks fails fast listing missing sources."""
-    needed = set()
+    """Prepares Glyphs if needed; for other benchmarks fails fast listing missing sources.
+
+    Then checks the files of every split the run will read (``sources.verify_prepared``:
+    JSON files, feature classes, shard files), so damaged data is found before training
+    rather than when a split is first read, possibly hours later.
+    """
+    from flatfsc_jax.data import sources
+
+    splits: dict[str, set] = {}
     if "train" in stages or "fuse" in stages:
-        needed |= set(config.domains)
+        for d in config.domains:
+            splits.setdefault(d, set()).update(("train", "valid"))
     if "evaluate" in stages and config.evaluation.enabled:
-        needed |= set(config.evaluation.domains)
+        for d in config.evaluation.domains:
+            splits.setdefault(d, set()).add("test")
+    needed = sorted(splits)
     if config.benchmark == "glyphs":
         from flatfsc_jax.data import glyphs
 
-        glyphs.prepare(config.data_dir, domains=sorted(needed))
-        return
-    from flatfsc_jax.data import meta_dataset
+        glyphs.prepare(config.data_dir, domains=needed)
+        builder = glyphs.BUILDER_NAME
+    else:
+        from flatfsc_jax.data import meta_dataset
 
-    meta_dataset.require_sources(sorted(needed), config.data_dir)
+        meta_dataset.require_sources(needed, config.data_dir)
+        builder = meta_dataset.BUILDER_NAME
+    for d in needed:
+        path = sources.prepared_dir(config.data_dir, builder, d)
+        sources.verify_prepared(path, sorted(splits[d]), source=f"{config.benchmark}/{d}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progress=True):
@@ -63,15 +226,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
     setup_seconds = float(os.environ.get("FLATFSC_SETUP_SECONDS", 0) or 0)
     if setup_seconds:
         PROFILE.add("setup", setup_seconds)
-    unknown = set(stages) - set(STAGES)
-    if unknown:
-        raise ValueError(f"--stages has {sorted(unknown)}; choose from {STAGES}")
+    stages = check_stages(stages)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = resolve_paths(config, workdir)
     config_lib.validate(config, num_devices=jax.device_count())
+    plan(config)  # every entry's effective config is valid
+    check_workdir(workdir)
+    zoo = zoo_lib.Zoo(os.path.join(workdir, "zoo"))
+    check_reuse(config, zoo)
     with PROFILE.section("data"):
         check_data(config, stages)
-    zoo = zoo_lib.Zoo(os.path.join(workdir, "zoo"))
     _print(
         f"flatfsc_jax: benchmark {config.benchmark}, domains {', '.join(config.domains)}, "
         f"methods {', '.join(config.methods)}, {jax.device_count()} device(s) "
@@ -81,11 +245,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
     if "train" in stages:
         for method in config.methods:
             for domain in config.domains:
-                if zoo.is_complete(config.benchmark, domain, method) and not config.retrain:
-                    _print(f"[train] {config.benchmark}/{domain}/{method}: complete, reusing it")
+                key = f"{config.benchmark}/{domain}/{method}"
+                state, problem = zoo.status(config.benchmark, domain, method)
+                if state == "complete" and not config.retrain:
+                    _print(f"[train] {key}: complete, reusing it")
                     continue
-                if config.retrain:
-                    zoo.invalidate(config.benchmark, domain, method)
+                if state == "damaged":
+                    _print(f"[train] {key}: damaged ({problem}), retraining it")
+                cfg = config_lib.domain_config(config, domain, method)
+                changed = zoo.begin(
+                    config.benchmark,
+                    domain,
+                    method,
+                    {"config": cfg.to_dict()},
+                    discard=config.retrain or state == "damaged",
+                )
+                if changed:
+                    _print(
+                        f"[train] {key}: discarded an unfinished run with other settings "
+                        f"({'; '.join(changed)}); training it afresh"
+                    )
                 entry = train.train_and_evaluate(config, zoo, domain, method, progress=progress)
                 _print(
                     f"[train] {entry.key}: best validation accuracy "
@@ -105,6 +284,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
 
     results = None
     if "evaluate" in stages and config.evaluation.enabled:
+        for p in plan(config):  # every backbone is there and intact before compiling
+            zoo.get(config.benchmark, p.domain, p.entry_method)
+        check_fused_sources(config, zoo)
         results = protocol.evaluate_zoo(config, zoo, progress=progress)
         results["config"] = config.to_dict()
         with PROFILE.section("report"):

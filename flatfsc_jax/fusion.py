@@ -22,7 +22,7 @@ import logging
 
 import ml_collections
 
-from flatfsc_jax import train
+from flatfsc_jax import config_lib, train
 from flatfsc_jax import zoo as zoo_lib
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ def fusion_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     """``config`` with the fusion learning rate / steps / restart period in every row."""
     c = ml_collections.ConfigDict(config.to_dict())
     f = config.fusion
-    c.lr, c.num_steps, c.restart_period = f.lr, f.num_steps, f.restart_period
     for d in c.per_domain:
         row = c.per_domain[d]
         row.lr, row.num_steps, row.restart_period = f.lr, f.num_steps, f.restart_period
@@ -48,28 +47,55 @@ def fusion_targets(config) -> tuple[str, ...]:
     return tuple(d for d in config.domains if d != config.fusion.source_domain)
 
 
+def source_checksum(entry: zoo_lib.ZooEntry) -> str:
+    """What identifies a source backbone: the sha256 of its ``best/`` checkpoint."""
+    return entry.metadata.get("best_sha256") or zoo_lib.checksum(entry.path / "best")
+
+
 def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_lib.ZooEntry]:
-    """Fine-tunes the general domain's ``method`` backbone on every other seen domain."""
+    """Fine-tunes the general domain's ``method`` backbone on every other seen domain.
+
+    A complete fused entry is reused only if it was fine-tuned from the current source
+    backbone (same ``best/`` sha256, recorded in its metadata); otherwise it is retrained.
+    """
     source = config.fusion.source_domain
-    if source not in config.domains:
-        raise ValueError(
+    if source not in config.domains:  # config_lib.validate says so before any training
+        raise config_lib.ConfigError(
             f"config.fusion.source_domain={source!r} is not one of config.domains "
             f"{tuple(config.domains)}"
         )
     start = zoo.load(config.benchmark, source, method)
+    source_sha = source_checksum(start.entry)
     target_method = fused_method(method, config.fusion.mode)
     cfg = fusion_config(config)
     lora_rank = config.fusion.lora_rank if config.fusion.mode == "lora" else 0
     entries = []
     for domain in fusion_targets(config):
-        if zoo.is_complete(config.benchmark, domain, target_method) and not config.retrain:
-            log.info(
-                "fusion: %s/%s/%s is complete, reusing it", config.benchmark, domain, target_method
+        key = f"{config.benchmark}/{domain}/{target_method}"
+        state, problem = zoo.status(config.benchmark, domain, target_method)
+        if state == "complete" and not config.retrain:
+            entry = zoo.get(config.benchmark, domain, target_method)
+            recorded = entry.metadata.get("fusion", {}).get("source_sha256")
+            if recorded is None or recorded == source_sha:  # None: written before it was
+                log.info("fusion: %s is complete, reusing it", key)
+                entries.append(entry)
+                continue
+            print(f"[fuse] {key}: its source {start.entry.key} was retrained; fusing again")
+        if state == "damaged":
+            print(f"[fuse] {key}: damaged ({problem}), retraining it")
+        entry_cfg = config_lib.domain_config(cfg, domain, method)
+        changed = zoo.begin(
+            config.benchmark,
+            domain,
+            target_method,
+            {"config": entry_cfg.to_dict(), "source_sha256": source_sha},
+            discard=config.retrain or state != "incomplete",  # complete (stale), damaged
+        )
+        if changed:
+            print(
+                f"[fuse] {key}: discarded an unfinished run with other settings "
+                f"({'; '.join(changed)}); training it afresh"
             )
-            entries.append(zoo.get(config.benchmark, domain, target_method))
-            continue
-        if config.retrain:
-            zoo.invalidate(config.benchmark, domain, target_method)
         entries.append(
             train.train_and_evaluate(
                 cfg,
@@ -82,6 +108,7 @@ def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_li
                 extra_metadata=dict(
                     fusion=dict(
                         source=f"{config.benchmark}/{source}/{method}",
+                        source_sha256=source_sha,
                         mode=config.fusion.mode,
                         lora_rank=lora_rank,
                     )

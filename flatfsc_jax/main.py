@@ -3,9 +3,16 @@
 Thin on purpose (flax examples/imagenet style): parse flags, set up JAX (compilation
 cache, multi-host), hand over to ``experiment.run``. ``./run.sh`` forwards its flags here.
 
-  --config.<key>=<value>   override any config key, e.g. --config.sam.rho=0.1
+  --config.<key>=<value>   override any config key, e.g. --config.per_domain.latin.rho=0.1
   --stages=train,fuse,evaluate
   --retrain                retrain zoo entries that are already complete
+  --dry_run                validate everything, print the config and every entry's
+                           effective batch size / lr / steps / restart period / rho
+  --traceback              show the traceback of an expected failure
+
+Expected failures (a bad config value, missing data, a damaged or stale zoo entry, an
+unwritable workdir, a diverged run) print one message naming the key or path and the
+fix and exit with status 2; anything else is a bug and shows its traceback.
   --distributed            call jax.distributed.initialize() (SLURM / TPU pods detect
                            everything; otherwise give --coordinator_address,
                            --num_processes and --process_id)
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -29,6 +37,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Validate and print the resolved config, then exit (nothing runs)."
+)
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "Show the traceback of expected failures (bad config, data, zoo)."
 )
 _CACHE = flags.DEFINE_string(
     "compilation_cache",
@@ -56,6 +67,30 @@ def setup_jax() -> None:
         )
 
 
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can fix from the message alone (no traceback shown)."""
+    from flatfsc_jax import train
+    from flatfsc_jax import zoo as zoo_lib
+
+    # ConfigError, ZooError, IncompatibleCheckpointError and WorkdirError are ValueErrors;
+    # missing data is a FileNotFoundError (sources.MissingDataError).
+    return (ValueError, OSError, train.NonFiniteError, zoo_lib.ZooError)
+
+
+def dry_run(config, workdir: str, stages) -> None:
+    """Validates everything a run checks before compiling, prints what it would train."""
+    from flatfsc_jax import config_lib, experiment
+    from flatfsc_jax import zoo as zoo_lib
+
+    experiment.check_stages(stages)
+    config = experiment.resolve_paths(config, os.path.abspath(os.path.expanduser(workdir)))
+    config_lib.validate(config)
+    print(config)
+    zoo_root = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "zoo")
+    zoo = zoo_lib.Zoo(zoo_root) if os.path.isdir(zoo_root) else None
+    print(experiment.describe_plan(config, zoo))
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
@@ -63,16 +98,19 @@ def main(argv) -> None:
     config = _CONFIG.value
     if _RETRAIN.value:
         config.retrain = True
-    if _DRY_RUN.value:
-        from flatfsc_jax import config_lib
+    try:
+        if _DRY_RUN.value:
+            dry_run(config, _WORKDIR.value, tuple(_STAGES.value))
+            return
+        setup_jax()
+        from flatfsc_jax import experiment
 
-        config_lib.validate(config)
-        print(config)
-        return
-    setup_jax()
-    from flatfsc_jax import experiment
-
-    experiment.run(config, _WORKDIR.value, tuple(_STAGES.value))
+        experiment.run(config, _WORKDIR.value, tuple(_STAGES.value))
+    except expected_errors() as e:
+        if _TRACEBACK.value:
+            raise
+        print(f"error: {e}\n(--traceback shows where it happened)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

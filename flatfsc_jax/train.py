@@ -44,8 +44,47 @@ from flatfsc_jax.profiling import PROFILE
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN/inf loss, parameter or BatchNorm statistic.
+
+    Nothing non-finite is ever saved: the state is checked before every checkpoint,
+    every ``best/`` save and completion, so the last checkpoint kept is finite.
+    """
+
+
+def non_finite_leaves(state) -> list[str]:
+    """Paths of the float arrays of ``state`` (params, BN stats, LoRA, optimizer) with a
+    NaN or inf. Under BatchNorm the loss, computed before the update, can stay finite
+    while the updated weights are not: checking the loss alone is not enough."""
+    tree = {
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "lora": state.lora,
+        "opt_state": state.opt_state,
+    }
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    floats = [(k, v) for k, v in flat if jnp.issubdtype(v.dtype, jnp.inexact)]
+    finite = jax.device_get([jnp.all(jnp.isfinite(v)) for _, v in floats])
+    return [jax.tree_util.keystr(k) for (k, _), ok in zip(floats, finite, strict=True) if not ok]
+
+
+def _check_finite(state, where: str, advice: str) -> None:
+    bad = non_finite_leaves(state)
+    if bad:
+        raise NonFiniteError(
+            f"{where}: {len(bad)} arrays of the train state are NaN/inf (e.g. "
+            f"{', '.join(bad[:3])}). {advice}"
+        )
+
+
+def _divergence_advice(cfg, domain: str, fused: bool, manager, entry_dir) -> str:
+    lr_key = "config.fusion.lr" if fused else f"config.per_domain.{domain}.lr"
+    return (
+        f"The last good checkpoint (step {manager.latest_step()}; every saved one is finite) "
+        f"is kept in {str(entry_dir / 'train')!r} and nothing was marked complete. Lower "
+        f"{lr_key} (now {cfg.lr}) or config.per_domain.{domain}.rho (now {cfg.sam.rho}) "
+        "and re-run (an unfinished run with other settings is restarted)."
+    )
 
 
 def resolve_data_dir(config) -> str:
@@ -249,6 +288,12 @@ def train_and_evaluate(
         state = restored.state.replace(hparams=steps.replicate(hparams, mesh))
         iterator.set_state(restored.data)
         progress_record = dict(restored.progress)
+        _check_finite(
+            state,
+            f"{cfg.benchmark}/{domain}/{entry_method}: checkpoint step {latest} in "
+            f"{str(entry_dir / 'train')!r}",
+            f"Delete {str(entry_dir)!r} and re-run.",
+        )
         log.info("resumed %s/%s/%s at step %d", cfg.benchmark, domain, entry_method, latest)
     else:
         state = jax.device_put(fresh_state(), steps.replicated(mesh))
@@ -330,12 +375,18 @@ def train_and_evaluate(
             PROFILE.add(f"{stage}/steps", time.perf_counter() - t_steps)
             if not math.isfinite(m["loss"]):
                 bar.close()
-                good = manager.latest_step()
-                raise NonFiniteLossError(
-                    f"{desc}: non-finite loss {m['loss']} at step {step}; the last good "
-                    f"checkpoint (step {good}) is kept in {str(entry_dir / 'train')!r}. Lower "
-                    f"config.lr (now {cfg.lr}) or config.sam.rho (now {cfg.sam.rho}) and rerun."
+                raise NonFiniteError(
+                    f"{desc}: non-finite loss {m['loss']} at step {step}. "
+                    + _divergence_advice(cfg, domain, entry_method != method, manager, entry_dir)
                 )
+            if save_now or val_now:  # never validate, save or finalize a non-finite state
+                if non_finite_leaves(state):
+                    bar.close()
+                    _check_finite(
+                        state,
+                        f"{desc} at step {step}",
+                        _divergence_advice(cfg, domain, entry_method != method, manager, entry_dir),
+                    )
             m.update(step=step, learning_rate=float(schedule(step - 1)))
             if val_now:
                 last_val = validate_now(step)
@@ -371,6 +422,7 @@ def train_and_evaluate(
         devices=mesh.size,
     )
     metadata.update(extra_metadata or {})
+    _check_finite(state, f"{desc}: final state", f"Delete {str(entry_dir)!r} and re-run.")
     if process_index == 0:
         zoo.finalize(
             cfg.benchmark,

@@ -12,14 +12,23 @@ Layout (everything under one root, normally ``<workdir>/zoo``)::
 
 ``method`` is ``erm`` or ``sam`` for per-domain backbones and e.g. ``sam+ft`` /
 ``sam+lora`` for the fusion entries (the general domain's backbone fine-tuned on
-``domain``). An entry is *complete* when its metadata says so and its best checkpoint
-exists; anything else is listed with a warning and skipped, never loaded half-written.
+``domain``). An entry is *complete* when its metadata says so, its best checkpoint
+exists and matches the sha256 recorded in the metadata; anything else is listed with a
+warning and skipped, never loaded half-written. ``status`` tells the stages apart:
+absent / incomplete (an unfinished run) / damaged (complete metadata but a missing or
+altered ``best/``: the train stage retrains it, evaluation names it and the fix).
+
+Reuse rules (``config_changes``): an entry is reused only when the keys that define its
+backbone (``BACKBONE_KEYS``; for fused entries also ``FUSED_KEYS``) equal those of the
+effective config the run would train it with; a fused entry also records the sha256 of
+its source backbone's ``best/`` and is stale once that source is retrained.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -42,6 +51,92 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "fla
 
 class IncompatibleCheckpointError(ValueError):
     """A checkpoint does not fit the model it is restored into."""
+
+
+class ZooError(ValueError):
+    """A zoo entry cannot be used as it is; the message names the entry and the fix."""
+
+
+class DamagedEntryError(ZooError):
+    """A complete entry whose ``best/`` checkpoint is missing, altered or unreadable."""
+
+
+class StaleEntryError(ZooError):
+    """Complete entries trained with other backbone-defining keys than the config says."""
+
+
+# Effective-config keys (``config_lib.domain_config``) that define a backbone: a complete
+# entry is reused only when all of them are unchanged. Evaluation, logging, checkpoint
+# intervals and paths do not change the stored backbone and are not compared. Validation
+# settings are: they choose which step's weights become ``best/``.
+BACKBONE_KEYS = (
+    "benchmark",
+    "domains",
+    "methods",
+    "seed",
+    "model.arch",
+    "model.width",
+    "model.dtype",
+    "batch_size",
+    "lr",
+    "num_steps",
+    "restart_period",
+    "momentum",
+    "weight_decay",
+    "label_smoothing",
+    "sam.rho",
+    "sam.adaptive",
+    "sam.m",
+    "sam.eps",
+    "augment.",  # every augmentation key
+    "validation.every",
+    "validation.episodes",
+    "validation.metric",
+)
+# Also compared for fused entries (``<domain>/<method>+ft`` / ``+lora``).
+FUSED_KEYS = ("fusion.source_domain", "fusion.mode", "fusion.lora_rank")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_changes(stored: dict, wanted: dict, *, fused: bool = False) -> list[str]:
+    """``"key: old -> new"`` for every backbone-defining key that differs.
+
+    A key missing from ``stored`` (an entry written before the key existed) is not
+    compared: the entry was trained without it.
+    """
+    old, new = _flatten(stored), _flatten(wanted)
+    patterns = BACKBONE_KEYS + (FUSED_KEYS if fused else ())
+    keys = sorted(
+        k
+        for k in set(old) | set(new)
+        if any(k == p or (p.endswith(".") and k.startswith(p)) for p in patterns)
+    )
+    return [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in keys if k in old and old[k] != new.get(k)]
+
+
+def checksum(path) -> str:
+    """sha256 over the relative names and bytes of every file under ``path`` (sorted)."""
+    root = os.fspath(path)
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            digest.update(os.path.relpath(full, root).encode() + b"\0")
+            with open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -155,29 +250,57 @@ class Zoo:
         return self.entry_dir(benchmark, domain, method) / "metadata.json"
 
     def is_complete(self, benchmark: str, domain: str, method: str) -> bool:
-        return self._read_entry(self.entry_dir(benchmark, domain, method), warn=False) is not None
+        return self.status(benchmark, domain, method)[0] == "complete"
+
+    def status(self, benchmark: str, domain: str, method: str) -> tuple[str, str | None]:
+        """(``absent`` | ``incomplete`` | ``damaged`` | ``complete``, the problem or None)."""
+        path = self.entry_dir(benchmark, domain, method)
+        if not path.exists():
+            return "absent", None
+        _, state, problem = self._inspect(path)
+        return state, problem
+
+    def _inspect(self, path: epath.Path) -> tuple[ZooEntry | None, str, str | None]:
+        """(entry or None, state, problem) of one entry directory."""
+        meta_path = path / "metadata.json"
+        if not meta_path.exists():
+            return None, "incomplete", "no metadata.json (training unfinished or interrupted)"
+        try:
+            metadata = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return None, "incomplete", f"unreadable metadata.json ({e})"
+        if not isinstance(metadata, dict):
+            return (
+                None,
+                "incomplete",
+                f"metadata.json is not a zoo entry (a {type(metadata).__name__})",
+            )
+        if not metadata.get("complete"):
+            return None, "incomplete", "metadata.json is not marked complete"
+        lacking = [k for k in ("model", "image_shape") if k not in metadata]
+        if lacking or not isinstance(metadata.get("model"), dict):
+            return None, "incomplete", f"metadata.json is not a zoo entry (no {lacking or 'model'})"
+        if not (path / "best").exists():
+            return None, "damaged", "best/ checkpoint is missing"
+        recorded = metadata.get("best_sha256")
+        # Entries written before checksums were recorded are trusted as they are.
+        if recorded is not None and checksum(path / "best") != recorded:
+            return None, "damaged", "best/ checkpoint does not match its recorded sha256"
+        benchmark, domain, method = path.parts[-3:]
+        return ZooEntry(benchmark, domain, method, path, metadata), "complete", None
 
     def _read_entry(self, path: epath.Path, *, warn: bool) -> ZooEntry | None:
-        meta_path = path / "metadata.json"
-        problem = None
-        if not meta_path.exists():
-            problem = "no metadata.json (training unfinished or interrupted)"
-        else:
-            try:
-                metadata = json.loads(meta_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                problem = f"unreadable metadata.json ({e})"
-            else:
-                if not metadata.get("complete"):
-                    problem = "metadata.json is not marked complete"
-                elif not (path / "best").exists():
-                    problem = "best/ checkpoint is missing"
-        if problem:
-            if warn:
-                log.warning("zoo: skipping %s: %s", path, problem)
-            return None
-        benchmark, domain, method = path.parts[-3:]
-        return ZooEntry(benchmark, domain, method, path, metadata)
+        entry, _, problem = self._inspect(path)
+        if problem and warn:
+            log.warning("zoo: skipping %s: %s", path, problem)
+        return entry
+
+    def damaged_message(self, benchmark, domain, method, problem: str) -> str:
+        path = self.entry_dir(benchmark, domain, method)
+        return (
+            f"zoo entry {benchmark}/{domain}/{method} is damaged ({problem}): delete "
+            f"{str(path)!r} and re-run (the train stage then retrains that entry only)"
+        )
 
     def list(self, benchmark: str | None = None) -> list[ZooEntry]:
         """Complete entries, sorted; incomplete or corrupted ones are skipped with a warning."""
@@ -194,13 +317,15 @@ class Zoo:
 
     def get(self, benchmark: str, domain: str, method: str) -> ZooEntry:
         path = self.entry_dir(benchmark, domain, method)
-        entry = self._read_entry(path, warn=False)
+        entry, state, problem = self._inspect(path) if path.exists() else (None, "absent", None)
+        if state == "damaged":
+            raise DamagedEntryError(self.damaged_message(benchmark, domain, method, problem))
         if entry is None:
             available = [e.key for e in self.list(benchmark)]
             raise FileNotFoundError(
                 f"zoo entry {benchmark}/{domain}/{method} is missing or incomplete under "
                 f"{str(self.root)!r}; complete entries: {available or 'none'}. Train it with "
-                f"./run.sh --config=<config>:{domain}"
+                f"{train_hint(benchmark, method)} --stages=train,fuse"
             )
         return entry
 
@@ -209,9 +334,22 @@ class Zoo:
         model_config = entry.metadata["model"]
         model = build_model_from_metadata(model_config)
         sample = jnp.zeros((1, *entry.metadata["image_shape"]), jnp.float32)
-        variables = restore_variables(
-            entry.path / "best", model, sample, stored=describe_model(model_config)
-        )
+        try:
+            variables = restore_variables(
+                entry.path / "best", model, sample, stored=describe_model(model_config)
+            )
+        except IncompatibleCheckpointError:
+            raise
+        except Exception as e:  # a truncated or altered file Orbax cannot read
+            problem = f"best/ cannot be restored: {type(e).__name__}: {str(e)[:200]}"
+            raise DamagedEntryError(self.damaged_message(benchmark, domain, method, problem)) from e
+        # Training never stores a non-finite state; an older version could (a diverged
+        # run finalized as complete): never evaluate one.
+        leaves = jax.tree.leaves(variables)
+        bad = sum(not np.all(np.isfinite(np.asarray(x))) for x in leaves)
+        if bad:
+            problem = f"{bad} of its {len(leaves)} arrays are NaN/inf (a diverged run)"
+            raise DamagedEntryError(self.damaged_message(benchmark, domain, method, problem))
         return LoadedBackbone(model, variables, entry)
 
     def write(
@@ -263,6 +401,8 @@ class Zoo:
             date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             complete=True,
         )
+        # What the entry is checked against when read (a truncated or altered file).
+        full["best_sha256"] = checksum(path / "best")
         tmp = path / "metadata.json.tmp"
         tmp.write_text(json.dumps(full, indent=2, default=_json_default))
         os.replace(tmp, path / "metadata.json")
@@ -272,6 +412,52 @@ class Zoo:
         path = self.entry_dir(benchmark, domain, method)
         if path.exists():
             shutil.rmtree(path)
+
+    def begin(self, benchmark, domain, method, record: dict, *, discard: bool = False) -> list[str]:
+        """Records what a run of an entry trains (``started.json``) before training starts.
+
+        An unfinished run (``train/`` checkpoints, no complete metadata) started with a
+        different ``record`` (effective config, fused source) is discarded so that the
+        run starts afresh instead of resuming it; returns the changed keys (empty when
+        nothing was discarded). ``discard=True`` removes the entry first in any case
+        (``--retrain``, a damaged entry). With several processes, process 0 writes and
+        all wait for it.
+        """
+        path = self.entry_dir(benchmark, domain, method)
+        started = path / "started.json"
+        changes = []
+        if started.exists() and not discard:
+            try:
+                old = json.loads(started.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                old = None
+            if not isinstance(old, dict):
+                changes = ["started.json: unreadable"]
+            else:
+                fused = "+" in method
+                changes = config_changes(old.get("config", {}), record["config"], fused=fused)
+                if old.get("source_sha256") != record.get("source_sha256"):
+                    changes.append("fusion source backbone: retrained")
+        if jax.process_index() == 0:
+            if discard or changes:
+                self.invalidate(benchmark, domain, method)
+            path.mkdir(parents=True, exist_ok=True)
+            tmp = path / "started.json.tmp"
+            tmp.write_text(json.dumps(record, indent=2, default=_json_default))
+            os.replace(tmp, started)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"zoo.begin {benchmark}/{domain}/{method}")
+        return changes
+
+
+def train_hint(benchmark: str, method: str) -> str:
+    """The command that trains a missing entry of ``benchmark``."""
+    if benchmark == "glyphs":
+        return "./run.sh --config=configs/glyphs.py"
+    base = method.split("+")[0]
+    return f"./run.sh --config=configs/{base}_resnet18.py"
 
 
 def _json_default(x):
@@ -309,7 +495,13 @@ def main(argv=None) -> None:
     parser.add_argument("--benchmark", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    print(format_listing(Zoo(args.zoo).list(args.benchmark)))
+    zoo = Zoo(args.zoo)
+    if not zoo.root.is_dir():
+        raise SystemExit(f"error: --zoo={args.zoo}: no such directory")
+    nested = zoo.root / "zoo"
+    if nested.is_dir() and not any((zoo.root / b).is_dir() for b in ("glyphs", "meta_dataset")):
+        raise SystemExit(f"error: --zoo={args.zoo} is a workdir, not a zoo: use --zoo={nested}")
+    print(format_listing(zoo.list(args.benchmark)))
 
 
 if __name__ == "__main__":

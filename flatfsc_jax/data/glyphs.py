@@ -289,6 +289,12 @@ def prepare(
             continue
         if recorded is not None:  # built from another render: rebuild it
             shutil.rmtree(os.fspath(sources.prepared_dir(data_dir, BUILDER_NAME, domain)))
+        else:
+            # Not prepared, but leftovers (e.g. a version directory that lost its
+            # dataset_info.json) would make TFDS skip the build: start from nothing.
+            leftover = os.path.join(data_dir, BUILDER_NAME, domain)
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover)
         start = time.perf_counter()
         builder = Glyphs(
             config=domain, data_dir=data_dir, file_format="array_record", assets_dir=assets_dir

@@ -10,6 +10,8 @@ the split, and images fetched by index (uint8, HWC).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -116,6 +118,73 @@ def prepared_dir(data_dir, builder: str, config: str):
     return max(versions, key=lambda p: tuple(int(x) for x in p.name.split(".")))
 
 
+# The only feature classes our builders write (data/glyphs.py, data/meta_dataset.py).
+# TFDS imports the Python module named by each "pythonClassName" of a prepared
+# features.json when it opens the directory: anything else is refused before TFDS reads it.
+FEATURE_CLASSES = frozenset(
+    {
+        "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+        "tensorflow_datasets.core.features.tensor_feature.Tensor",
+        "tensorflow_datasets.core.features.scalar.Scalar",
+    }
+)
+
+
+def _class_names(tree) -> list[str]:
+    if isinstance(tree, dict):
+        out = [tree["pythonClassName"]] if isinstance(tree.get("pythonClassName"), str) else []
+        for v in tree.values():
+            out += _class_names(v)
+        return out
+    if isinstance(tree, list):
+        return [n for v in tree for n in _class_names(v)]
+    return []
+
+
+def verify_prepared(path, splits, *, source: str) -> None:
+    """Checks a prepared version directory without reading any image (cheap).
+
+    Presence and JSON of ``dataset_info.json``, ``features.json`` and ``metadata.json``,
+    only our own feature classes in ``features.json``, every requested split listed and
+    all of its shard files present. Raises ``MissingDataError`` naming the file and fix.
+    """
+    root = os.fspath(path)
+    fix = f"delete {root!r} and prepare it again"
+    docs = {}
+    for name in ("dataset_info.json", "features.json", "metadata.json"):
+        try:
+            with open(os.path.join(root, name), encoding="utf-8") as f:
+                docs[name] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise MissingDataError(
+                f"source {source!r}: {name} in {root!r} is missing or unreadable "
+                f"({type(e).__name__}: {e}); {fix}"
+            ) from e
+        if not isinstance(docs[name], dict):
+            raise MissingDataError(
+                f"source {source!r}: {name} in {root!r} is not a JSON object; {fix}"
+            )
+    foreign = sorted(set(_class_names(docs["features.json"])) - FEATURE_CLASSES)
+    if foreign:
+        raise MissingDataError(
+            f"source {source!r}: features.json in {root!r} names feature classes this "
+            f"project never writes ({foreign}); TFDS would import them. Data directories "
+            f"are trusted input: {fix}"
+        )
+    info = docs["dataset_info.json"]
+    listed = {sp.get("name"): sp for sp in info.get("splits", []) if isinstance(sp, dict)}
+    for split in splits:
+        if split not in listed:
+            raise MissingDataError(
+                f"source {source!r}: dataset_info.json in {root!r} has no {split!r} split; {fix}"
+            )
+        shards = len(listed[split].get("shardLengths", []))
+        for i in range(shards):
+            name = f"{info.get('name')}-{split}.{info.get('fileFormat')}-{i:05d}-of-{shards:05d}"
+            if not os.path.isfile(os.path.join(root, name)):
+                raise MissingDataError(f"source {source!r}: {name} is missing in {root!r}; {fix}")
+
+
 class _ImageView:
     """Random access to the ``image`` feature of a ``tfds`` data source."""
 
@@ -159,6 +228,7 @@ def read_prepared_split(
             f"source {source!r} is not prepared in data_dir={str(data_dir)!r} "
             f"(no {builder}/{config}/<version>/dataset_info.json)"
         )
+    verify_prepared(path, (split,), source=source)
     try:
         tfds_builder = tfds.builder_from_directory(str(path))
     except Exception as e:  # corrupted dataset_info/features files
