@@ -5,6 +5,7 @@ Command (the README's first command; no arguments needed):
   ./run.sh                                   # = --config=configs/glyphs.py
   ./run.sh --config=configs/glyphs.py:tiny   # a 1-minute smoke run (what the e2e test runs)
   ./run.sh --config.per_domain.latin.rho=0.1  # any key can be overridden
+  ./run.sh --config=configs/glyphs.py:kd     # + fusion by distillation (erm+kd, sam+kd)
 
 Trains ERM and SAM backbones for the five seen scripts (CJK is the large "general"
 domain, like ImageNet), fuses by fine-tuning the CJK backbone on the other seen scripts,
@@ -36,6 +37,34 @@ GLYPHS_TABLE = {
     "cyrillic": dict(batch_size=64, lr=5e-2, num_steps=200, restart_period=200, rho=0.05),
     "kana": dict(batch_size=64, lr=5e-2, num_steps=200, restart_period=200, rho=0.05),
 }
+
+
+def with_distillation(c):
+    """Adds fusion by distillation (URL) to ``c``, scaled from its general-domain row.
+
+    URL's Meta-Dataset ratios carried over: the student trains half the general domain's
+    from-scratch steps (240k vs 480k) with five restart periods, batch 7x the general
+    domain's per-domain batch for it (448 = 7 x 64) and 1x for every other domain (64),
+    and the general domain's learning rate (3e-2 on both in URL). With the default table:
+    200 steps, restart period 40, batches CJK 448 + 4 x 64, lr 5e-2.
+    """
+    src = c.fusion.source_domain
+    row = c.per_domain[src]
+    num_steps = max(1, row.num_steps // 2)
+    period = max(1, num_steps // 5)
+    config_lib.set_distill_recipe(
+        c,
+        num_steps=num_steps,
+        restart_period=period,
+        lr=row.lr,
+        general_batch_size=7 * row.batch_size,
+        other_batch_size=row.batch_size,
+    )
+    c.fusion.distill.validation_every = max(1, period // 2)
+    modes = config_lib.fusion_modes(c)
+    if "distill" not in modes:
+        c.fusion.mode = ",".join((*modes, "distill"))
+    return c
 
 
 def get_config(arg=None):
@@ -70,7 +99,14 @@ def get_config(arg=None):
     # PARC compares all support pairs (O(S^2) plus a sort): 100 images per task suffice
     # to rank 5 backbones and keep 600 tasks x 5 backbones x 7 unseen scripts cheap.
     c.evaluation.parc_max_support = 100
-    if arg == "tiny":  # smoke run: every stage, minimal work
+    args = [a for a in (arg or "").split(",") if a]
+    unknown = [a for a in args if a not in ("tiny", "kd")]
+    if unknown:
+        raise ValueError(
+            f"configs/glyphs.py takes no argument or a comma-separated list of 'tiny' and "
+            f"'kd' (distillation), got {arg!r}"
+        )
+    if "tiny" in args:  # smoke run: every stage, minimal work
         config_lib.with_table(
             c,
             {d: dict(GLYPHS_TABLE[d], num_steps=6, restart_period=6) for d in SEEN[:2]},
@@ -85,6 +121,6 @@ def get_config(arg=None):
         c.evaluation.episodes = 8
         c.evaluation.finetune_episodes = 2
         c.evaluation.finetune_steps = 2
-    elif arg:
-        raise ValueError(f"configs/glyphs.py takes no argument or 'tiny', got {arg!r}")
+    if "kd" in args:
+        with_distillation(c)
     return c
