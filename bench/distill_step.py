@@ -15,15 +15,19 @@ Reports median wall times, their ratios to the ERM step, and XLA's FLOP ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import glyphs as glyphs_config
-from flatfsc_jax import distill, models, optim, steps
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import glyphs as glyphs_config  # noqa: E402
+from flatfsc_jax import distill, models, optim, steps  # noqa: E402
 
 # Train classes of the five seen Glyphs scripts (the zoo's metadata).
 CLASSES = {"cjk": 280, "latin": 36, "greek": 34, "cyrillic": 45, "kana": 101}
