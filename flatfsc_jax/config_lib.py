@@ -52,8 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.retrain = False  # True: retrain zoo entries that are already complete
 
+    # head_classes > 0 pads every domain's classification head to that many classes
+    # (masked logits) so all domains share one compiled training step (train.py); 0
+    # gives each domain its own head width (and its own compilation).
     c.model = ml_collections.ConfigDict(
-        dict(arch="resnet18", width=1.0, dtype="float32", lora_rank=0)
+        dict(arch="resnet18", width=1.0, dtype="float32", lora_rank=0, head_classes=0)
     )
 
     # Single-domain hyper-parameters (authoritative when len(domains) == 1).
@@ -123,6 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
             lora_rank=4,
             parc_support=True,  # unseen domains: pick the backbone per task with PARC
             parc_max_support=0,  # > 0: PARC on a random subset of this many support images
+            # Test episodes and PARC subsets; independent of config.seed (training), so
+            # every training seed is evaluated on the same episodes.
+            seed=0,
         )
     )
     return c
@@ -254,6 +260,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
             f"{models.ARCHITECTURES}"
         )
     _finite_positive(config.model.width, "model.width")
+    head = config.model.get("head_classes", 0)
+    if not isinstance(head, int) or isinstance(head, bool) or head < 0:
+        raise ValueError(
+            f"config.model.head_classes must be an integer >= 0 (0: no padding), got {head!r}"
+        )
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(
             f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}"

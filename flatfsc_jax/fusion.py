@@ -125,6 +125,7 @@ def _fine_tune(config, zoo, method: str, mode: str, *, progress) -> list[zoo_lib
                     )
                 ),
                 progress=progress,
+                stage="fuse",
             )
         )
     return entries

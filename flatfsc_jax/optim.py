@@ -38,10 +38,35 @@ def make_schedule(
         _check_num_steps(num_steps)
 
     def schedule(step):
-        phase = jnp.mod(jnp.asarray(step, jnp.int32), restart_period).astype(jnp.float32)
-        return learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * phase / restart_period))
+        return cosine_restart_rate(step, learning_rate, restart_period)
 
     return schedule
+
+
+def cosine_restart_rate(step, learning_rate, restart_period):
+    """The warm-restart cosine rate at ``step``; every argument may be a traced array
+    (``steps.TrainState.hparams`` keeps the rate and period as data)."""
+    period = jnp.asarray(restart_period, jnp.int32)
+    phase = jnp.mod(jnp.asarray(step, jnp.int32), period).astype(jnp.float32)
+    return learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * phase / period.astype(jnp.float32)))
+
+
+def make_direction(
+    *, momentum: float = 0.9, weight_decay: float = 7e-4, nesterov: bool = False
+) -> optax.GradientTransformation:
+    """The optimiser without its learning rate: coupled weight decay + momentum buffer.
+
+    ``make_optimizer`` is this chain followed by the scheduled rate; the training loop
+    uses it directly when the rate is data (``steps.TrainState.hparams``).
+    """
+    if not _finite(momentum) or not 0 <= momentum < 1:
+        raise ValueError(f"config.momentum must be in [0, 1), got {momentum!r}")
+    if not _finite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"config.weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),  # coupled: enters the momentum buffer
+        optax.trace(decay=momentum, nesterov=nesterov),
+    )
 
 
 def make_optimizer(
@@ -61,18 +86,11 @@ def make_optimizer(
     """
     _check_lr(learning_rate, restart_period)
     _check_num_steps(num_steps)
-    if not _finite(momentum) or not 0 <= momentum < 1:
-        raise ValueError(f"config.momentum must be in [0, 1), got {momentum!r}")
-    if not _finite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"config.weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    direction = make_direction(momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     schedule = make_schedule(
         learning_rate=learning_rate, restart_period=restart_period, num_steps=num_steps
     )
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay),  # coupled: enters the momentum buffer
-        optax.trace(decay=momentum, nesterov=nesterov),
-        optax.scale_by_learning_rate(schedule),
-    )
+    return optax.chain(direction, optax.scale_by_learning_rate(schedule))
 
 
 def _check_lr(learning_rate, restart_period) -> None:

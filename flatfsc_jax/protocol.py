@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from flatfsc_jax import adapt, evaluate, fusion, models, parc, train
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import episodes as episodes_lib
+from flatfsc_jax.profiling import PROFILE
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,16 @@ def family_backbone(config, family: str, domain: str) -> tuple[str, str]:
     return domain, family
 
 
+def evaluation_seed(config) -> int:
+    """Seed of the test episodes and PARC subsets: ``config.evaluation.seed``, fixed
+    while ``config.seed`` (training) varies, so training seeds are compared on the same
+    episodes and their spread measures training variation only."""
+    return int(config.evaluation.get("seed", 0))
+
+
 def sample_test_episodes(config, split) -> tuple:
     spec = episodes_lib.EpisodeSpec(mode="variable")
-    sampler = episodes_lib.EpisodeSampler(split, spec, seed=config.seed + 1000)
+    sampler = episodes_lib.EpisodeSampler(split, spec, seed=evaluation_seed(config) + 1000)
     eps = sampler.sample(config.evaluation.episodes)
     return eps, episodes_lib.pad_episodes(eps, **episodes_lib.bucket_sizes(split, spec))
 
@@ -144,7 +152,8 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
         same static ``Model``, so jitted embedding / fine-tuning compile once for all."""
         key = (domain, method)
         if key not in cache:
-            loaded = zoo.load(config.benchmark, domain, method)
+            with PROFILE.section("evaluate/load"):
+                loaded = zoo.load(config.benchmark, domain, method)
             m = loaded.entry.metadata["model"]
             trunk = models.build_model(m["arch"], 0, width=m["width"], dtype=m["dtype"])
             variables = {
@@ -167,10 +176,11 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
     bar = tqdm(total=len(domains) * len(fams), desc="evaluate", disable=not progress)
     for domain in domains:
         t0 = time.perf_counter()
-        split = train.load_split(config, domain, "test")
-        _, batch = sample_test_episodes(config, split)
+        with PROFILE.section("evaluate/episodes"):
+            split = train.load_split(config, domain, "test")
+            _, batch = sample_test_episodes(config, split)
         n_ft = min(ev.finetune_episodes, len(batch.ways))
-        parc_support_sets = parc_subsets(batch, ev.parc_max_support, config.seed + 2000)
+        parc_support_sets = parc_subsets(batch, ev.parc_max_support, evaluation_seed(config) + 2000)
         embeds: dict = {}  # (domain, method) of a backbone -> embeddings of this split
         parc_cache: dict = {}  # (domain, method) -> PARC score per episode
         dom = {"seen": domain in seen, "ways": batch.ways.tolist(), "families": {}, "selection": {}}
@@ -184,18 +194,20 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
             # backbone): embed and PARC-score each backbone once per domain.
             for c in candidates:
                 if c not in embeds:
-                    embeds[c] = evaluate.embed_split(
-                        backbone(*c).model,
-                        backbone(*c).variables,
-                        split,
-                        batch_size=config.validation.batch_size,
-                    )
+                    with PROFILE.section("evaluate/embed"):
+                        embeds[c] = evaluate.embed_split(
+                            backbone(*c).model,
+                            backbone(*c).variables,
+                            split,
+                            batch_size=config.validation.batch_size,
+                        )
             if len(candidates) == 1:
                 choice = np.zeros(len(batch.ways), np.int64)
             else:
                 for c in candidates:
                     if c not in parc_cache:
-                        parc_cache[c] = parc_scores(embeds[c], parc_support_sets)
+                        with PROFILE.section("evaluate/parc"):
+                            parc_cache[c] = parc_scores(embeds[c], parc_support_sets)
                 scores = np.stack([parc_cache[c] for c in candidates])
                 if ev.parc_support:
                     choice = np.argmax(scores, axis=0)
@@ -216,8 +228,10 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
                         continue
                     sub = take_episodes(batch, idx)
                     if adaptation == "ncc":
-                        acc[idx] = evaluate.episode_accuracies(embeds[c], sub, metric=ev.metric)
-                    else:
+                        with PROFILE.section("evaluate/ncc"):
+                            acc[idx] = evaluate.episode_accuracies(embeds[c], sub, metric=ev.metric)
+                        continue
+                    with PROFILE.section(f"evaluate/{adaptation}"):
                         acc[idx] = adapt.adapt_episodes(
                             backbone(*c).model,
                             backbone(*c).variables,

@@ -12,6 +12,20 @@ A batch is a dict ``{"images": [B, H, W, C], "labels": int32 [B]}``; images are
 float32 in [-1, 1] or uint8 (then preprocessed on the device, which moves 4x fewer
 bytes from the host).
 
+Per-run hyper-parameters as data (``TrainState.hparams``). A program compiled with the
+learning rate, restart period, SAM radius and class count baked in as constants serves
+one zoo entry only; the Glyphs job trains 18 entries with a handful of architectures.
+When the state carries ``hparams = {"learning_rate", "restart_period", "rho",
+"num_classes"}`` (replicated scalars, see ``make_hparams``), the step reads them as
+traced values: the warm-restart cosine rate is computed from ``state.step`` in the
+graph, ``rho`` is the traced SAM radius (the static ``rho`` only selects the ERM or the
+SAM program), and logits of classes ``>= num_classes`` are masked, so a classification
+head padded to a shared width learns exactly what an unpadded one would. Every entry of
+one architecture, batch shape and method then runs the *same* compiled program
+(``compiled_train_step`` caches it). ``tx`` must then be the optimiser's direction
+without its learning rate (``optim.make_direction``). With ``hparams={}`` (the default)
+``tx`` carries its own schedule, as for any optax user.
+
 LoRA fine-tuning (``train_lora=True``) differentiates only the adapters (collection
 ``'lora'``) and the classifier head; the trunk weights (BatchNorm scales and biases
 included) stay frozen and get no gradient computed, while BatchNorm running statistics
@@ -32,7 +46,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flatfsc_jax import sam
+from flatfsc_jax import optim, sam
 from flatfsc_jax.data.sources import preprocess
 from flatfsc_jax.models import Model
 
@@ -49,6 +63,8 @@ class TrainState:
       batch_stats: BatchNorm running statistics (``{}`` for models without BN).
       opt_state: optimiser state over the *trained* variables (see ``trainable``).
       lora: LoRA adapters (collection ``'lora'``), ``{}`` for models without them.
+      hparams: per-run hyper-parameters read as traced values (module docstring), or
+        ``{}`` when ``tx`` carries its own schedule.
     """
 
     step: jax.Array
@@ -56,6 +72,24 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     lora: Any = flax.struct.field(default_factory=dict)
+    hparams: Any = flax.struct.field(default_factory=dict)
+
+
+HPARAM_KEYS = ("learning_rate", "restart_period", "rho", "num_classes")
+
+# Logit of a padded head class (index >= num_classes): finite, so the softmax never
+# produces NaN, and far below any real logit, so it gets zero probability and gradient.
+_MASKED_LOGIT = -1e30
+
+
+def make_hparams(*, learning_rate, restart_period, rho, num_classes) -> dict:
+    """``TrainState.hparams`` for one run (float32 / int32 scalars)."""
+    return {
+        "learning_rate": jnp.asarray(learning_rate, jnp.float32),
+        "restart_period": jnp.asarray(restart_period, jnp.int32),
+        "rho": jnp.asarray(rho, jnp.float32),
+        "num_classes": jnp.asarray(num_classes, jnp.int32),
+    }
 
 
 def trainable(state: TrainState, train_lora: bool = False) -> Any:
@@ -127,6 +161,11 @@ def train_step(
     del rng  # see docstring: no stochastic layers yet
     images = _as_float_images(batch["images"])
     labels = batch["labels"]
+    hp = state.hparams
+    if hp and set(hp) != set(HPARAM_KEYS):
+        raise ValueError(f"TrainState.hparams must have keys {HPARAM_KEYS}, got {sorted(hp)}")
+    # The static rho selects the program (ERM: one pass); the state's value is the radius.
+    radius = hp["rho"] if hp and not (isinstance(rho, numbers.Real) and rho == 0) else rho
 
     def loss_fn(trained, data):
         params, lora = _with_trained(state, trained, train_lora)
@@ -135,25 +174,38 @@ def train_step(
             variables["lora"] = lora
         (logits, _), new_batch_stats = model.apply(variables, data["images"], train=True)
         logits = logits.astype(jnp.float32)
-        targets = optax.smooth_labels(
-            jax.nn.one_hot(data["labels"], logits.shape[-1]), label_smoothing
-        )
+        if hp:
+            valid = jnp.arange(logits.shape[-1]) < hp["num_classes"]
+            logits = jnp.where(valid, logits, _MASKED_LOGIT)
+            # Smoothing spreads its mass over the real classes only.
+            onehot = jax.nn.one_hot(data["labels"], logits.shape[-1])
+            uniform = valid.astype(jnp.float32) / hp["num_classes"].astype(jnp.float32)
+            targets = (1.0 - label_smoothing) * onehot + label_smoothing * uniform
+        else:
+            targets = optax.smooth_labels(
+                jax.nn.one_hot(data["labels"], logits.shape[-1]), label_smoothing
+            )
         loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
         accuracy = jnp.mean((jnp.argmax(logits, -1) == data["labels"]).astype(jnp.float32))
         return loss, {"batch_stats": new_batch_stats, "accuracy": accuracy}
 
     trained = trainable(state, train_lora)
-    new_trained, opt_state, aux, diag = sam.sam_update(
+    grads, aux, diag = sam.sam_gradient(
         loss_fn,
         trained,
-        state.opt_state,
         {"images": images, "labels": labels},
-        tx,
-        rho=rho,
+        rho=radius,
         eps=eps,
         adaptive=adaptive,
         m=m,
     )
+    updates, opt_state = tx.update(grads, state.opt_state, trained)
+    extra = {}
+    if hp:  # tx is the direction only: scale by this step's warm-restart cosine rate
+        rate = optim.cosine_restart_rate(state.step, hp["learning_rate"], hp["restart_period"])
+        updates = jax.tree.map(lambda u: -rate * u, updates)
+        extra["learning_rate"] = rate
+    new_trained = optax.apply_updates(trained, updates)
     params, lora = _with_trained(state, new_trained, train_lora)
     new_state = state.replace(
         step=state.step + 1,
@@ -169,6 +221,7 @@ def train_step(
         "grad_norm": diag.grad_norm,
         "accuracy": aux["accuracy"],
         "param_norm": sam.global_norm(trained),
+        **extra,
     }
     return new_state, metrics
 

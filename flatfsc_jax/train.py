@@ -6,6 +6,13 @@ on ``config.validation.episodes`` episodes of the domain's *valid* classes (NCC,
 cosine, frozen embeddings), keeps the best checkpoint in the zoo and logs to the console
 (progress bar) and to ``metrics.jsonl`` in the entry directory.
 
+Compilation is shared: the model's classification head is padded to
+``config.model.head_classes`` (when set) with the padded logits masked, and the learning
+rate, restart period, rho and class count travel in ``TrainState.hparams`` as data
+(steps.py), so every entry of one architecture, batch size and method runs one compiled
+program (``_compiled_step`` caches it for the process). The stored backbone's head is cut
+back to the domain's classes, so zoo entries do not depend on the padding.
+
 Resumption: an Orbax ``CheckpointManager`` in ``<entry>/train`` saves the train state, the
 input iterator's position and the best-so-far record every ``config.checkpoint_every``
 steps. Step randomness is ``fold_in(seed, step)`` and the input pipeline is a pure
@@ -32,6 +39,7 @@ from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.data import pipeline, sources
 from flatfsc_jax.evaluate import FewShotEvaluator
+from flatfsc_jax.profiling import PROFILE
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +79,57 @@ def validation_evaluator(config, valid_split: sources.SplitData) -> FewShotEvalu
     )
 
 
+def head_width(config, num_classes: int) -> int:
+    """Width of the trained classification head: ``config.model.head_classes`` (shared
+    by every domain so they share one compiled step) or the domain's own class count."""
+    width = int(config.model.get("head_classes", 0) or 0)
+    if not width:
+        return int(num_classes)
+    if width < num_classes:
+        raise ValueError(
+            f"config.model.head_classes={width} is smaller than the {num_classes} training "
+            f"classes of this domain; set it to at least {num_classes} (or 0: no padding)"
+        )
+    return width
+
+
+# One compiled training step per (model, optimiser, SAM settings, batch, mesh) for the
+# whole process: the entries of a job differ only in data (TrainState.hparams).
+_COMPILED_STEPS: dict = {}
+
+
+def _compiled_step(model, cfg, mesh, *, train_lora: bool):
+    key = (
+        model,
+        float(cfg.momentum),
+        float(cfg.weight_decay),
+        float(cfg.sam.rho) > 0,
+        bool(cfg.sam.adaptive),
+        cfg.sam.m or None,
+        float(cfg.sam.eps),
+        float(cfg.label_smoothing),
+        bool(train_lora),
+        int(cfg.batch_size),
+        tuple(mesh.devices.flat),
+    )
+    if key not in _COMPILED_STEPS:
+        _COMPILED_STEPS[key] = steps.compile_train_step(
+            model,
+            optim.make_direction(momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+            mesh,
+            # The static rho only selects ERM (one pass) or SAM; the radius is data.
+            rho=1.0 if cfg.sam.rho > 0 else 0.0,
+            adaptive=cfg.sam.adaptive,
+            m=cfg.sam.m or None,
+            eps=cfg.sam.eps,
+            label_smoothing=cfg.label_smoothing,
+            train_lora=train_lora,
+            batch_size=cfg.batch_size,
+        )
+        _COMPILED_STEPS[key].fresh = True
+    return _COMPILED_STEPS[key]
+
+
 def _model_config(config, num_classes: int) -> dict:
     return dict(
         arch=config.model.arch,
@@ -95,6 +154,7 @@ def train_and_evaluate(
     entry_method: str | None = None,
     extra_metadata: dict | None = None,
     progress: bool = True,
+    stage: str = "train",
 ) -> zoo_lib.ZooEntry:
     """Trains (or resumes) one zoo entry and returns it once complete.
 
@@ -108,7 +168,9 @@ def train_and_evaluate(
       lora_rank: > 0 trains only LoRA adapters of this rank (and the new head) on top of
         the frozen ``init_variables`` trunk; the adapters are merged into the stored weights.
       entry_method: the zoo method name (default ``method``; fusion uses ``sam+ft``).
+      stage: the profile sections' prefix (``train`` or ``fuse``; profiling.py).
     """
+    t_setup = time.perf_counter()
     cfg = config_lib.domain_config(config, domain, method)
     entry_method = entry_method or method
     mesh = steps.make_mesh()
@@ -122,16 +184,20 @@ def train_and_evaluate(
     if lora_rank > 0 and init_variables is None:
         raise ValueError("LoRA training (config.fusion.mode='lora') needs a pre-trained backbone")
     train_lora = lora_rank > 0
-    model = models.build_model_from_config(cfg.model, train_split.num_classes, lora_rank=lora_rank)
+    num_classes = int(train_split.num_classes)
+    model = models.build_model_from_config(
+        cfg.model, head_width(cfg, num_classes), lora_rank=lora_rank
+    )
     eval_every = cfg.validation.every or cfg.restart_period
     evaluator = validation_evaluator(cfg, valid_split)
 
-    tx = optim.make_optimizer(
+    train_step = _compiled_step(model, cfg, mesh, train_lora=lora_rank > 0)
+    tx = optim.make_direction(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    hparams = steps.make_hparams(
         learning_rate=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
         restart_period=cfg.restart_period,
-        num_steps=cfg.num_steps,
+        rho=cfg.sam.rho,
+        num_classes=num_classes,
     )
     schedule = optim.make_schedule(
         learning_rate=cfg.lr, restart_period=cfg.restart_period, num_steps=cfg.num_steps
@@ -144,7 +210,7 @@ def train_and_evaluate(
         state = steps.create_train_state(model, tx, init_rng, sample, train_lora=train_lora)
         if init_variables is not None:
             state = _load_trunk(state, init_variables, tx, train_lora)
-        return state
+        return state.replace(hparams=hparams)
 
     process_index, process_count = jax.process_index(), jax.process_count()
     iterator = pipeline.make_train_iterator(
@@ -178,26 +244,15 @@ def train_and_evaluate(
                 progress=ocp.args.JsonRestore(),
             ),
         )
-        state = restored.state
+        # The hyper-parameters are the config's, not the checkpoint's (as when the
+        # optimiser carried its schedule): the same command resumes the same run.
+        state = restored.state.replace(hparams=steps.replicate(hparams, mesh))
         iterator.set_state(restored.data)
         progress_record = dict(restored.progress)
         log.info("resumed %s/%s/%s at step %d", cfg.benchmark, domain, entry_method, latest)
     else:
         state = jax.device_put(fresh_state(), steps.replicated(mesh))
     start = int(jax.device_get(state.step))
-
-    train_step = steps.compile_train_step(
-        model,
-        tx,
-        mesh,
-        rho=cfg.sam.rho,
-        adaptive=cfg.sam.adaptive,
-        m=cfg.sam.m or None,
-        eps=cfg.sam.eps,
-        label_smoothing=cfg.label_smoothing,
-        train_lora=train_lora,
-        batch_size=cfg.batch_size,
-    )
     metrics_file = (entry_dir / "metrics.jsonl").open("a") if process_index == 0 else None
 
     def write_metrics(record):
@@ -206,6 +261,7 @@ def train_and_evaluate(
             metrics_file.flush()
 
     def save_checkpoint(step):
+        t0 = time.perf_counter()
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -216,17 +272,22 @@ def train_and_evaluate(
             force=True,
         )
         manager.wait_until_finished()
+        PROFILE.add(f"{stage}/checkpoint", time.perf_counter() - t0)
 
     def validate_now(step):
+        t0 = time.perf_counter()
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         if state.lora:
             variables["lora"] = state.lora
         result = evaluator.run(model, variables)
         acc, ci = float(result["mean"]), float(result["ci95"])
         improved = acc > progress_record["best_accuracy"]
+        t1 = time.perf_counter()
         if improved:
             progress_record.update(best_accuracy=acc, best_step=step, best_ci95=ci)
-            zoo_lib.save_variables(entry_dir / "best", export_variables(state))
+            zoo_lib.save_variables(entry_dir / "best", export_variables(state, num_classes))
+        PROFILE.add(f"{stage}/validation", t1 - t0)
+        PROFILE.add(f"{stage}/checkpoint", time.perf_counter() - t1)
         write_metrics({"step": step, "val_accuracy": acc, "val_ci95": ci, "best": improved})
         return acc
 
@@ -241,12 +302,23 @@ def train_and_evaluate(
         mininterval=1.0,
     )
     last_val = progress_record["best_accuracy"]
+    PROFILE.add(f"{stage}/setup", time.perf_counter() - t_setup)
     t0, steps_done = time.perf_counter(), 0
+    t_steps = time.perf_counter()  # start of the current run of training steps
     step = start
     while step < cfg.num_steps:
         host = next(iterator)
         batch = steps.shard_batch({"images": host["image"], "labels": host["label"]}, mesh)
-        state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
+        if getattr(train_step, "fresh", False):
+            # The first call of a program compiles it: time it apart from the steps.
+            t_compile = time.perf_counter()
+            state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
+            jax.block_until_ready(metrics)
+            PROFILE.add(f"{stage}/compile", time.perf_counter() - t_compile)
+            train_step.fresh = False
+            t_steps = time.perf_counter()
+        else:
+            state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
         step += 1
         steps_done += 1
         bar.update(1)
@@ -254,7 +326,8 @@ def train_and_evaluate(
         save_now = step % cfg.checkpoint_every == 0 or step == cfg.num_steps
         val_now = step % eval_every == 0 or step == cfg.num_steps
         if log_now or save_now or val_now:
-            m = _to_python(metrics)
+            m = _to_python(metrics)  # waits for the step: closes the steps section
+            PROFILE.add(f"{stage}/steps", time.perf_counter() - t_steps)
             if not math.isfinite(m["loss"]):
                 bar.close()
                 good = manager.latest_step()
@@ -278,6 +351,7 @@ def train_and_evaluate(
                 )
             if save_now:
                 save_checkpoint(step)
+            t_steps = time.perf_counter()
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
@@ -302,7 +376,7 @@ def train_and_evaluate(
             cfg.benchmark,
             domain,
             entry_method,
-            variables=export_variables(state),
+            variables=export_variables(state, num_classes),
             model_config=model_config,
             image_shape=image_shape,
             metadata=metadata,
@@ -310,12 +384,22 @@ def train_and_evaluate(
     return zoo.get(cfg.benchmark, domain, entry_method)
 
 
-def export_variables(state) -> dict:
-    """The plain-backbone variables to store (LoRA adapters merged into the kernels)."""
+def export_variables(state, num_classes: int | None = None) -> dict:
+    """The plain-backbone variables to store: LoRA adapters merged into the kernels and
+    a padded head (``config.model.head_classes``) cut back to ``num_classes``."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     if state.lora:
         variables = models.merge_lora(dict(variables, lora=state.lora))
-    return jax.device_get(variables)
+    variables = jax.device_get(variables)
+    head = variables["params"].get("head")
+    if num_classes is not None and head is not None and head["kernel"].shape[-1] > num_classes:
+        params = dict(variables["params"])
+        params["head"] = {
+            "kernel": head["kernel"][:, :num_classes],
+            "bias": head["bias"][:num_classes],
+        }
+        variables = dict(variables, params=params)
+    return variables
 
 
 def _load_trunk(state, init_variables: dict, tx, train_lora: bool) -> Any:

@@ -260,3 +260,48 @@ def test_eight_devices_match_one_device():
     assert report["results"]["None"]["8"][0][0][1] != report["results"]["4"]["8"][0][0][1]
     assert len(report["errors"]) == 2
     assert all("config.batch_size" in e for e in report["errors"]), report["errors"]
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.05])
+def test_hparams_in_state_and_padded_head_match_the_classic_step_exactly(rho):
+    """A head padded to 16 classes with 10 real ones, and lr / restart period / rho as
+    traced state, must train exactly like the unpadded model with a baked schedule."""
+    mesh = steps.make_mesh()
+    small = models.build_model("resnet10", 10, width=0.125)
+    padded = models.build_model("resnet10", 16, width=0.125)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (8, 28, 28, 1), dtype=np.uint8)
+    y = rng.integers(0, 10, 8).astype(np.int32)
+    batch = steps.shard_batch({"images": x, "labels": y}, mesh)
+    tx = optim.make_optimizer(learning_rate=0.1, restart_period=3, num_steps=6)
+    a = steps.create_train_state(small, tx, jax.random.key(0), x[:1])
+    direction = optim.make_direction()
+    b = steps.create_train_state(padded, direction, jax.random.key(1), x[:1])
+    params = {k: v for k, v in a.params.items() if k != "head"}
+    params["head"] = {  # the real classes' columns equal; the padding is anything
+        "kernel": b.params["head"]["kernel"].at[:, :10].set(a.params["head"]["kernel"]),
+        "bias": b.params["head"]["bias"].at[:10].set(a.params["head"]["bias"]),
+    }
+    b = b.replace(
+        params=jax.tree.map(jnp.copy, params),
+        hparams=steps.make_hparams(learning_rate=0.1, restart_period=3, rho=rho, num_classes=10),
+    )
+    step_a = steps.compile_train_step(small, tx, mesh, rho=rho)
+    # The static rho only selects the SAM program; the radius comes from the state.
+    step_b = steps.compile_train_step(padded, direction, mesh, rho=1.0 if rho else 0.0)
+    for i in range(5):
+        a, ma = step_a(a, batch, jax.random.key(i))
+        b, mb = step_b(b, batch, jax.random.key(i))
+        assert float(ma["loss"]) == float(mb["loss"])
+        np.testing.assert_allclose(
+            float(mb["learning_rate"]), 0.1 * 0.5 * (1 + np.cos(np.pi * (i % 3) / 3)), rtol=1e-6
+        )
+    for u, v in zip(
+        jax.tree.leaves(models.trunk_params(a.params)),
+        jax.tree.leaves(models.trunk_params(b.params)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    np.testing.assert_array_equal(
+        np.asarray(a.params["head"]["kernel"]), np.asarray(b.params["head"]["kernel"][:, :10])
+    )

@@ -1,0 +1,101 @@
+"""Validation accuracy against training step for the entries of a zoo: does the budget converge?
+
+Every training run logs its validation accuracy (NCC on the domain's *validation*
+classes, the same episodes at every validation) to ``metrics.jsonl`` in its zoo entry.
+``plot_convergence`` draws one panel per domain with a line per method (ERM, SAM, fused
+families), the points at the end of each warm-restart cycle marked, and optionally a
+vertical line at the configured budget, so a reader sees whether accuracy had stopped
+rising when training stopped. The main job writes ``<workdir>/report/convergence.png``;
+``python -m flatfsc_jax.convergence --zoo=DIR --out=curves.png`` draws any zoo (e.g. a
+longer run used to choose the budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from flatfsc_jax import zoo as zoo_lib
+
+
+def read_curves(zoo: zoo_lib.Zoo, benchmark: str | None = None) -> dict:
+    """``{domain: {method: [(step, accuracy %), ...]}}`` of every entry with a metrics
+    log (complete or not: an unfinished run's curve is still evidence)."""
+    curves: dict = {}
+    root = zoo.root
+    if not root.exists():
+        return curves
+    for path in sorted(root.glob("*/*/*/metrics.jsonl")):
+        bench, domain, method = path.parts[-4:-1]
+        if benchmark and bench != benchmark:
+            continue
+        points = {}
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: the rest of the log is still good
+            if isinstance(record, dict) and "val_accuracy" in record:
+                points[int(record["step"])] = 100.0 * float(record["val_accuracy"])
+        if points:
+            curves.setdefault(domain, {})[method] = sorted(points.items())
+    return curves
+
+
+def plot_convergence(curves: dict, path, *, budgets: dict | None = None, title: str = "") -> None:
+    """One panel per domain, a line per method; ``budgets[domain]`` draws the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(curves)
+    if not domains:
+        raise ValueError("no validation curves to plot (no metrics.jsonl with val_accuracy)")
+    cols = min(len(domains), 5)
+    rows = -(-len(domains) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False)
+    for ax, domain in zip(axes.flat, domains, strict=False):
+        for method, points in sorted(curves[domain].items()):
+            steps, acc = zip(*points, strict=True)
+            ax.plot(steps, acc, marker="o", markersize=3, label=method)
+        if budgets and domain in budgets:
+            ax.axvline(budgets[domain], color="grey", linestyle="--", linewidth=1)
+        ax.set_title(domain)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("validation accuracy (%)")
+    for ax in list(axes.flat)[len(domains) :]:
+        ax.axis("off")
+    axes.flat[0].legend(frameon=False, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", default="work/zoo", help="zoo root (default work/zoo)")
+    parser.add_argument("--out", default="convergence.png")
+    parser.add_argument("--benchmark", default=None)
+    parser.add_argument(
+        "--budget", action="append", default=[], help="domain=steps: draw a budget line"
+    )
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    budgets = {}
+    for item in args.budget:
+        domain, _, steps = item.partition("=")
+        budgets[domain] = int(steps)
+    curves = read_curves(zoo_lib.Zoo(args.zoo), args.benchmark)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    plot_convergence(curves, args.out, budgets=budgets, title=args.title)
+    print(f"written: {args.out} ({len(curves)} domains)")
+
+
+if __name__ == "__main__":
+    main()
