@@ -189,7 +189,8 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
             if domain in seen:
                 candidates = [family_backbone(config, fam, domain)]
             else:
-                candidates = [family_backbone(config, fam, d) for d in seen]
+                # dict.fromkeys: a distilled family maps every seen domain to one entry
+                candidates = list(dict.fromkeys(family_backbone(config, fam, d) for d in seen))
             # Families share backbones (a fused family uses the general domain's own
             # backbone): embed and PARC-score each backbone once per domain.
             for c in candidates:

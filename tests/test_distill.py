@@ -349,3 +349,13 @@ def test_tiny_distillation_writes_a_loadable_entry_and_resumes_exactly(tmp_path,
     assert resumed.metadata["best_validation"] == meta["best_validation"]
     log2 = train.read_metrics(resumed.path)
     assert [r["step"] for r in log2 if "val_accuracy" in r] == [2, 4]
+
+
+def test_distilled_family_uses_the_one_student_for_every_domain():
+    from flatfsc_jax import protocol
+
+    c = _tiny_config()
+    assert protocol.families(c, None) == ["erm", "sam", "erm+ft", "sam+ft", "erm+kd", "sam+kd"]
+    for domain in c.domains:
+        assert protocol.family_backbone(c, "sam+kd", domain) == ("cjk", "sam+kd")
+    assert protocol.family_backbone(c, "sam+ft", "latin") == ("latin", "sam+ft")
