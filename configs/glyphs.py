@@ -5,6 +5,8 @@ Command (the README's first command; no arguments needed):
   ./run.sh                                   # = --config=configs/glyphs.py
   ./run.sh --config=configs/glyphs.py:tiny   # a 1-minute smoke run (what the e2e test runs)
   ./run.sh --config.per_domain.latin.rho=0.1  # any key can be overridden (--dry_run to see)
+  ./run.sh --config=configs/glyphs.py:kd     # + fusion by distillation (erm+kd, sam+kd);
+                                             # ":long" includes it, "tiny,kd" combines
 
 Each seen script trains with its row of GLYPHS_TABLE (``config.per_domain.<script>``),
 also when only some are trained (``--config.domains='("latin",)'``). A workdir whose zoo
@@ -46,6 +48,34 @@ GLYPHS_TABLE = {
 HEAD_CLASSES = 280
 
 
+def with_distillation(c):
+    """Adds fusion by distillation (URL) to ``c``, scaled from its general-domain row.
+
+    URL's Meta-Dataset ratios carried over: the student trains half the general domain's
+    from-scratch steps (240k vs 480k) with five restart periods, batch 7x the general
+    domain's per-domain batch for it (448 = 7 x 64) and 1x for every other domain (64),
+    and the general domain's learning rate (3e-2 on both in URL). With the default table:
+    750 steps, restart period 150, batches CJK 448 + 4 x 64, lr 5e-2 (``:long``: 3750 / 750).
+    """
+    src = c.fusion.source_domain
+    row = c.per_domain[src]
+    num_steps = max(1, row.num_steps // 2)
+    period = max(1, num_steps // 5)
+    config_lib.set_distill_recipe(
+        c,
+        num_steps=num_steps,
+        restart_period=period,
+        lr=row.lr,
+        general_batch_size=7 * row.batch_size,
+        other_batch_size=row.batch_size,
+    )
+    c.fusion.distill.validation_every = max(1, period // 2)
+    modes = config_lib.fusion_modes(c)
+    if "distill" not in modes:
+        c.fusion.mode = ",".join((*modes, "distill"))
+    return c
+
+
 def get_config(arg=None):
     c = config_lib.base_config()
     c.benchmark = "glyphs"
@@ -79,7 +109,14 @@ def get_config(arg=None):
     # PARC compares all support pairs (O(S^2) plus a sort): 100 images per task suffice
     # to rank 5 backbones and keep 600 tasks x 5 backbones x 7 unseen scripts cheap.
     c.evaluation.parc_max_support = 100
-    if arg == "tiny":  # smoke run: every stage, minimal work
+    args = [a for a in (arg or "").split(",") if a]
+    unknown = [a for a in args if a not in ("tiny", "long", "kd")]
+    if unknown:
+        raise ValueError(
+            f"configs/glyphs.py takes no argument or a comma-separated list of 'tiny', "
+            f"'long' and 'kd' (distillation; 'long' includes it), got {arg!r}"
+        )
+    if "tiny" in args:  # smoke run: every stage, minimal work
         config_lib.with_table(
             c,
             {d: dict(GLYPHS_TABLE[d], num_steps=6, restart_period=6) for d in SEEN[:2]},
@@ -95,7 +132,7 @@ def get_config(arg=None):
         c.evaluation.adaptations = ("ncc", "finetune")
         c.evaluation.finetune_episodes = 2
         c.evaluation.finetune_steps = 2
-    elif arg == "long":  # for a GPU/TPU: 5x the training, full fine-tuning evaluation
+    if "long" in args:  # for a GPU/TPU: 5x the training, full fine-tuning evaluation, KD
         long_table = {
             d: dict(row, num_steps=5 * row["num_steps"]) for d, row in GLYPHS_TABLE.items()
         }
@@ -103,6 +140,6 @@ def get_config(arg=None):
         c.fusion.num_steps = c.fusion.restart_period = 1000
         c.evaluation.adaptations = ("ncc", "finetune")
         c.evaluation.finetune_families = ()  # every family
-    elif arg:
-        raise ValueError(f"configs/glyphs.py takes no argument, 'tiny' or 'long', got {arg!r}")
+    if "kd" in args or "long" in args:
+        with_distillation(c)
     return c

@@ -38,6 +38,10 @@ META_DATASET_SEEN = tuple(META_DATASET_TABLE)
 META_DATASET_UNSEEN = ("traffic_sign", "mscoco", "mnist", "cifar10", "cifar100")
 
 METHODS = ("erm", "sam")
+FUSION_MODES = ("full", "lora", "distill")
+# URL's annealing lengths k_d in restart periods (config.py KDANNEALING): 5 for the
+# general domain, 2 for these three, 1 for every other domain.
+URL_KD_ANNEALING_2 = ("omniglot", "quickdraw", "fungi")
 BENCHMARKS = ("glyphs", "meta_dataset")
 ADAPTATIONS = ("ncc", "finetune", "lora")
 
@@ -112,11 +116,27 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             enabled=False,
             source_domain="ilsvrc_2012",
-            mode="full",  # "full" or "lora"
+            # "full", "lora", "distill" or a comma-separated combination ("full,distill")
+            mode="full",
             lora_rank=8,
             num_steps=10_000,
             lr=3e-3,
             restart_period=10_000,
+            # Fusion by distillation (URL; flatfsc_jax/distill.py). The per-domain tables
+            # (batch_size, lambda_f, lambda_p, anneal) are filled by set_distill_recipe.
+            distill=dict(
+                num_steps=240_000,
+                restart_period=48_000,
+                lr=3e-2,
+                adaptor_lr=0.1,
+                adaptor_weight_decay=5e-4,
+                temperature=4.0,
+                validation_every=0,  # 0 -> every restart period (URL)
+                batch_size={},
+                lambda_f={},
+                lambda_p={},
+                anneal={},
+            ),
         )
     )
 
@@ -154,6 +174,41 @@ def with_table(c: ml_collections.ConfigDict, table: dict, domains) -> ml_collect
     return c
 
 
+def set_distill_recipe(
+    c: ml_collections.ConfigDict,
+    *,
+    num_steps: int,
+    restart_period: int,
+    lr: float,
+    general_batch_size: int,
+    other_batch_size: int,
+    anneal_2: tuple[str, ...] = (),
+) -> ml_collections.ConfigDict:
+    """Fills ``c.fusion.distill`` with URL's recipe for ``c.domains``.
+
+    The general domain (``c.fusion.source_domain``) gets the large batch, lambda_f =
+    lambda_p = 4 and annealing length k = 5 restart periods; the domains in ``anneal_2``
+    k = 2; every other domain batch ``other_batch_size``, lambdas 1 and k = 1.
+    """
+    d = c.fusion.distill
+    src = c.fusion.source_domain
+    d.num_steps, d.restart_period, d.lr = num_steps, restart_period, lr
+    d.batch_size = ml_collections.ConfigDict(
+        {x: general_batch_size if x == src else other_batch_size for x in c.domains}
+    )
+    d.lambda_f = ml_collections.ConfigDict({x: 4.0 if x == src else 1.0 for x in c.domains})
+    d.lambda_p = ml_collections.ConfigDict({x: 4.0 if x == src else 1.0 for x in c.domains})
+    d.anneal = ml_collections.ConfigDict(
+        {x: 5.0 if x == src else (2.0 if x in anneal_2 else 1.0) for x in c.domains}
+    )
+    return c
+
+
+def fusion_modes(config) -> tuple[str, ...]:
+    """``config.fusion.mode`` as a tuple: ``"full,distill"`` -> ``("full", "distill")``."""
+    return tuple(m.strip() for m in str(config.fusion.mode).split(",") if m.strip())
+
+
 def parse_domain_arg(arg: str | None, table: dict, default: str) -> tuple[str, ...]:
     """``None``/``""`` -> default; ``"all"`` -> every domain; ``"a,b"`` -> those."""
     arg = arg or default
@@ -176,6 +231,17 @@ def meta_dataset_config(method: str, arg: str | None) -> ml_collections.ConfigDi
     everything = len(domains) == len(META_DATASET_TABLE)
     c.fusion.enabled = everything
     c.fusion.source_domain = "ilsvrc_2012"
+    # URL (scripts/train_resnet18_url.sh, config.py): 240k iterations, restarts every 48k,
+    # lr 3e-2, batch 448 for ImageNet and 64 for each other domain.
+    set_distill_recipe(
+        c,
+        num_steps=240_000,
+        restart_period=48_000,
+        lr=3e-2,
+        general_batch_size=448,
+        other_batch_size=64,
+        anneal_2=URL_KD_ANNEALING_2,
+    )
     c.evaluation.enabled = everything
     c.evaluation.domains = META_DATASET_SEEN + META_DATASET_UNSEEN
     c.evaluation.adaptations = ("ncc", "finetune")
@@ -343,8 +409,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
             f"{config.validation.metric!r}"
         )
     f = config.fusion
-    if f.mode not in ("full", "lora"):
-        raise ConfigError(f"config.fusion.mode must be 'full' or 'lora', got {f.mode!r}")
+    modes = fusion_modes(config)
+    if not modes or any(m not in FUSION_MODES for m in modes) or len(set(modes)) < len(modes):
+        raise ConfigError(
+            f"config.fusion.mode must be one of {FUSION_MODES} or a comma-separated "
+            f"combination of them (e.g. 'full,distill'), got {config.fusion.mode!r}"
+        )
     if f.enabled:
         if f.source_domain not in config.domains:
             raise ConfigError(
@@ -355,7 +425,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         _finite_positive(f.lr, "fusion.lr")
         _positive_int(f.num_steps, "fusion.num_steps")
         _positive_int(f.restart_period, "fusion.restart_period")
-        if f.mode == "lora":
+        if "lora" in modes:
             _positive_int(f.lora_rank, "fusion.lora_rank")
     ev = config.evaluation
     if ev.enabled:
@@ -391,3 +461,55 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                     f"config.evaluation.finetune_lr must be a finite number >= 0, got {lr!r}"
                 )
         _positive_int(ev.parc_max_support, "evaluation.parc_max_support (0 = all)", minimum=0)
+    # A per-entry config (domain_config: one domain) trains one backbone, never a student.
+    if config.fusion.enabled and "distill" in modes and len(config.domains) > 1:
+        validate_distill(config, num_devices)
+
+
+def validate_distill(config, num_devices: int = 1) -> None:
+    """Checks ``config.fusion.distill`` for ``config.domains``; ``ValueError`` names the key."""
+    d = config.fusion.distill
+    src = config.fusion.source_domain
+    if src not in config.domains:
+        raise ConfigError(
+            f"config.fusion.source_domain={src!r} is not one of config.domains "
+            f"{tuple(config.domains)}; distillation needs the general domain's teacher"
+        )
+    for key in ("num_steps", "restart_period"):
+        if not isinstance(d[key], int) or d[key] <= 0:
+            raise ConfigError(
+                f"config.fusion.distill.{key} must be a positive integer, got {d[key]!r}"
+            )
+    for key in ("lr", "adaptor_lr", "temperature"):
+        _finite_positive(d[key], f"fusion.distill.{key}")
+    wd = d.adaptor_weight_decay
+    if not isinstance(wd, int | float) or not math.isfinite(wd) or wd < 0:
+        raise ConfigError(
+            f"config.fusion.distill.adaptor_weight_decay must be a finite number >= 0, got {wd!r}"
+        )
+    if not isinstance(d.validation_every, int) or d.validation_every < 0:
+        raise ConfigError(
+            "config.fusion.distill.validation_every must be an integer >= 0 (0: every "
+            f"restart period), got {d.validation_every!r}"
+        )
+    for table in ("batch_size", "lambda_f", "lambda_p", "anneal"):
+        for domain in config.domains:
+            key = f"config.fusion.distill.{table}.{domain}"
+            if domain not in d[table]:
+                raise ConfigError(
+                    f"{key} is missing: distillation needs a {table} for every seen domain "
+                    f"(config_lib.set_distill_recipe fills the tables)"
+                )
+            value = d[table][domain]
+            if table == "batch_size":
+                if not isinstance(value, int) or value <= 0:
+                    raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+                if value % num_devices:
+                    raise ConfigError(
+                        f"{key}={value} is not divisible by the {num_devices} devices of the "
+                        f"mesh; use a multiple of {num_devices}"
+                    )
+            elif table == "anneal":
+                _finite_positive(value, key.removeprefix("config."))
+            elif not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")

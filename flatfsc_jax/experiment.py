@@ -86,10 +86,13 @@ def plan(config: ml_collections.ConfigDict) -> list[Planned]:
     ]
     if config.fusion.enabled:
         fcfg = fusion.fusion_config(config)
-        for m in config.methods:
-            for d in fusion.fusion_targets(config):
-                name = fusion.fused_method(m, config.fusion.mode)
-                out.append(Planned(d, m, name, config_lib.domain_config(fcfg, d, m), True))
+        for mode in config_lib.fusion_modes(config):
+            if mode == "distill":
+                continue  # one student per method; distill.py checks its own entry
+            for m in config.methods:
+                for d in fusion.fusion_targets(config):
+                    name = fusion.fused_method(m, mode)
+                    out.append(Planned(d, m, name, config_lib.domain_config(fcfg, d, m), True))
     return out
 
 

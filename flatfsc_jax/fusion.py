@@ -14,6 +14,10 @@ training, a learning rate 10x below the from-scratch rate (the trunk is already 
 a large rate would erase what the general domain taught), and one cosine cycle of
 ``config.fusion.num_steps`` steps. LoRA trains far fewer weights and so uses a higher
 rate. Validation and best-checkpoint selection are as in backbone training.
+
+``config.fusion.mode`` may name several modes, comma-separated: ``"full,distill"`` fuses
+by fine-tuning *and* trains the distillation students (``flatfsc_jax/distill.py``: one
+``<source_domain>/<method>+kd`` entry per method, from the per-domain teachers).
 """
 
 from __future__ import annotations
@@ -22,15 +26,27 @@ import logging
 
 import ml_collections
 
-from flatfsc_jax import config_lib, train
+from flatfsc_jax import config_lib, distill, train
 from flatfsc_jax import zoo as zoo_lib
 
 log = logging.getLogger(__name__)
 
 
+_SUFFIX = {"full": "ft", "lora": "lora", "distill": "kd"}
+
+
 def fused_method(method: str, mode: str) -> str:
-    """Zoo method name of a fused backbone: ``sam`` + ``full`` -> ``sam+ft``."""
-    return f"{method}+{'ft' if mode == 'full' else 'lora'}"
+    """Zoo method name of a fused backbone: ``sam`` + ``full`` -> ``sam+ft`` (or +lora, +kd)."""
+    if mode not in _SUFFIX:
+        raise ValueError(f"fusion mode {mode!r} is unknown; choose one of {tuple(_SUFFIX)}")
+    return f"{method}+{_SUFFIX[mode]}"
+
+
+def fused_families(config) -> list[str]:
+    """The fused backbone families ``config`` produces, mode by mode (``erm+ft``, ...)."""
+    return [
+        fused_method(m, mode) for mode in config_lib.fusion_modes(config) for m in config.methods
+    ]
 
 
 def fusion_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -53,9 +69,9 @@ def source_checksum(entry: zoo_lib.ZooEntry) -> str:
 
 
 def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_lib.ZooEntry]:
-    """Fine-tunes the general domain's ``method`` backbone on every other seen domain.
+    """Runs every mode of ``config.fusion.mode`` for ``method``; returns the entries.
 
-    A complete fused entry is reused only if it was fine-tuned from the current source
+    A complete fine-tuned entry is reused only if it was fine-tuned from the current source
     backbone (same ``best/`` sha256, recorded in its metadata); otherwise it is retrained.
     """
     source = config.fusion.source_domain
@@ -64,11 +80,33 @@ def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_li
             f"config.fusion.source_domain={source!r} is not one of config.domains "
             f"{tuple(config.domains)}"
         )
+    entries = []
+    for mode in config_lib.fusion_modes(config):
+        if mode == "distill":
+            entries.append(_distill(config, zoo, method, progress=progress))
+        else:
+            entries += _fine_tune(config, zoo, method, mode, progress=progress)
+    return entries
+
+
+def _distill(config, zoo: zoo_lib.Zoo, method: str, *, progress) -> zoo_lib.ZooEntry:
+    source, name = config.fusion.source_domain, fused_method(method, "distill")
+    if zoo.is_complete(config.benchmark, source, name) and not config.retrain:
+        log.info("fusion: %s/%s/%s is complete, reusing it", config.benchmark, source, name)
+        return zoo.get(config.benchmark, source, name)
+    if config.retrain:
+        zoo.invalidate(config.benchmark, source, name)
+    return distill.distill(config, zoo, method, progress=progress)
+
+
+def _fine_tune(config, zoo, method: str, mode: str, *, progress) -> list[zoo_lib.ZooEntry]:
+    """Fine-tunes the general domain's ``method`` backbone on every other seen domain."""
+    source = config.fusion.source_domain
     start = zoo.load(config.benchmark, source, method)
     source_sha = source_checksum(start.entry)
-    target_method = fused_method(method, config.fusion.mode)
+    target_method = fused_method(method, mode)
     cfg = fusion_config(config)
-    lora_rank = config.fusion.lora_rank if config.fusion.mode == "lora" else 0
+    lora_rank = config.fusion.lora_rank if mode == "lora" else 0
     entries = []
     for domain in fusion_targets(config):
         key = f"{config.benchmark}/{domain}/{target_method}"
@@ -109,7 +147,7 @@ def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_li
                     fusion=dict(
                         source=f"{config.benchmark}/{source}/{method}",
                         source_sha256=source_sha,
-                        mode=config.fusion.mode,
+                        mode=mode,
                         lora_rank=lora_rank,
                     )
                 ),

@@ -113,12 +113,14 @@ def families(config, zoo: zoo_lib.Zoo) -> list[str]:
     """Backbone families to evaluate, in report order, that the zoo can serve."""
     fams = list(config.methods)
     if config.fusion.enabled:
-        fams += [fusion.fused_method(m, config.fusion.mode) for m in config.methods]
+        fams += fusion.fused_families(config)
     return fams
 
 
 def family_backbone(config, family: str, domain: str) -> tuple[str, str]:
     """(domain, method) of the zoo entry a family uses for a seen domain."""
+    if family.endswith("+kd"):  # one distilled student serves every domain
+        return config.fusion.source_domain, family
     if "+" in family and domain == config.fusion.source_domain:
         return domain, family.split("+")[0]
     return domain, family
@@ -187,7 +189,8 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
             if domain in seen:
                 candidates = [family_backbone(config, fam, domain)]
             else:
-                candidates = [family_backbone(config, fam, d) for d in seen]
+                # dict.fromkeys: a distilled family maps every seen domain to one entry
+                candidates = list(dict.fromkeys(family_backbone(config, fam, d) for d in seen))
             # Families share backbones (a fused family uses the general domain's own
             # backbone): embed and PARC-score each backbone once per domain.
             for c in candidates:
