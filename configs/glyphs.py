@@ -60,7 +60,8 @@ def get_config(arg=None):
     c.fusion.lr = 1e-2
     c.evaluation.domains = SEEN + UNSEEN
     c.evaluation.episodes = 600
-    c.evaluation.adaptations = ("ncc", "finetune")
+    c.evaluation.adaptations = ("ncc", "pa", "finetune")
+    c.evaluation.tsa_episodes = 10  # only with the TSA override (module docstring)
     # Test-time fine-tuning costs ~1 s per episode on 2 CPU cores (vs ~1 ms for NCC on
     # cached embeddings): the first 10 of the 600 episodes, 10 steps, ERM and SAM
     # backbones only, keep the whole job within 15 minutes.

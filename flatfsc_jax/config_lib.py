@@ -35,7 +35,7 @@ META_DATASET_UNSEEN = ("traffic_sign", "mscoco", "mnist", "cifar10", "cifar100")
 
 METHODS = ("erm", "sam")
 BENCHMARKS = ("glyphs", "meta_dataset")
-ADAPTATIONS = ("ncc", "finetune", "lora")
+ADAPTATIONS = ("ncc", "pa", "finetune", "lora", "tsa")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -101,6 +101,12 @@ def base_config() -> ml_collections.ConfigDict:
             finetune_steps=40,
             finetune_lr=0.0,  # 0 -> adapt.py's documented default for the mode
             lora_rank=4,
+            # PA (pa.py) on cached embeddings; 0 -> all ``episodes``.
+            pa_episodes=0,
+            pa_steps=40,
+            # TSA (tsa.py) costs ~40 backbone passes per task, like fine-tuning.
+            tsa_episodes=600,
+            tsa_steps=40,
             parc_support=True,  # unseen domains: pick the backbone per task with PARC
             parc_max_support=0,  # > 0: PARC on a random subset of this many support images
         )
@@ -148,7 +154,7 @@ def meta_dataset_config(method: str, arg: str | None) -> ml_collections.ConfigDi
     c.fusion.source_domain = "ilsvrc_2012"
     c.evaluation.enabled = everything
     c.evaluation.domains = META_DATASET_SEEN + META_DATASET_UNSEEN
-    c.evaluation.adaptations = ("ncc", "finetune")
+    c.evaluation.adaptations = ("ncc", "pa", "finetune", "tsa")
     return c
 
 
@@ -230,5 +236,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     for a in config.evaluation.adaptations:
         if a not in ADAPTATIONS:
             raise ValueError(f"config.evaluation.adaptations has {a!r}; choose from {ADAPTATIONS}")
+    for key in ("pa_episodes", "pa_steps", "tsa_episodes", "tsa_steps"):
+        value = config.evaluation.get(key, 0)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"config.evaluation.{key} must be an integer >= 0, got {value!r}")
     if config.fusion.mode not in ("full", "lora"):
         raise ValueError(f"config.fusion.mode must be 'full' or 'lora', got {config.fusion.mode!r}")
