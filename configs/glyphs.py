@@ -9,7 +9,23 @@ Command (the README's first command; no arguments needed):
 Trains ERM and SAM backbones for the five seen scripts (CJK is the large "general"
 domain, like ImageNet), fuses by fine-tuning the CJK backbone on the other seen scripts,
 evaluates seen scripts with their own backbone and the seven unseen scripts with the
-PARC-selected one, with NCC and test-time fine-tuning, and writes work/report/.
+PARC-selected one, with NCC, PA (URL's pre-classifier alignment on cached embeddings,
+all 600 episodes) and test-time fine-tuning, and writes work/report/.
+
+PA costs ~5 min of the run on 2 quiet cores (estimate: 4 families x 12 domains x 600
+episodes took 22 min on a machine running 4.4x below its quiet speed, README "Benchmarks
+and expected cost"); ``--config.evaluation.pa_episodes=N`` runs it on the first N only.
+
+TSA (task-specific adapters + PA, tsa.py) is not in the default; add it with
+
+  ./run.sh --config.evaluation.adaptations="('ncc','pa','finetune','tsa')"
+
+It runs on the first ``evaluation.tsa_episodes`` = 10 episodes of each domain for the
+ERM and SAM families (``finetune_families``) with the reference recipe's 40 steps; a
+step costs about one full fine-tuning step (README "Benchmarks and expected cost"), so
+it adds about 1 hour on 2 quiet cores (27.6 s per Latin episode measured on a loaded
+machine running bench/step.py's cpu18 at 4.4x below its quiet speed; padded supports of
+160-500 images); ``--config.evaluation.tsa_steps`` / ``tsa_episodes`` trade it down.
 
 Model and per-domain steps / lr / rho were chosen on the *validation* classes
 (bench/tune_glyphs.py, README "Choosing the Glyphs recipe"), never on test classes.

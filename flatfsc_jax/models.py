@@ -153,10 +153,9 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        # TSA adapters sit beside the 3x3 convolutions only, not the 1x1 downsample.
-        conv = lambda f, k, s, p: Conv(
-            f, k, s, p, self.lora_rank, dtype=self.dtype, tsa=self.tsa and k == 3
-        )  # noqa: E731
+        def conv(f, k, s, p):  # TSA adapters beside the 3x3 convolutions, not the 1x1 one
+            return Conv(f, k, s, p, self.lora_rank, dtype=self.dtype, tsa=self.tsa and k == 3)
+
         y = conv(self.features, 3, self.stride, 1)(x)
         y = nn.relu(_norm(train, self.dtype)(y))
         y = conv(self.features, 3, 1, 1)(y)
