@@ -5,7 +5,8 @@ the support set and the queries are then classified by nearest centroid (10 x co
 the mapped features ``x @ W``. Recipe (URL's ``pa``):
 
 * loss: cross-entropy of the support set against its own prototypes, both mapped, with
-  ``10 * cos`` logits (the NCC loss of adapt.py, on embeddings instead of images);
+  ``10 * cos`` logits (the NCC loss of adapt.py, on embeddings instead of images); PA
+  always uses the cosine, whatever ``config.evaluation.metric`` says for NCC;
 * optimiser: 40 full-batch Adadelta steps (``rho=0.9, eps=1e-6``, PyTorch's defaults);
 * learning rate by the *role* of the evaluation domain, as URL does: 0.1 on a seen domain
   (one the backbones were trained on), 1.0 on an unseen one (:data:`LEARNING_RATES`).
