@@ -16,7 +16,23 @@ already holds a latin/sam backbone trained with another rho stops and names the 
 Trains ERM and SAM backbones for the five seen scripts (CJK is the large "general"
 domain, like ImageNet), fuses by fine-tuning the CJK backbone on the other seen scripts,
 evaluates seen scripts with their own backbone and the seven unseen scripts with the
-PARC-selected one, with NCC and test-time fine-tuning, and writes work/report/.
+PARC-selected one, with NCC, PA (URL's pre-classifier alignment on cached embeddings,
+all 600 episodes) and test-time fine-tuning, and writes work/report/.
+
+PA costs ~5 min of the run on 2 quiet cores (estimate: 4 families x 12 domains x 600
+episodes took 22 min on a machine running 4.4x below its quiet speed, README "Benchmarks
+and expected cost"); ``--config.evaluation.pa_episodes=N`` runs it on the first N only.
+
+TSA (task-specific adapters + PA, tsa.py) is not in the default; add it with
+
+  ./run.sh --config.evaluation.adaptations="('ncc','pa','finetune','tsa')"
+
+It runs on the first ``evaluation.tsa_episodes`` = 10 episodes of each domain for the
+ERM and SAM families (``finetune_families``) with the reference recipe's 40 steps; a
+step costs about one full fine-tuning step (README "Benchmarks and expected cost"), so
+it adds about 1 hour on 2 quiet cores (27.6 s per Latin episode measured on a loaded
+machine running bench/step.py's cpu18 at 4.4x below its quiet speed; padded supports of
+160-500 images); ``--config.evaluation.tsa_steps`` / ``tsa_episodes`` trade it down.
 
 Model and per-domain steps / lr / rho were chosen on the *validation* classes
 (bench/tune_glyphs.py, README "Choosing the Glyphs recipe"), never on test classes.
@@ -98,13 +114,14 @@ def get_config(arg=None):
     c.fusion.lr = 1e-2
     c.evaluation.domains = SEEN + UNSEEN
     c.evaluation.episodes = 600
-    # Test-time fine-tuning costs ~1-2 s per episode on 2 CPU cores (a backbone pass per
-    # step), NCC ~1 ms: 100 fine-tuning episodes x 12 domains x 2 families would take
-    # over an hour, so the default evaluates NCC on 600 paired episodes and leaves
-    # fine-tuning to ":long" (README "Evaluation that counts").
-    c.evaluation.adaptations = ("ncc",)
+    # Test-time fine-tuning and TSA cost ~1-2 s per episode on 2 CPU cores (a backbone
+    # pass per step), NCC ~1 ms: 100 fine-tuning episodes x 12 domains x 2 families would
+    # take over an hour, so the default evaluates NCC and PA on cached embeddings and
+    # leaves fine-tuning to ":long" (README "Evaluation that counts").
+    c.evaluation.adaptations = ("ncc", "pa")
     c.evaluation.finetune_episodes = 600
     c.evaluation.finetune_steps = 40
+    c.evaluation.tsa_episodes = 10  # only with the TSA override (module docstring)
     c.evaluation.finetune_families = ("erm", "sam")
     # PARC compares all support pairs (O(S^2) plus a sort): 100 images per task suffice
     # to rank 5 backbones and keep 600 tasks x 5 backbones x 7 unseen scripts cheap.

@@ -43,7 +43,7 @@ FUSION_MODES = ("full", "lora", "distill")
 # general domain, 2 for these three, 1 for every other domain.
 URL_KD_ANNEALING_2 = ("omniglot", "quickdraw", "fungi")
 BENCHMARKS = ("glyphs", "meta_dataset")
-ADAPTATIONS = ("ncc", "finetune", "lora")
+ADAPTATIONS = ("ncc", "pa", "finetune", "lora", "tsa")
 
 # Top-level key -> key of a per-domain row. The top-level keys are set only in the
 # effective config of one zoo entry (``domain_config``), never in a run's config.
@@ -153,6 +153,12 @@ def base_config() -> ml_collections.ConfigDict:
             finetune_steps=40,
             finetune_lr=0.0,  # 0 -> adapt.py's documented default for the mode
             lora_rank=4,
+            # PA (pa.py) on cached embeddings; 0 -> all ``episodes``.
+            pa_episodes=0,
+            pa_steps=40,
+            # TSA (tsa.py) costs ~40 backbone passes per task, like fine-tuning.
+            tsa_episodes=600,
+            tsa_steps=40,
             parc_support=True,  # unseen domains: pick the backbone per task with PARC
             parc_max_support=0,  # > 0: PARC on a random subset of this many support images
             # Test episodes and PARC subsets; independent of config.seed (training), so
@@ -244,7 +250,7 @@ def meta_dataset_config(method: str, arg: str | None) -> ml_collections.ConfigDi
     )
     c.evaluation.enabled = everything
     c.evaluation.domains = META_DATASET_SEEN + META_DATASET_UNSEEN
-    c.evaluation.adaptations = ("ncc", "finetune")
+    c.evaluation.adaptations = ("ncc", "pa", "finetune", "tsa")
     return c
 
 
@@ -445,6 +451,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                 raise ConfigError(
                     f"config.evaluation.adaptations has {a!r}; choose from {ADAPTATIONS}"
                 )
+        for key in ("pa_episodes", "pa_steps", "tsa_episodes", "tsa_steps"):
+            value = ev.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"config.evaluation.{key} must be an integer >= 0, got {value!r}")
         if any(a != "ncc" for a in ev.adaptations):
             _positive_int(ev.finetune_steps, "evaluation.finetune_steps")
             _positive_int(ev.finetune_episodes, "evaluation.finetune_episodes", minimum=0)

@@ -22,6 +22,14 @@ LoRA: with ``lora_rank > 0`` every convolution gets a low-rank additive update
 ``W + (alpha / r) * reshape(A @ B)`` with ``A`` Kaiming-initialised and ``B`` zero, so the
 adapted network starts *exactly* at the pre-trained one. Adapters live in their own
 variable collection ``'lora'``; fine-tuning differentiates only that collection.
+
+TSA (task-specific adapters, residual-matrix form; Li, Liu & Bilen, CVPR 2022): with
+``tsa=True`` every 3x3 convolution of the four ResNet stages (16 in ResNet-18, 8 in
+ResNet-10; every convolution of Conv4) gets a parallel 1x1 convolution ``alpha`` with the
+same stride whose output is added before BN. ``alpha`` starts at ``1e-4 * eye(C_out,
+C_in)`` (rectangular identity when the widths differ), so the adapted network starts
+within ~1e-4 of the pre-trained one. The stem and the downsample convolutions get none.
+Adapters live in collection ``'tsa'`` (built by ``Model.with_tsa``); see tsa.py.
 """
 
 from __future__ import annotations
@@ -41,10 +49,13 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch BatchNorm momentum 0.1 == flax momentum 0.9.
 _BN_MOMENTUM = 0.9
 _BN_EPS = 1e-5
+# TSA's adapter initialisation: alpha = 1e-4 * I (its reference code's reset()).
+TSA_INIT_SCALE = 1e-4
 
 
 class Conv(nn.Module):
-    """Bias-free convolution with an optional LoRA update in collection 'lora'."""
+    """Bias-free convolution with an optional LoRA update in collection 'lora' and an
+    optional residual TSA adapter (a strided 1x1 convolution) in collection 'tsa'."""
 
     features: int
     kernel_size: int
@@ -53,6 +64,7 @@ class Conv(nn.Module):
     lora_rank: int = 0
     lora_alpha: float = 1.0
     dtype: Any = jnp.float32
+    tsa: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -70,7 +82,18 @@ class Conv(nn.Module):
             b = self.variable("lora", "b", jnp.zeros, (self.lora_rank, self.features), jnp.float32)
             delta = (a.value @ b.value).reshape(kernel.shape)
             kernel = kernel + (self.lora_alpha / self.lora_rank) * delta
-        return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+        if self.tsa:
+            alpha = self.variable(
+                "tsa",
+                "alpha",
+                lambda: TSA_INIT_SCALE * jnp.eye(cin, self.features, dtype=jnp.float32),
+            )
+            # A 1x1 convolution with stride s is a matmul on every s-th pixel; for the
+            # 3x3 / padding-1 convolutions it sits beside, the output sizes agree.
+            s = self.stride
+            y = y + x[:, ::s, ::s, :].astype(self.dtype) @ alpha.value.astype(self.dtype)
+        return y
 
 
 def conv2d(x, kernel, stride: int, padding: int):
@@ -126,10 +149,13 @@ class BasicBlock(nn.Module):
     stride: int
     lora_rank: int = 0
     dtype: Any = jnp.float32
+    tsa: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = lambda f, k, s, p: Conv(f, k, s, p, self.lora_rank, dtype=self.dtype)  # noqa: E731
+        def conv(f, k, s, p):  # TSA adapters beside the 3x3 convolutions, not the 1x1 one
+            return Conv(f, k, s, p, self.lora_rank, dtype=self.dtype, tsa=self.tsa and k == 3)
+
         y = conv(self.features, 3, self.stride, 1)(x)
         y = nn.relu(_norm(train, self.dtype)(y))
         y = conv(self.features, 3, 1, 1)(y)
@@ -148,6 +174,7 @@ class ResNet(nn.Module):
     width: float = 1.0
     lora_rank: int = 0
     dtype: Any = jnp.float32
+    tsa: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -157,7 +184,7 @@ class ResNet(nn.Module):
         for i, (n_blocks, feats) in enumerate(zip(self.stage_sizes, widths, strict=True)):
             for j in range(n_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
-                x = BasicBlock(feats, stride, self.lora_rank, self.dtype)(x, train)
+                x = BasicBlock(feats, stride, self.lora_rank, self.dtype, self.tsa)(x, train)
         embedding = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
         return _head(embedding, self.num_classes)
 
@@ -169,12 +196,13 @@ class Conv4(nn.Module):
     width: float = 1.0
     lora_rank: int = 0
     dtype: Any = jnp.float32
+    tsa: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
         feats = max(1, round(64 * self.width))
         for _ in range(4):
-            x = Conv(feats, 3, 1, 1, self.lora_rank, dtype=self.dtype)(x)
+            x = Conv(feats, 3, 1, 1, self.lora_rank, dtype=self.dtype, tsa=self.tsa)(x)
             x = nn.relu(_norm(train, self.dtype)(x))
             if min(x.shape[1:3]) >= 2:
                 x = nn.max_pool(x, (2, 2), (2, 2))
@@ -206,6 +234,14 @@ class Model:
         if rank < 0:
             raise ValueError(f"config.model.lora_rank must be >= 0, got {rank!r}")
         return dataclasses.replace(self, module=self.module.clone(lora_rank=rank))
+
+    @property
+    def tsa(self) -> bool:
+        return self.module.tsa
+
+    def with_tsa(self, enabled: bool = True) -> Model:
+        """The same architecture with (or without) TSA adapters in collection 'tsa'."""
+        return dataclasses.replace(self, module=self.module.clone(tsa=bool(enabled)))
 
     def init(self, rng: jax.Array, sample_images: jax.Array) -> dict:
         """Variables for images shaped like ``sample_images`` (N, H, W, C)."""

@@ -5,16 +5,23 @@ variable-way variable-shot episodes are sampled once (seeded) and every backbone
 is evaluated on them, so families are compared with paired differences:
 
 * a *family* is a backbone training method: ``erm``, ``sam`` and, with fusion,
-  ``erm+ft`` / ``sam+ft`` (or ``+lora``);
+  ``erm+ft`` / ``sam+ft`` (or ``+lora``), or ``erm+kd`` / ``sam+kd`` (distillation);
 * a seen domain uses the family's own backbone for that domain (for a fused family the
-  general domain uses its un-fused backbone, which is where fusion starts);
+  general domain uses its un-fused backbone, which is where fusion starts); a ``+kd``
+  family has a single student, stored as ``<fusion.source_domain>/<m>+kd``, which serves
+  every domain, seen and unseen (so no PARC selection);
 * an unseen domain uses, per task, the family's backbone with the highest PARC score on
   that task's support set (``config.evaluation.parc_support``; design.md §2), or, with
   ``parc_support=False``, one backbone per dataset chosen by the mean PARC score;
 * adaptations: ``ncc`` on embeddings cached once per (backbone, domain) and evaluated
-  with ``jax.vmap`` over padded episodes; ``finetune`` / ``lora`` fine-tune on each
-  task's support set (adapt.py) on the first ``config.evaluation.finetune_episodes``
-  episodes (the same ones for every family).
+  with ``jax.vmap`` over padded episodes; ``pa`` (pa.py) trains URL's linear map on the
+  same cached embeddings, vmapped likewise, on the first ``pa_episodes`` episodes (0: all);
+  ``finetune`` / ``lora`` fine-tune on each task's support set (adapt.py) on the first
+  ``config.evaluation.finetune_episodes`` episodes and ``tsa`` trains task-specific
+  adapters (tsa.py) on the first ``tsa_episodes`` (the same ones for every family; these
+  three run the backbone at test time, so ``finetune_families`` restricts them). PA and
+  TSA take URL's / TSA's learning rates for the domain's role: seen (in
+  ``config.domains``) or unseen.
 
 Results are plain data (``dict``): ``results["domains"][domain]["families"][family]
 [adaptation] = list of per-episode accuracies``; report.py renders them.
@@ -31,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flatfsc_jax import adapt, evaluate, fusion, models, parc, train
+from flatfsc_jax import adapt, evaluate, fusion, models, pa, parc, train, tsa
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.profiling import PROFILE
@@ -118,8 +125,12 @@ def families(config, zoo: zoo_lib.Zoo) -> list[str]:
 
 
 def family_backbone(config, family: str, domain: str) -> tuple[str, str]:
-    """(domain, method) of the zoo entry a family uses for a seen domain."""
-    if family.endswith("+kd"):  # one distilled student serves every domain
+    """(domain, method) of the zoo entry a family uses for a seen domain.
+
+    A distilled (``+kd``) family has one student for all domains, stored under the
+    general domain's name.
+    """
+    if family.endswith("+kd"):
         return config.fusion.source_domain, family
     if "+" in family and domain == config.fusion.source_domain:
         return domain, family.split("+")[0]
@@ -131,6 +142,22 @@ def evaluation_seed(config) -> int:
     while ``config.seed`` (training) varies, so training seeds are compared on the same
     episodes and their spread measures training variation only."""
     return int(config.evaluation.get("seed", 0))
+
+
+# Adaptations that run the backbone per task (restricted by finetune_families).
+BACKBONE_ADAPTATIONS = ("finetune", "lora", "tsa")
+
+
+def num_episodes(ev, adaptation: str, total: int) -> int:
+    """How many of the ``total`` test episodes (the first ones) an adaptation runs on."""
+    n = {
+        "ncc": total,
+        "pa": ev.pa_episodes or total,
+        "finetune": ev.finetune_episodes,
+        "lora": ev.finetune_episodes,
+        "tsa": ev.tsa_episodes,
+    }[adaptation]
+    return min(int(n), total)
 
 
 def sample_test_episodes(config, split) -> tuple:
@@ -170,6 +197,8 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
         "seen_domains": list(seen),
         "episodes": int(ev.episodes),
         "finetune_episodes": int(ev.finetune_episodes),
+        "pa_episodes": int(ev.pa_episodes or ev.episodes),
+        "tsa_episodes": int(ev.tsa_episodes),
         "domains": {},
     }
     domains = list(ev.domains)
@@ -179,7 +208,6 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
         with PROFILE.section("evaluate/episodes"):
             split = train.load_split(config, domain, "test")
             _, batch = sample_test_episodes(config, split)
-        n_ft = min(ev.finetune_episodes, len(batch.ways))
         parc_support_sets = parc_subsets(batch, ev.parc_max_support, evaluation_seed(config) + 2000)
         embeds: dict = {}  # (domain, method) of a backbone -> embeddings of this split
         parc_cache: dict = {}  # (domain, method) -> PARC score per episode
@@ -188,8 +216,7 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
             bar.set_description(f"evaluate {domain} {fam}")
             if domain in seen:
                 candidates = [family_backbone(config, fam, domain)]
-            else:
-                # dict.fromkeys: a distilled family maps every seen domain to one entry
+            else:  # one candidate per seen domain (a +kd family has one for all)
                 candidates = list(dict.fromkeys(family_backbone(config, fam, d) for d in seen))
             # Families share backbones (a fused family uses the general domain's own
             # backbone): embed and PARC-score each backbone once per domain.
@@ -219,10 +246,11 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
             }
             accs = {}
             for adaptation in ev.adaptations:
-                if adaptation != "ncc" and ev.finetune_families and fam not in ev.finetune_families:
-                    continue  # not fine-tuned at test time (config.evaluation.finetune_families)
+                restricted = ev.finetune_families and fam not in ev.finetune_families
+                if adaptation in BACKBONE_ADAPTATIONS and restricted:
+                    continue  # not adapted at test time (config.evaluation.finetune_families)
                 acc = np.full(len(batch.ways), np.nan)
-                n = len(batch.ways) if adaptation == "ncc" else n_ft
+                n = num_episodes(ev, adaptation, len(batch.ways))
                 for i, c in enumerate(candidates):
                     idx = np.flatnonzero(choice[:n] == i)
                     if len(idx) == 0:
@@ -233,6 +261,24 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
                             acc[idx] = evaluate.episode_accuracies(embeds[c], sub, metric=ev.metric)
                         continue
                     with PROFILE.section(f"evaluate/{adaptation}"):
+                        if adaptation == "pa":
+                            acc[idx] = pa.episode_accuracies(
+                                embeds[c], sub, lr=pa.learning_rate(dom["seen"]), steps=ev.pa_steps
+                            )
+                            continue
+                        if adaptation == "tsa":
+                            lr_alpha, lr_beta = tsa.learning_rates(dom["seen"])
+                            acc[idx] = tsa.episode_accuracies(
+                                backbone(*c).model,
+                                backbone(*c).variables,
+                                split,
+                                sub,
+                                lr_alpha=lr_alpha,
+                                lr_beta=lr_beta,
+                                steps=ev.tsa_steps,
+                                bucket=False,  # one compilation per domain, as fine-tuning
+                            )
+                            continue
                         acc[idx] = adapt.adapt_episodes(
                             backbone(*c).model,
                             backbone(*c).variables,

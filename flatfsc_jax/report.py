@@ -1,9 +1,14 @@
 """Paper-style reports from protocol results: Markdown table, CSV/JSON and a PNG chart.
 
+One table per adaptation (NCC, PA, fine-tuning, LoRA, TSA: those the run evaluated).
 Rows are evaluation domains (seen first, then unseen) followed by the seen / unseen
-averages (plain means over domains, as the paper reports them); columns are backbone
-family x adaptation (mean accuracy +- 95% CI over episodes) and paired differences
-(SAM - ERM on the *same* episodes, per adaptation; SAM+FT - ERM+FT with fusion).
+averages (plain means over domains, as the paper reports them); columns are the backbone
+families present for that adaptation, in the paper's order (ERM, SAM, ERM+KD, SAM+KD,
+ERM+FT, SAM+FT, then +LoRA; :data:`FAMILY_ORDER`), with mean accuracy +- 95% CI over
+episodes, then the paired differences on the *same* episodes that the paper discusses
+(:func:`comparisons`): SAM - ERM within each kind of backbone (plain, +KD, +FT, +LoRA),
+and fusion by fine-tuning minus fusion by distillation (FT - KD, LoRA - KD) within ERM
+and within SAM, each where both families exist.
 
 The 95% interval of an average over domains treats domains as independent samples of
 episodes: ``1.96 * sqrt(sum_d var_d / n_d) / D``. Paired intervals use the per-episode
@@ -46,22 +51,41 @@ def _average(stats: list[tuple[float, float, int]]) -> tuple[float, float]:
     return mean, float(Z95 * math.sqrt(var) / len(stats))
 
 
-def comparisons(families: list[str]) -> list[tuple[str, str]]:
-    """(better, baseline) pairs reported as paired differences."""
-    pairs = []
-    for fam in families:
-        if fam.startswith("sam"):
-            base = "erm" + fam[3:]
-            if base in families:
-                pairs.append((fam, base))
-    return pairs
+FAMILY_ORDER = ("erm", "sam", "erm+kd", "sam+kd", "erm+ft", "sam+ft", "erm+lora", "sam+lora")
+
+
+def ordered_families(families) -> list[str]:
+    """``families`` in the paper's order; unknown names keep their order, at the end."""
+    known = [f for f in FAMILY_ORDER if f in families]
+    return known + [f for f in families if f not in FAMILY_ORDER]
+
+
+def comparisons(families) -> list[tuple[str, str]]:
+    """(a, b) pairs reported as the paired difference a - b, where both families exist.
+
+    SAM - ERM for plain, +KD, +FT and +LoRA backbones; then FT - KD and LoRA - KD within
+    ERM and within SAM (the paper's claim that fusion by fine-tuning matches distillation).
+    """
+    candidates = [(f"sam{s}", f"erm{s}") for s in ("", "+kd", "+ft", "+lora")]
+    candidates += [(f"{m}+{fuse}", f"{m}+kd") for fuse in ("ft", "lora") for m in ("erm", "sam")]
+    return [(a, b) for a, b in candidates if a in families and b in families]
 
 
 def build_table(results: dict) -> dict:
     """Table as plain data: columns, rows (name, kind, cells), cells = (mean, ci)."""
-    fams, adapts = results["families"], results["adaptations"]
-    columns = [(f, a) for a in adapts for f in fams]
-    diffs = [(b, base, a) for a in adapts for (b, base) in comparisons(fams)]
+    adapts = results["adaptations"]
+    domains = results["domains"].values()
+
+    def present(f, a):  # the family was evaluated with this adaptation somewhere
+        return any(dom["families"].get(f, {}).get(a) is not None for dom in domains)
+
+    fams = ordered_families(results["families"])
+    columns = [(f, a) for a in adapts for f in fams if present(f, a)]
+    diffs = [
+        (b, base, a)
+        for a in adapts
+        for (b, base) in comparisons([f for f in fams if present(f, a)])
+    ]
     rows = []
     per_kind: dict[str, dict] = {"seen": {}, "unseen": {}}
     for domain, dom in results["domains"].items():
@@ -102,10 +126,22 @@ def _fmt(cell, signed=False) -> str:
 def to_markdown(results: dict, table: dict | None = None) -> str:
     """One Markdown table per adaptation: families, then paired differences."""
     table = table or build_table(results)
+    subsets = []
+    episode_keys = {
+        "pa": "pa_episodes",
+        "finetune": "finetune_episodes",
+        "lora": "finetune_episodes",
+        "tsa": "tsa_episodes",
+    }
+    for a, key in episode_keys.items():
+        n = results.get(key, results["episodes"])
+        if a in results["adaptations"] and n < results["episodes"]:
+            subsets.append(f"{a}: the first {n}")
     lines = [
         f"Few-shot accuracy (%) on {results['benchmark']}: mean ± 95% CI over "
-        f"{results['episodes']} test episodes per domain (fine-tuning adaptations: the first "
-        f"{results['finetune_episodes']} of them); differences are paired on the same episodes.",
+        f"{results['episodes']} test episodes per domain"
+        + (f" ({'; '.join(subsets)} of them)" if subsets else "")
+        + "; differences are paired on the same episodes.",
     ]
     for a in results["adaptations"]:
         keys = [k for k in table["keys"] if k.endswith(f" / {a}")]
@@ -159,10 +195,16 @@ def plot_headline(results: dict, table: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     adapts = results["adaptations"]
-    fams = results["families"]
     averages = {r["name"]: r["cells"] for r in table["rows"] if r["kind"] == "average"}
-    fig, axes = plt.subplots(1, len(adapts), figsize=(4.5 * len(adapts), 3.6), squeeze=False)
+    width = max(4.5, 0.8 * len(results["families"]) + 1.5)
+    fig, axes = plt.subplots(1, len(adapts), figsize=(width * len(adapts), 3.6), squeeze=False)
     for ax, a in zip(axes[0], adapts, strict=True):
+        # The families evaluated with this adaptation, in table (= paper) order.
+        fams = [k[: -len(f" / {a}")] for k in table["keys"] if k.endswith(f" / {a}")]
+        fams = [f for f in fams if " - " not in f]
+        if not fams:
+            ax.set_axis_off()
+            continue
         x = np.arange(len(fams))
         for j, kind in enumerate(("seen", "unseen")):
             cells = averages.get(f"average {kind}")

@@ -101,6 +101,16 @@ def test_glyphs_configs_validate():
         c = _load(spec)
         assert c.benchmark == "glyphs"
         config_lib.validate(c, num_devices=1)
+    c.evaluation.adaptations = ("ncc", "url")
+    with pytest.raises(ValueError, match=r"config\.evaluation\.adaptations has 'url'"):
+        config_lib.validate(c)
+
+
+def test_tsa_override_of_the_glyphs_docstring_parses():
+    override = "--config.evaluation.adaptations=('ncc','pa','finetune','tsa')"
+    proc = _run_main("--config=configs/glyphs.py", override, "--dry_run")
+    assert proc.returncode == 0, proc.stderr
+    assert "- tsa" in proc.stdout and "- pa" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -114,6 +124,8 @@ def test_glyphs_configs_validate():
         ("--config.sam.m=5", "config.sam.m"),
         ("--config.per_domain.omniglot.batch_size=0", "config.per_domain.omniglot.batch_size"),
         ("--config.fusion.mode=distil", "config.fusion.mode"),
+        ("--config.evaluation.pa_steps=-1", "config.evaluation.pa_steps"),
+        ("--config.evaluation.tsa_episodes=-5", "config.evaluation.tsa_episodes"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from configs import glyphs as glyphs_config
@@ -57,3 +58,80 @@ def test_fused_family_uses_the_general_backbone_on_its_own_domain():
     assert protocol.family_backbone(c, "sam+ft", "latin") == ("latin", "sam+ft")
     assert protocol.family_backbone(c, "erm", "latin") == ("latin", "erm")
     assert protocol.families(c, None) == ["erm", "sam", "erm+ft", "sam+ft"]
+
+
+def test_distilled_family_uses_its_single_student_everywhere():
+    c = glyphs_config.get_config()
+    for domain in ("cjk", "latin", "thai"):  # general, other seen, unseen
+        assert protocol.family_backbone(c, "sam+kd", domain) == ("cjk", "sam+kd")
+        assert protocol.family_backbone(c, "erm+kd", domain) == ("cjk", "erm+kd")
+
+
+def test_episode_counts_per_adaptation():
+    c = glyphs_config.get_config()
+    ev = c.evaluation
+    ev.pa_episodes, ev.finetune_episodes, ev.tsa_episodes = 0, 10, 7
+    counts = {
+        a: protocol.num_episodes(ev, a, 600) for a in ("ncc", "pa", "finetune", "lora", "tsa")
+    }
+    assert counts == {"ncc": 600, "pa": 600, "finetune": 10, "lora": 10, "tsa": 7}
+    ev.pa_episodes = 50
+    assert protocol.num_episodes(ev, "pa", 600) == 50
+    assert protocol.num_episodes(ev, "pa", 20) == 20
+
+
+class _FakeZoo:
+    """Random conv4 trunks for any (domain, method); records what was loaded."""
+
+    def __init__(self):
+        self.loaded = []
+
+    def load(self, benchmark, domain, method):
+        from flatfsc_jax import models
+        from flatfsc_jax import zoo as zoo_lib
+
+        self.loaded.append((domain, method))
+        meta = {"model": {"arch": "conv4", "width": 0.125, "dtype": "float32"}}
+        model = models.build_model("conv4", 0, width=0.125)
+        seed = len(self.loaded)
+        variables = jax.jit(model.init)(jax.random.PRNGKey(seed), np.zeros((1, 28, 28, 1)))
+        entry = zoo_lib.ZooEntry(benchmark, domain, method, None, meta)
+        return zoo_lib.LoadedBackbone(model, dict(variables), entry)
+
+
+def test_evaluate_zoo_dispatches_pa_and_tsa_with_the_domain_role(tmp_path, monkeypatch):
+    from flatfsc_jax import experiment, pa
+
+    c = glyphs_config.get_config("tiny")
+    c.data_dir = str(tmp_path / "data")
+    ev = c.evaluation
+    ev.domains = ("cjk", "latin", "digits")  # general, seen, unseen
+    ev.adaptations = ("ncc", "pa", "tsa")
+    ev.finetune_families = ()
+    ev.pa_steps = 0  # PA from the identity: must reproduce NCC exactly
+    ev.tsa_episodes, ev.tsa_steps = 2, 1
+    experiment.check_data(c, ("evaluate",))
+    monkeypatch.setattr(protocol, "families", lambda config, zoo: ["erm", "erm+kd"])
+    rates = []
+    real_pa = pa.episode_accuracies
+
+    def recording_pa(embeddings, episodes, *, lr, steps):
+        rates.append(lr)
+        return real_pa(embeddings, episodes, lr=lr, steps=steps)
+
+    monkeypatch.setattr(pa, "episode_accuracies", recording_pa)
+    zoo = _FakeZoo()
+    results = protocol.evaluate_zoo(c, zoo, progress=False)
+
+    # The +kd family loaded one backbone, the student, and skipped PARC on "digits".
+    assert [k for k in zoo.loaded if k[1] == "erm+kd"] == [("cjk", "erm+kd")]
+    assert results["domains"]["digits"]["selection"]["erm+kd"] == {"cjk/erm+kd": ev.episodes}
+    assert len(results["domains"]["digits"]["selection"]["erm"]) == 2  # PARC over cjk, latin
+    for domain, dom in results["domains"].items():
+        for fam, accs in dom["families"].items():
+            assert accs["pa"] == accs["ncc"], (domain, fam)
+            assert len(accs["ncc"]) == ev.episodes and len(accs["tsa"]) == 2
+            assert all(0.0 <= a <= 1.0 for a in accs["tsa"])
+    # URL's rates by domain role: 0.1 on the seen cjk / latin, 1.0 on the unseen digits.
+    assert set(rates[:2]) == {0.1} and 1.0 in rates and set(rates) == {0.1, 1.0}
+    assert results["pa_episodes"] == ev.episodes and results["tsa_episodes"] == 2
