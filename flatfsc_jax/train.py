@@ -27,7 +27,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from flatfsc_jax import config_lib, models, optim, steps
+from flatfsc_jax import config_lib, metrics_writer, models, optim, steps
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.data import pipeline, sources
@@ -198,12 +198,11 @@ def train_and_evaluate(
         train_lora=train_lora,
         batch_size=cfg.batch_size,
     )
-    metrics_file = (entry_dir / "metrics.jsonl").open("a") if process_index == 0 else None
+    # metrics.jsonl + TensorBoard events; on resume it drops the records after `start`.
+    writer = metrics_writer.MetricsWriter(entry_dir, resume_step=start, enabled=process_index == 0)
 
     def write_metrics(record):
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+        writer.write(record["step"], record)
 
     def save_checkpoint(step):
         manager.save(
@@ -279,8 +278,7 @@ def train_and_evaluate(
             if save_now:
                 save_checkpoint(step)
     bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
+    writer.close()
 
     metadata = dict(
         config=cfg.to_dict(),
