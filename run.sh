@@ -6,6 +6,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
+VENV="${FLATFSC_VENV:-$ROOT/.venv}"
 bash scripts/setup_env.sh "${FLATFSC_EXTRAS:-dev,notebooks}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-exec "$ROOT/.venv/bin/python" -m flatfsc_jax.main "$@"
+exec "$VENV/bin/python" -m flatfsc_jax.main "$@"
