@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent(
     c.data_dir = {data!r}
     c.domains = ("latin",)
     c.num_steps, c.restart_period, c.checkpoint_every = 24, 24, 4
-    c.validation.every, c.validation.episodes = 8, 4
+    c.validation.every, c.validation.episodes, c.log_every = 8, 4, 1
     c.batch_size = 16
     train.train_and_evaluate(c, zoo_lib.Zoo({zoo!r}), "latin", "sam", progress=False)
     print("FINISHED")
@@ -98,6 +98,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     while time.time() < deadline and not any(s >= 8 for s in _steps_saved(resumed)):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.05)
+    time.sleep(0.6)  # let it log a step or two past the checkpoint: they are re-done
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = _steps_saved(resumed)
