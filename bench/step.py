@@ -199,7 +199,8 @@ def main(argv=None):
 
     print(
         f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
-        f"dtype {args.dtype}, rho {args.rho}, {args.repeats} interleaved repeats (median)"
+        f"dtype {args.dtype}, rho {args.rho}, {args.repeats} interleaved repeats (median); "
+        "FLOPs: conv + matmul count of the step's jaxpr"
     )
     header = (
         f"{'model':<28} {'batch':>5} {'ERM ms':>8} {'SAM ms':>8} {'ERM img/s':>10} "
