@@ -5,8 +5,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
+VENV="${FLATFSC_VENV:-$ROOT/.venv}"
 bash scripts/setup_env.sh dev,notebooks
-"$ROOT/.venv/bin/ruff" check .
-"$ROOT/.venv/bin/ruff" format --check .
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
 export TF_CPP_MIN_LOG_LEVEL=3 JAX_PLATFORMS=cpu
-exec "$ROOT/.venv/bin/python" -m pytest -n 2 --dist loadfile -q "$@"
+exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile -q "$@"

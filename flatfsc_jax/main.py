@@ -95,6 +95,13 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # absl shows INFO logs of every library, and those are nothing a user can act on:
+    # with JAX_PLATFORMS unset jax probes each backend it knows and logs the absent ones
+    # ("Unable to initialize backend 'tpu'": no libtpu on a CPU/GPU host); matplotlib
+    # logs building its font cache. Keep third-party logs at WARNING (jax's warnings, a
+    # failing platform named in JAX_PLATFORMS, still show) and our own at INFO.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("flatfsc_jax").setLevel(logging.INFO)
     config = _CONFIG.value
     if _RETRAIN.value:
         config.retrain = True

@@ -34,7 +34,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from flatfsc_jax import config_lib, models, optim, steps
+from flatfsc_jax import config_lib, metrics_writer, models, optim, steps
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.data import pipeline, sources
@@ -298,12 +298,11 @@ def train_and_evaluate(
     else:
         state = jax.device_put(fresh_state(), steps.replicated(mesh))
     start = int(jax.device_get(state.step))
-    metrics_file = (entry_dir / "metrics.jsonl").open("a") if process_index == 0 else None
+    # metrics.jsonl + TensorBoard events; on resume it drops the records after `start`.
+    writer = metrics_writer.MetricsWriter(entry_dir, resume_step=start, enabled=process_index == 0)
 
     def write_metrics(record):
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+        writer.write(record["step"], record)
 
     def save_checkpoint(step):
         t0 = time.perf_counter()
@@ -404,8 +403,7 @@ def train_and_evaluate(
                 save_checkpoint(step)
             t_steps = time.perf_counter()
     bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
+    writer.close()
 
     metadata = dict(
         config=cfg.to_dict(),
