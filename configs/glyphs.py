@@ -14,31 +14,31 @@ already holds a latin/sam backbone trained with another rho stops and names the 
 (README "Reliability").
 
 Trains ERM and SAM backbones for the five seen scripts (CJK is the large "general"
-domain, like ImageNet), fuses by fine-tuning the CJK backbone on the other seen scripts,
-evaluates seen scripts with their own backbone and the seven unseen scripts with the
-PARC-selected one, with NCC, PA (URL's pre-classifier alignment on cached embeddings,
-all 600 episodes) and test-time fine-tuning, and writes work/report/.
+domain, like ImageNet; 2000 steps, cosine restarts every 500; the others 500 steps,
+restarts every 250: the budget at which every script's validation accuracy has
+plateaued for ERM and SAM, README "Convergence"), fuses by fine-tuning the CJK backbone
+on the other seen scripts, evaluates seen scripts with their own backbone and the seven
+unseen scripts with the PARC-selected one, with NCC (600 episodes per domain) and PA
+(URL's pre-classifier alignment on cached embeddings, the first 100 of them), and
+writes work/report/ (tables, headline.png, convergence.png, profile.json).
 
-PA costs ~5 min of the run on 2 quiet cores (estimate: 4 families x 12 domains x 600
-episodes took 22 min on a machine running 4.4x below its quiet speed, README "Benchmarks
-and expected cost"); ``--config.evaluation.pa_episodes=N`` runs it on the first N only.
+":long" (for a GPU/TPU) trains 5x longer, fuses for 1000 steps, distils (erm+kd,
+sam+kd), and evaluates PA on all 600 episodes and test-time fine-tuning (40 steps) on
+600 episodes for every family.
 
 TSA (task-specific adapters + PA, tsa.py) is not in the default; add it with
 
-  ./run.sh --config.evaluation.adaptations="('ncc','pa','finetune','tsa')"
+  ./run.sh --config.evaluation.adaptations="('ncc','pa','tsa')"
 
 It runs on the first ``evaluation.tsa_episodes`` = 10 episodes of each domain for the
 ERM and SAM families (``finetune_families``) with the reference recipe's 40 steps; a
-step costs about one full fine-tuning step (README "Benchmarks and expected cost"), so
-it adds about 1 hour on 2 quiet cores (27.6 s per Latin episode measured on a loaded
-machine running bench/step.py's cpu18 at 4.4x below its quiet speed; padded supports of
-160-500 images); ``--config.evaluation.tsa_steps`` / ``tsa_episodes`` trade it down.
+step costs about one full fine-tuning step, so it adds about an hour on 2 cores.
 
-Model and per-domain steps / lr / rho were chosen on the *validation* classes
-(bench/tune_glyphs.py, README "Choosing the Glyphs recipe"), never on test classes.
+Model, per-domain steps and rho were chosen on the *validation* classes (README
+"Choosing the Glyphs recipe"), never on test classes.
 
-Expected run time: ~12 min on 2 CPU cores (measured, README). Expected result: see the
-README's Glyphs table (SAM vs ERM with paired 95% intervals).
+Expected run time and result: README "What ./run.sh does, and what it found" (time
+split, per-seed SAM - ERM with paired intervals, and the spread over training seeds).
 """
 
 import ml_collections
@@ -48,10 +48,9 @@ from flatfsc_jax import config_lib
 SEEN = ("cjk", "latin", "greek", "cyrillic", "kana")
 UNSEEN = ("digits", "hangul", "thai", "arabic", "hebrew", "devanagari", "bengali")
 
-# Per-domain recipe for 28x28 glyphs; rho is the best of {0.005, 0.01, 0.02, 0.05, 0.1}
-# on each domain's validation classes (bench/tune_glyphs.py; README "Choosing the Glyphs
-# recipe"). CJK needs a tiny rho: with larger ones SAM does not leave the initial
-# ln(280) loss plateau within 400 steps.
+# Per-domain recipe for 28x28 glyphs. Steps: where validation accuracy has plateaued for
+# ERM and SAM (docs/convergence.png); rho: the best of {0.01, 0.02, 0.05, 0.1} on each
+# script's validation classes at this budget (README "Choosing the Glyphs recipe").
 GLYPHS_TABLE = {
     "cjk": dict(batch_size=64, lr=5e-2, num_steps=2000, restart_period=500, rho=0.1),
     "latin": dict(batch_size=64, lr=5e-2, num_steps=500, restart_period=250, rho=0.1),
@@ -119,6 +118,10 @@ def get_config(arg=None):
     # take over an hour, so the default evaluates NCC and PA on cached embeddings and
     # leaves fine-tuning to ":long" (README "Evaluation that counts").
     c.evaluation.adaptations = ("ncc", "pa")
+    # PA trains a d x d map for 40 steps per task (~25 ms per CJK-sized episode on 2 cores,
+    # x 4 families x 12 domains): the first 100 of the 600 episodes keep it within budget;
+    # ":long" runs all 600.
+    c.evaluation.pa_episodes = 100
     c.evaluation.finetune_episodes = 600
     c.evaluation.finetune_steps = 40
     c.evaluation.tsa_episodes = 10  # only with the TSA override (module docstring)
@@ -146,7 +149,7 @@ def get_config(arg=None):
         c.fusion.num_steps = c.fusion.restart_period = 3
         c.evaluation.domains = (SEEN[0], SEEN[1], UNSEEN[0])
         c.evaluation.episodes = 8
-        c.evaluation.adaptations = ("ncc", "finetune")
+        c.evaluation.adaptations = ("ncc", "pa", "finetune")
         c.evaluation.finetune_episodes = 2
         c.evaluation.finetune_steps = 2
     if "long" in args:  # for a GPU/TPU: 5x the training, full fine-tuning evaluation, KD
@@ -155,7 +158,8 @@ def get_config(arg=None):
         }
         config_lib.with_table(c, long_table, SEEN)
         c.fusion.num_steps = c.fusion.restart_period = 1000
-        c.evaluation.adaptations = ("ncc", "finetune")
+        c.evaluation.adaptations = ("ncc", "pa", "finetune")
+        c.evaluation.pa_episodes = 0  # all 600
         c.evaluation.finetune_families = ()  # every family
     if "kd" in args or "long" in args:
         with_distillation(c)
