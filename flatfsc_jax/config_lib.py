@@ -434,6 +434,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         if "lora" in modes:
             _positive_int(f.lora_rank, "fusion.lora_rank")
     ev = config.evaluation
+    for key in ("pa_episodes", "pa_steps", "tsa_episodes", "tsa_steps"):
+        value = ev.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"config.evaluation.{key} must be an integer >= 0, got {value!r}")
     if ev.enabled:
         for d in ev.domains:
             if d not in known:
@@ -451,10 +455,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                 raise ConfigError(
                     f"config.evaluation.adaptations has {a!r}; choose from {ADAPTATIONS}"
                 )
-        for key in ("pa_episodes", "pa_steps", "tsa_episodes", "tsa_steps"):
-            value = ev.get(key, 0)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"config.evaluation.{key} must be an integer >= 0, got {value!r}")
         if any(a != "ncc" for a in ev.adaptations):
             _positive_int(ev.finetune_steps, "evaluation.finetune_steps")
             _positive_int(ev.finetune_episodes, "evaluation.finetune_episodes", minimum=0)

@@ -153,7 +153,7 @@ def test_unseen_domain_is_test_only(data_dir, card):
     assert len(data) == card["domains"]["thai"]["num_images"]["test"]
     with pytest.raises(ValueError, match="unseen domain with splits \\['test'\\]"):
         glyphs.load_split("thai", "train", data_dir)
-    with pytest.raises(ValueError, match="has no 'valid' split"):
+    with pytest.raises(sources.MissingDataError, match="has no 'valid' split"):
         sources.read_prepared_split(data_dir, "glyphs", "thai", "valid")
 
 

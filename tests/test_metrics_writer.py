@@ -149,7 +149,8 @@ def test_tiny_training_run_logs_the_same_scalars_to_tensorboard(tmp_path):
     c = glyphs_config.get_config("tiny")
     c.data_dir = str(tmp_path / "data")
     c.domains = ("latin",)
-    c.num_steps, c.restart_period, c.batch_size = 4, 4, 16
+    row = c.per_domain.latin
+    row.num_steps, row.restart_period, row.batch_size = 4, 4, 16
     c.checkpoint_every, c.log_every, c.validation.every, c.validation.episodes = 4, 2, 2, 2
     zoo = zoo_lib.Zoo(tmp_path / "zoo")
     train.train_and_evaluate(c, zoo, "latin", "sam", progress=False)

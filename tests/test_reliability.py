@@ -189,7 +189,7 @@ def test_changed_backbone_keys_stop_the_run_naming_keys_and_choices(tmp_path, no
     experiment.run(same, str(tmp_path), ("train",), progress=False)
     assert no_training == []
     for key, value, change in [
-        ("per_domain.latin.rho", 0.1, "sam.rho: 0.05 -> 0.1"),
+        ("per_domain.latin.rho", 0.2, "sam.rho: 0.1 -> 0.2"),
         ("per_domain.latin.lr", 0.02, "lr: 0.05 -> 0.02"),
         ("per_domain.latin.num_steps", 7, "num_steps: 6 -> 7"),
         ("model.width", 0.25, "model.width: 0.125 -> 0.25"),
@@ -204,7 +204,7 @@ def test_changed_backbone_keys_stop_the_run_naming_keys_and_choices(tmp_path, no
         assert no_training == [], "nothing may train before the check"
     # --retrain retrains (here: every entry of the run).
     retrain = _tiny(**{"fusion.enabled": False, "evaluation.enabled": False, "retrain": True})
-    retrain.per_domain.latin.rho = 0.1
+    retrain.per_domain.latin.rho = 0.2
     experiment.run(retrain, str(tmp_path), ("train",), progress=False)
     assert sorted(no_training) == sorted((d, m) for m in retrain.methods for d in retrain.domains)
 
@@ -253,13 +253,15 @@ def test_a_domain_always_trains_with_its_row():
     c.fusion.enabled = False
     config_lib.validate(c)
     e = config_lib.domain_config(c, "latin", "sam")
+    row = glyphs_config.GLYPHS_TABLE["latin"]
     assert (e.batch_size, e.lr, e.num_steps, e.restart_period, e.sam.rho) == (
-        64,
-        0.05,
-        200,
-        200,
-        0.05,
+        row["batch_size"],
+        row["lr"],
+        row["num_steps"],
+        row["restart_period"],
+        row["rho"],
     )
+    assert (row["num_steps"], c.per_domain.latin.num_steps) != (50_000, None)
     assert config_lib.domain_config(c, "latin", "erm").sam.rho == 0.0
 
 
@@ -297,8 +299,8 @@ def test_dry_run_prints_every_entry_effective_values():
     out = proc.stdout
     for line in (
         "glyphs/cjk/erm: batch 64, lr 0.05, steps 6, restart period 6, rho 0",
-        "glyphs/latin/sam: batch 64, lr 0.05, steps 6, restart period 6, rho 0.05",
-        "glyphs/latin/sam+ft: batch 64, lr 0.01, steps 3, restart period 3, rho 0.05",
+        "glyphs/latin/sam: batch 64, lr 0.05, steps 6, restart period 6, rho 0.1",
+        "glyphs/latin/sam+ft: batch 64, lr 0.01, steps 3, restart period 3, rho 0.1",
     ):
         assert line in out, out[-2000:]
 
@@ -360,11 +362,11 @@ def test_dry_run_shows_which_entries_are_stale(tmp_path):
         "--config=configs/glyphs.py:tiny",
         "--dry_run",
         f"--workdir={tmp_path}",
-        "--config.per_domain.latin.rho=0.1",
+        "--config.per_domain.latin.rho=0.2",
     )
     assert proc.returncode == 0, proc.stderr
-    assert "glyphs/latin/sam: batch 64, lr 0.05, steps 6, restart period 6, rho 0.1" in proc.stdout
-    assert "[STALE: sam.rho: 0.05 -> 0.1]" in proc.stdout
+    assert "glyphs/latin/sam: batch 64, lr 0.05, steps 6, restart period 6, rho 0.2" in proc.stdout
+    assert "[STALE: sam.rho: 0.1 -> 0.2]" in proc.stdout
     assert "glyphs/latin/erm: batch 64, lr 0.05, steps 6, restart period 6, rho 0  [absent]" in (
         proc.stdout
     )
