@@ -222,10 +222,11 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
             # backbone): embed and PARC-score each backbone once per domain.
             for c in candidates:
                 if c not in embeds:
+                    loaded = backbone(*c)  # loading has its own section (not nested)
                     with PROFILE.section("evaluate/embed"):
                         embeds[c] = evaluate.embed_split(
-                            backbone(*c).model,
-                            backbone(*c).variables,
+                            loaded.model,
+                            loaded.variables,
                             split,
                             batch_size=config.validation.batch_size,
                         )
