@@ -110,6 +110,7 @@ def test_evaluate_zoo_dispatches_pa_and_tsa_with_the_domain_role(tmp_path, monke
     ev.finetune_families = ()
     ev.pa_steps = 0  # PA from the identity: must reproduce NCC exactly
     ev.tsa_episodes, ev.tsa_steps = 2, 1
+    ev.pa_episodes = 0  # all episodes (the Glyphs default caps PA at 100)
     experiment.check_data(c, ("evaluate",))
     monkeypatch.setattr(protocol, "families", lambda config, zoo: ["erm", "erm+kd"])
     rates = []
