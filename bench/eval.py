@@ -1,6 +1,6 @@
 """Few-shot evaluation speed: cached embeddings + vmapped episodes vs URL-style re-embedding.
 
-Two numbers per scale (design.md §5, §6):
+Two numbers per scale (README Benchmarks):
 
 (a) the time to evaluate 600 variable-way variable-shot episodes (Meta-Dataset sampler,
     padded to 50 ways / 500 support / 500 query) on cached embeddings, after compilation;

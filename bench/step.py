@@ -23,7 +23,7 @@ the convolutions XLA hands to cuDNN (it reported 1.2 TFLOP/s for the bf16 ResNet
 on an H200), while the jaxpr count is the same on every backend.
 
 Model specs are ``arch:width:image_size:channels:batch`` or a preset name:
-``paper`` (ResNet-18 at 84 px RGB, batch 16, design.md §2), ``cpu10`` (ResNet-10 width
+``paper`` (ResNet-18 at 84 px RGB, batch 16, the paper), ``cpu10`` (ResNet-10 width
 0.25 at 28x28x1, batch 64) and ``cpu18`` (ResNet-18 width 0.25 at 28x28x1, batch 64).
 """
 

@@ -8,7 +8,7 @@ Command (one domain, or ``all`` eight seen domains in sequence; default ``all``)
 
 Needs the Meta-Dataset sources prepared with ``python -m flatfsc_jax.data.prepare``
 (the run stops at once and lists what is missing). Per-domain batch size, learning rate,
-iterations, restart period and rho are the paper's table (design.md §2). Every domain,
+iterations, restart period and rho are the paper's table (the paper). Every domain,
 alone or with others, trains with its row: override it with
 ``--config.per_domain.<domain>.rho=...`` (the top-level ``--config.sam.rho``, ``lr``,
 ``batch_size``, ``num_steps`` and ``restart_period`` would be ignored, so they are errors

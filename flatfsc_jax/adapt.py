@@ -1,6 +1,6 @@
 """Test-time adaptation: fine-tune the backbone on an episode's support set, then NCC.
 
-The paper's "simple adaptation" (design.md §2): starting from the selected backbone,
+The paper's "simple adaptation" (the paper): starting from the selected backbone,
 train on the support set with the NCC loss, then classify the queries by nearest
 centroid with the adapted backbone. Two parameterisations:
 
@@ -52,7 +52,7 @@ the zero-initialised ``B`` factors by ~lr per step regardless of their gradient 
 it gains less than full fine-tuning here. Adam is the default optimiser (its rate
 transfers across parameterisations); SGD (momentum 0.9) at 3e-3 matched the best Adam
 rate where measured. Adadelta uses PyTorch's ``rho=0.9, eps=1e-6`` (URL's PA / TSA
-optimiser). 40 steps is the URL/TSA budget (design.md §2).
+optimiser). 40 steps is the URL/TSA budget (the paper).
 
 CPU note on batching episodes: one episode's support set is already a batch of images;
 vmapping the fine-tuning loop over episodes turns every convolution into a per-episode

@@ -2,7 +2,7 @@
 
 Configs are Python files whose ``get_config(arg)`` returns an ``ml_collections.ConfigDict``
 (big_vision style); this module holds what they share: the paper's per-domain table
-(design.md §2), the Glyphs table, the default sub-configs, and ``validate``, which checks
+(the paper), the Glyphs table, the default sub-configs, and ``validate``, which checks
 every key a run uses *before anything is compiled* and names the key when it is wrong.
 
 Per-domain hyper-parameters: one meaning per key. A config names the domains it trains
@@ -23,7 +23,7 @@ import math
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-# design.md §2: batch, lr, iterations, restart period T0, SAM rho per Meta-Dataset domain.
+# the paper: batch, lr, iterations, restart period T0, SAM rho per Meta-Dataset domain.
 META_DATASET_TABLE = {
     "ilsvrc_2012": dict(batch_size=64, lr=3e-2, num_steps=480_000, restart_period=48_000, rho=0.05),
     "omniglot": dict(batch_size=16, lr=3e-2, num_steps=50_000, restart_period=3_000, rho=0.01),
@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sam.rho = placeholder(float)  # per_domain.<domain>.rho (0 for ERM entries)
     c.per_domain = ml_collections.ConfigDict()
 
-    # design.md §2 augmentation; pad is 8 px at 84 px.
+    # the paper augmentation; pad is 8 px at 84 px.
     c.augment = ml_collections.ConfigDict(
         dict(enabled=True, pad=8, contrast=0.2, saturation=0.2, hue=0.03, brightness=0.125)
     )
@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1_000
     c.log_every = 100
 
-    # Information fusion by fine-tuning the general domain's backbone (design.md §2).
+    # Information fusion by fine-tuning the general domain's backbone (the paper).
     c.fusion = ml_collections.ConfigDict(
         dict(
             enabled=False,

@@ -5,7 +5,7 @@ loop that re-embeds support and query images per episode repeats work: here ever
 a split is embedded once (:func:`embed_split`) and episodes are index arrays into that
 table (:func:`episode_accuracies`). All episodes of an ``EpisodeBatch`` share fixed padded
 shapes with masks, so one ``jax.vmap`` inside one ``jax.jit`` evaluates them all and nothing
-recompiles between episodes (design.md §5).
+recompiles between episodes (README Evaluation).
 
 Classifier: nearest centroid (NCC). Prototypes are the masked mean support embedding of each
 class; logits are ``scale * cos(query, prototype)`` (``scale=10`` as SUR/URL/TSA and the

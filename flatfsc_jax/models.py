@@ -8,7 +8,7 @@ Everything outside this file uses a :class:`Model`:
 
 and never imports linen internals. Architectures:
 
-* ``resnet18``: the SUR/URL/paper backbone (design.md §2): 5x5 stride-2 stem (padding 1,
+* ``resnet18``: the SUR/URL/paper backbone (the paper): 5x5 stride-2 stem (padding 1,
   no bias) + BN + ReLU, *no* max-pool, BasicBlocks [2, 2, 2, 2] with widths
   64/128/256/512, global average pool -> 512-d embedding, linear head. Its trunk has
   11,171,904 trainable parameters at ``width=1``.

@@ -1,7 +1,7 @@
 """PARC backbone selection (Bolya et al. 2021, as the paper's official code uses it).
 
 For an unseen domain, the paper picks the backbone of the zoo whose support-set
-embeddings best agree with the support labels (design.md §2):
+embeddings best agree with the support labels (the paper):
 
     D_F = 1 - corrcoef(F)       F: [N, D] embeddings, correlation between SAMPLES (N x N)
     D_Y = 1 - corrcoef(Y)       Y: [N, K] one-hot labels

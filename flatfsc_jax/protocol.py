@@ -11,7 +11,7 @@ is evaluated on them, so families are compared with paired differences:
   family has a single student, stored as ``<fusion.source_domain>/<m>+kd``, which serves
   every domain, seen and unseen (so no PARC selection);
 * an unseen domain uses, per task, the family's backbone with the highest PARC score on
-  that task's support set (``config.evaluation.parc_support``; design.md §2), or, with
+  that task's support set (``config.evaluation.parc_support``; the paper), or, with
   ``parc_support=False``, one backbone per dataset chosen by the mean PARC score;
 * adaptations: ``ncc`` on embeddings cached once per (backbone, domain) and evaluated
   with ``jax.vmap`` over padded episodes; ``pa`` (pa.py) trains URL's linear map on the

@@ -113,7 +113,7 @@ def split_data(labels, *, class_groups=None, class_hierarchy=None, size=6):
 
 
 def check_variable_episode(ep: Episode, labels, counts, spec=VARIABLE):
-    """Every design.md §3 invariant that one variable-way episode must satisfy."""
+    """Every Meta-Dataset invariant that one variable-way episode must satisfy."""
     ways, classes = ep.ways, ep.classes
     assert len(classes) == ways == len(np.unique(classes))
     assert spec.min_ways <= ways <= min(spec.max_ways, len(counts))
@@ -198,7 +198,7 @@ def test_hierarchy_episodes_are_the_leaves_of_an_eligible_node():
 
 
 def test_large_class_can_get_more_than_100_shots():
-    # The 100 caps a class's contribution to S, not its shots (design.md §3, step 3).
+    # The 100 caps a class's contribution to S, not its shots (Meta-Dataset, step 3).
     counts = np.array([5000] + [120] * 49)
     labels = labels_from_counts(counts)
     spec = EpisodeSpec(min_ways=50)
@@ -262,7 +262,7 @@ def test_shots_per_class_matches_reference():
 
 
 def reference_episode(seed, index, counts, groups=None):
-    """design.md §3 in plain Python, consuming episode_rng in the documented order."""
+    """Meta-Dataset in plain Python, consuming episode_rng in the documented order."""
     rng = episode_rng(seed, index)
     if groups is None:
         pool = list(range(len(counts)))

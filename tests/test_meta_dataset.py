@@ -28,7 +28,7 @@ from flatfsc_jax.data.sources import SPLITS, MissingDataError
 TFDS_DIR = os.path.dirname(tfds.__file__)
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 
-# design.md §3 (+ the test-only v2 sources).
+# Meta-Dataset (+ the test-only v2 sources).
 EXPECTED_COUNTS = {
     "ilsvrc_2012": (712, 158, 130),
     "omniglot": (883, 81, 659),

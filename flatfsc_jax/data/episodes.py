@@ -5,7 +5,7 @@ a labelled support set to adapt on and a disjoint query set to score. Episodes h
 pure index sets (positions in the ``SplitData``), so the evaluator can embed every test
 image once and score thousands of episodes on cached embeddings.
 
-Variable mode follows the Meta-Dataset protocol exactly (design.md §3; Triantafillou et
+Variable mode follows the Meta-Dataset protocol exactly (Meta-Dataset; Triantafillou et
 al. 2020, ``meta_dataset/data/sampling.py``):
 
 1. classes: ways ~ U{min_ways .. min(max_ways, #classes)}, classes uniformly without

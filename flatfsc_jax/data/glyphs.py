@@ -1,4 +1,4 @@
-"""Glyphs: the embedded multi-domain few-shot benchmark, as TFDS sources (design.md §4).
+"""Glyphs: the embedded multi-domain few-shot benchmark, as TFDS sources (README Data).
 
 A class is a Unicode character, an instance is that character rendered by one font face, a
 domain is a script. The rendered benchmark ships with the package

@@ -2,10 +2,10 @@
 
     python -m flatfsc_jax.data.glyphs_render --out flatfsc_jax/data/assets/glyphs
 
-Glyphs is the embedded few-shot benchmark (design.md §4): a *class* is a Unicode character, an
+Glyphs is the embedded few-shot benchmark (README Data): a *class* is a Unicode character, an
 *instance* is that character drawn by one font face (one type designer's version of the symbol),
 a *domain* is a script. This script turns the fonts of the Debian font packages listed in
-design.md §4 into one compressed ``glyphs-v1.npz`` plus its data card ``glyphs-v1.json``; both
+README Data into one compressed ``glyphs-v1.npz`` plus its data card ``glyphs-v1.json``; both
 are committed, so users never need fonts, Pillow or fontTools (this module imports them lazily:
 they are the ``render`` extra). ``flatfsc_jax.data.glyphs`` reads the result.
 

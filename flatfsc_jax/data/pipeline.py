@@ -1,6 +1,6 @@
 """Backbone-training input pipeline: shuffled, augmented, resumable host batches.
 
-Batch training (one domain's train split, cross-entropy over its classes, design.md §2)
+Batch training (one domain's train split, cross-entropy over its classes, the paper)
 reads ``dict(image=float32 [B, H, W, C] in [-1, 1], label=int32 [B])`` from
 ``make_train_iterator``. The stream is a pure function of ``(seed, position)``:
 
@@ -29,7 +29,7 @@ where ``sharding = NamedSharding(mesh, PartitionSpec("data"))`` and the mesh's d
 are ordered by process (``jax.make_mesh`` does that), so process ``p``'s rows land on
 its own devices.
 
-Augmentation (design.md §2, the paper's recipe) runs on the host in numpy, vectorised
+Augmentation (the paper, the paper's recipe) runs on the host in numpy, vectorised
 over the batch, in this order: reflect-pad by ``pad`` px and crop back at a uniform
 offset (a shift by up to ``pad`` px each way, *no flips*), brightness ``+U[-b, b]`` on
 the 0..255 scale, contrast ``(x - mean_c) * f + mean_c`` with ``f ~ U[1-c, 1+c]`` and
@@ -63,7 +63,7 @@ PAPER_PAD, PAPER_IMAGE_SIZE = 8, 84
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Training-batch augmentation (design.md §2). Defaults are the paper's at 84 px.
+    """Training-batch augmentation (the paper). Defaults are the paper's at 84 px.
 
     Attributes:
       pad: reflect padding in pixels before the random crop back to the original size
