@@ -211,6 +211,11 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
         parc_support_sets = parc_subsets(batch, ev.parc_max_support, evaluation_seed(config) + 2000)
         embeds: dict = {}  # (domain, method) of a backbone -> embeddings of this split
         parc_cache: dict = {}  # (domain, method) -> PARC score per episode
+        # (adaptation, backbone) -> {episode: accuracy}. Families share backbones (a fused
+        # family starts from the general domain's own backbone, and PARC often picks it for
+        # both ERM and ERM+FT), and an episode's adapted accuracy depends only on the
+        # backbone and the episode, so each pair is adapted once per domain.
+        adapted: dict = {}
         dom = {"seen": domain in seen, "ways": batch.ways.tolist(), "families": {}, "selection": {}}
         for fam in fams:
             bar.set_description(f"evaluate {domain} {fam}")
@@ -253,7 +258,10 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
                 acc = np.full(len(batch.ways), np.nan)
                 n = num_episodes(ev, adaptation, len(batch.ways))
                 for i, c in enumerate(candidates):
-                    idx = np.flatnonzero(choice[:n] == i)
+                    chosen = np.flatnonzero(choice[:n] == i)
+                    done = adapted.setdefault((adaptation, c), {})
+                    acc[chosen] = [done.get(int(j), np.nan) for j in chosen]
+                    idx = np.asarray([j for j in chosen if int(j) not in done], np.int64)
                     if len(idx) == 0:
                         continue
                     sub = take_episodes(batch, idx)
@@ -294,6 +302,9 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
                             # every episode and backbone (compiles dominate 10 episodes).
                             bucket=False,
                         )
+                for i, c in enumerate(candidates):
+                    chosen = np.flatnonzero(choice[:n] == i)
+                    adapted[(adaptation, c)].update((int(j), acc[j]) for j in chosen)
                 accs[adaptation] = acc[:n].tolist()
             dom["families"][fam] = accs
             bar.update(1)
