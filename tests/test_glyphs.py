@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from flatfsc_jax.data import glyphs, glyphs_render, sources
+from flatfsc_jax.data import glyphs, sources
+from tools import glyphs_render
 
 DEJAVU_SANS = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 PREPARED = ("latin", "thai")  # one seen, one unseen domain

@@ -1,13 +1,15 @@
 """Renders the Glyphs benchmark from installed font files: the source of truth of the shipped data.
 
-    python -m flatfsc_jax.data.glyphs_render --out flatfsc_jax/data/assets/glyphs
+    python -m tools.glyphs_render --out flatfsc_jax/data/assets/glyphs   # from the repo root
 
 Glyphs is the embedded few-shot benchmark (README Data): a *class* is a Unicode character, an
 *instance* is that character drawn by one font face (one type designer's version of the symbol),
 a *domain* is a script. This script turns the fonts of the Debian font packages listed in
 README Data into one compressed ``glyphs-v1.npz`` plus its data card ``glyphs-v1.json``; both
 are committed, so users never need fonts, Pillow or fontTools (this module imports them lazily:
-they are the ``render`` extra). ``flatfsc_jax.data.glyphs`` reads the result.
+they are the ``render`` extra). ``flatfsc_jax.data.glyphs`` reads the result. An offline tool,
+not part of the installed package: the names the reader shares with it (domains, file names,
+checksums) live in ``flatfsc_jax.data.glyphs_spec`` and are imported from there.
 
 Pipeline (everything seeded by ``SEED``; the same fonts and library versions give the same bytes):
 
@@ -50,7 +52,6 @@ import concurrent.futures
 import dataclasses
 import fnmatch
 import glob
-import hashlib
 import io
 import json
 import logging
@@ -64,6 +65,17 @@ import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from flatfsc_jax.data.glyphs_spec import (
+    CARD_NAME,
+    DOMAINS,
+    NPZ_NAME,
+    SEEN_DOMAINS,
+    SPLITS,
+    UNSEEN_DOMAINS,
+    content_sha256,
+    file_sha256,
+)
 
 VERSION = "1.0.0"
 SEED = 0
@@ -81,15 +93,9 @@ SAME_RENDER_MAD = 1.0  # two classes of one face closer than this are indistingu
 # render than a typical face is drawing something else (dingbats, keycaps, ornaments).
 OUTLIER_SCORE = 2.5
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
-SPLITS = ("train", "valid", "test")
 FONT_DIRS = ("/usr/share/fonts",)
-NPZ_NAME = "glyphs-v1.npz"
-CARD_NAME = "glyphs-v1.json"
 FONT_EXTENSIONS = (".ttf", ".otf", ".ttc", ".otc")
 
-SEEN_DOMAINS = ("cjk", "latin", "greek", "cyrillic", "kana")
-UNSEEN_DOMAINS = ("digits", "hangul", "thai", "arabic", "hebrew", "devanagari", "bengali")
-DOMAINS = SEEN_DOMAINS + UNSEEN_DOMAINS
 SAMPLED_CLASSES = {"cjk": 400, "hangul": 150}
 # Candidates drawn for a sampled domain, as a multiple of the target: some fail cleaning.
 _SAMPLED_OVERDRAW = 1.5
@@ -137,22 +143,6 @@ _BOPOMOFO = range(0x3105, 0x312A)
 def class_name(codepoint: int) -> str:
     """Readable class name of a character, e.g. ``"U+0041 A"``."""
     return f"U+{codepoint:04X} {chr(codepoint)}"
-
-
-def content_sha256(arrays: Mapping[str, np.ndarray]) -> str:
-    """Checksum of the benchmark's arrays (names, dtypes, shapes, bytes), independent of how the
-    npz container was compressed: two renders are the same benchmark iff this matches."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ----------------------------------------------------------------------------------------
