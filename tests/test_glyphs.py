@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from flatfsc_jax.data import glyphs, sources
+
+# The renderer is an offline tool, not in the installed package: tools/ is a package at the
+# repository root, imported like configs/ (pytest runs from the root, which is on sys.path).
 from tools import glyphs_render
 
 DEJAVU_SANS = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
