@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flatfsc_jax import adapt, evaluate, fusion, models, pa, parc, train, tsa
+from flatfsc_jax import adapt, evaluate, fusion, models, pa, parc, tsa
 from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.data import benchmarks
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.profiling import PROFILE
 
@@ -206,7 +207,7 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
     for domain in domains:
         t0 = time.perf_counter()
         with PROFILE.section("evaluate/episodes"):
-            split = train.load_split(config, domain, "test")
+            split = benchmarks.load_split(config.benchmark, domain, "test", config.data_dir)
             _, batch = sample_test_episodes(config, split)
         parc_support_sets = parc_subsets(batch, ev.parc_max_support, evaluation_seed(config) + 2000)
         embeds: dict = {}  # (domain, method) of a backbone -> embeddings of this split

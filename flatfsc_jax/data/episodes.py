@@ -38,6 +38,14 @@ class's image draw (brackets: when applicable).
 ``pad_episodes`` turns a list of episodes into fixed-shape masked arrays for
 ``jax.vmap``; the shapes depend only on the padding sizes (``EpisodeSpec.pad_sizes`` or
 the tighter ``bucket_sizes`` of a split), so jitted evaluators never recompile.
+
+Why one module: the sampler, the padded batches and the episode figure share the
+``EpisodeSpec`` / ``Episode`` / ``PadSizes`` types and one contract, the order of random
+draws above (episode ``i`` of seed ``s`` is a pure function of the split, the spec and
+``s``). Much of the length is that contract written out: the Meta-Dataset formulas as
+pure functions with their docstrings, next to the ``_Plan`` that draws them in that
+order. Cut into modules, the order would be spread over several files that must change
+together, and every reader of an episode would import them all anyway.
 """
 
 from __future__ import annotations
