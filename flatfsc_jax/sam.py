@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from optax import tree_utils as otu
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, Any]]
 
@@ -65,8 +66,7 @@ class SamDiagnostics(NamedTuple):
 
 def global_norm(tree: Any) -> jax.Array:
     """L2 norm of all leaves of ``tree`` together, accumulated in float32."""
-    squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
-    return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+    return otu.tree_norm(otu.tree_cast(tree, jnp.float32))
 
 
 def check_sam_config(

@@ -18,7 +18,7 @@
 # loss and that this flatness is what transfers to unseen few-shot domains. This
 # notebook measures it for the ERM and SAM backbones of one domain of the zoo, with
 # `flatfsc_jax.measure_flatness` (the library behind
-# `python -m flatfsc_jax.measure_flatness`, which does the same for the whole zoo):
+# `python -m flatfsc_jax.cli.flatness`, which does the same for the whole zoo):
 #
 # * **rho-sharpness**: the largest loss increase within L2 distance rho of the weights
 #   (the quantity SAM minimises);
@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from flatfsc_jax import measure_flatness
+from flatfsc_jax import measure_flatness, report
 from flatfsc_jax import zoo as zoo_lib
 
 WORKDIR = os.environ.get("FLATFSC_WORKDIR", "../work")
@@ -71,7 +71,7 @@ results = measure_flatness.measure_zoo(
     progress=print,
 )
 by_method = {r["method"]: r for r in results["entries"]}
-display(Markdown(measure_flatness.format_table(results)))
+display(Markdown(report.flatness_markdown(results)))
 
 # %% [markdown]
 # ## 1-D landscape

@@ -172,8 +172,8 @@ alphas = np.linspace(-1.0, 1.0, 41)
 curves = {}
 for name, (params, _) in runs.items():
     sharpness = flatness.rho_sharpness(full_training_loss, params, rho=RHO, steps=10)
-    top = flatness.top_hessian_eigenvalue(full_training_loss, params, iters=50, rng=key)
-    trace = flatness.hessian_trace(full_training_loss, params, samples=50, rng=key)
+    top = flatness.top_hessian_eigenvalue(full_training_loss, params, iters=50, seed=0)
+    trace = flatness.hessian_trace(full_training_loss, params, samples=50, seed=0)
     print(
         f"{name:14s} rho-sharpness {float(sharpness['sharpness']):.4f}  top eigenvalue "
         f"{float(top['eigenvalue']):8.2f}  trace {float(trace['trace']):8.1f} ± "

@@ -37,9 +37,7 @@ def spd():
 
 def test_top_eigenvalue_of_quadratic_matches_eigvalsh(spd):
     a, top_vector = spd
-    out = flatness.top_hessian_eigenvalue(
-        _quadratic(a), jnp.ones(EIGS.size), iters=40, rng=jax.random.key(1)
-    )
+    out = flatness.top_hessian_eigenvalue(_quadratic(a), jnp.ones(EIGS.size), iters=40, seed=1)
     expected = np.linalg.eigvalsh(a).max()
     assert abs(float(out["eigenvalue"]) - expected) / expected < 1e-3
     assert abs(float(jnp.dot(out["vector"], top_vector))) > 0.999
@@ -50,10 +48,26 @@ def test_top_eigenvalue_of_quadratic_matches_eigvalsh(spd):
 def test_top_eigenvalue_tol_stops_early_and_stays_accurate(spd):
     a, _ = spd
     out = flatness.top_hessian_eigenvalue(
-        _quadratic(a), jnp.zeros(EIGS.size), iters=500, rng=jax.random.key(2), tol=1e-6
+        _quadratic(a), jnp.zeros(EIGS.size), iters=500, seed=2, tol=1e-6
     )
     assert 2 < int(out["iterations"]) < 500
     assert float(out["eigenvalue"]) == pytest.approx(EIGS.max(), rel=1e-3)
+
+
+def test_power_iteration_records_its_estimates_and_keeps_the_sign(spd):
+    a, _ = spd
+    params = jnp.ones(EIGS.size)
+    steps = flatness.iteration_steps(_quadratic(a))  # built once, shared by both calls
+    full = flatness.top_hessian_eigenvalue(steps, params, iters=80, seed=0)
+    assert full["eigenvalue"] == pytest.approx(np.linalg.eigvalsh(a)[-1], rel=1e-5)
+    assert full["iterations"] == len(full["estimates"]) == 80
+    early = flatness.top_hessian_eigenvalue(steps, params, iters=80, tol=1e-3, seed=0)
+    assert early["iterations"] < 80 and early["relative_change"] <= 1e-3
+    assert early["estimates"] == full["estimates"][: early["iterations"]]
+    assert early["eigenvalue"] == pytest.approx(EIGS[0], rel=1e-2)
+    # Largest magnitude with its sign.
+    neg = flatness.top_hessian_eigenvalue(_quadratic(-a), jnp.ones(EIGS.size), iters=80)
+    assert neg["eigenvalue"] == pytest.approx(-EIGS[0], rel=1e-5)
 
 
 def test_hessian_tools_on_a_nonquadratic_pytree_match_the_dense_hessian(spd):
@@ -71,20 +85,18 @@ def test_hessian_tools_on_a_nonquadratic_pytree_match_the_dense_hessian(spd):
     hvp, _ = ravel_pytree(flatness.hessian_vector_product(loss_fn, params, vector))
     np.testing.assert_allclose(hvp, dense @ (np.arange(8.0) - 3.0), rtol=1e-5, atol=1e-4)
 
-    eig = flatness.top_hessian_eigenvalue(loss_fn, params, iters=60, rng=jax.random.key(0))
+    eig = flatness.top_hessian_eigenvalue(loss_fn, params, iters=60, seed=0)
     assert jax.tree.structure(eig["vector"]) == jax.tree.structure(params)
     assert float(eig["eigenvalue"]) == pytest.approx(np.linalg.eigvalsh(dense).max(), rel=1e-3)
 
-    tr = flatness.hessian_trace(loss_fn, params, samples=300, rng=jax.random.key(0))
+    tr = flatness.hessian_trace(loss_fn, params, samples=300, seed=0)
     assert abs(float(tr["trace"]) - np.trace(dense)) < 4 * float(tr["std_error"])
 
 
 def test_hutchinson_trace_within_standard_errors_and_error_is_calibrated(spd):
     a, _ = spd
     samples = 400
-    out = flatness.hessian_trace(
-        _quadratic(a), jnp.zeros(EIGS.size), samples=samples, rng=jax.random.key(3)
-    )
+    out = flatness.hessian_trace(_quadratic(a), jnp.zeros(EIGS.size), samples=samples, seed=3)
     se = float(out["std_error"])
     assert se > 0
     assert abs(float(out["trace"]) - np.trace(a)) < 4 * se
@@ -97,7 +109,7 @@ def test_hutchinson_trace_within_standard_errors_and_error_is_calibrated(spd):
 def test_hutchinson_is_exact_for_a_diagonal_hessian():
     diag = jnp.array([3.0, 0.5, 7.0, 1e-2, 2.0])
     out = flatness.hessian_trace(
-        lambda w: 0.5 * jnp.sum(diag * w**2), jnp.ones(5), samples=5, rng=jax.random.key(0)
+        lambda w: 0.5 * jnp.sum(diag * w**2), jnp.ones(5), samples=5, seed=0
     )
     assert float(out["trace"]) == pytest.approx(float(diag.sum()), rel=1e-6)
     assert float(out["std_error"]) == pytest.approx(0.0, abs=1e-6)
@@ -128,6 +140,20 @@ def test_rho_sharpness_with_zero_steps_is_the_sam_point(spd):
     assert float(out["perturbation_norm"]) == pytest.approx(rho, rel=1e-5)
 
 
+def test_rho_sharpness_at_a_critical_point_finds_the_top_curvature(spd):
+    # At w = 0 the gradient vanishes: the ascent starts from a seeded random direction
+    # and converges to the top eigenvector, where the increase is rho^2 * lambda_1 / 2.
+    a, _ = spd
+    loss_fn = _quadratic(a)
+    out = flatness.rho_sharpness(loss_fn, jnp.zeros(EIGS.size), rho=0.1, steps=60, seed=3)
+    assert out["loss"] == 0.0
+    assert out["perturbation_norm"] == pytest.approx(0.1, rel=1e-5)
+    assert out["sharpness"] == pytest.approx(0.5 * 0.1**2 * EIGS[0], rel=1e-3)
+    # Seeded, and the same with prebuilt (shareable) iteration steps.
+    steps = flatness.iteration_steps(loss_fn)
+    assert out == flatness.rho_sharpness(steps, jnp.zeros(EIGS.size), rho=0.1, steps=60, seed=3)
+
+
 def test_rho_sharpness_ascent_improves_on_sam_and_stays_in_the_ball():
     # Non-convex and anisotropic: one SAM step is not the worst case.
     def loss_fn(p):
@@ -151,16 +177,6 @@ def test_rho_sharpness_is_never_negative():
     assert float(out["perturbed_loss"]) < float(out["loss"])
 
 
-def test_rho_sharpness_is_jittable_with_the_same_result(spd):
-    a, _ = spd
-    loss_fn = _quadratic(a)
-    w = jnp.linspace(-1.0, 1.0, EIGS.size)
-    eager = flatness.rho_sharpness(loss_fn, w, rho=0.1, steps=5)
-    jitted = jax.jit(functools.partial(flatness.rho_sharpness, loss_fn, rho=0.1, steps=5))(w)
-    for key in eager:
-        assert float(jitted[key]) == pytest.approx(float(eager[key]), rel=1e-6)
-
-
 # ------------------------------------------------------------------ flat vs sharp minimum
 
 
@@ -182,15 +198,13 @@ def _two_wells(w):
             lambda k: 0.5 * 0.2**2 * k.max(),
         ),
         (
-            lambda w: flatness.top_hessian_eigenvalue(
-                _two_wells, w, iters=30, rng=jax.random.key(0)
-            )["eigenvalue"],
+            lambda w: flatness.top_hessian_eigenvalue(_two_wells, w, iters=30, seed=0)[
+                "eigenvalue"
+            ],
             lambda k: k.max(),
         ),
         (
-            lambda w: flatness.hessian_trace(_two_wells, w, samples=4, rng=jax.random.key(0))[
-                "trace"
-            ],
+            lambda w: flatness.hessian_trace(_two_wells, w, samples=4, seed=0)["trace"],
             lambda k: k.sum(),
         ),
     ],
@@ -293,9 +307,6 @@ def test_loss_landscape_2d_matches_a_python_double_loop():
     np.testing.assert_allclose(grid, loop, rtol=1e-5, atol=1e-6)
     assert grid[2, :].tolist() != grid[:, 2].tolist()  # alphas index rows, betas columns
 
-    chunked = flatness.loss_landscape_2d(loss_fn, params, dx, dy, alphas, betas, batch_size=3)
-    np.testing.assert_allclose(chunked, grid, rtol=1e-6)
-
 
 def test_landscape_rejects_bad_grids_and_mismatched_directions():
     params = {"w": jnp.ones(3)}
@@ -321,9 +332,11 @@ def test_measures_reject_bad_arguments_before_tracing():
     with pytest.raises(ValueError, match="step_size"):
         flatness.rho_sharpness(loss_fn, jnp.ones(2), rho=0.1, step_size=-1.0)
     with pytest.raises(ValueError, match="iters"):
-        flatness.top_hessian_eigenvalue(loss_fn, jnp.ones(2), iters=0, rng=jax.random.key(0))
+        flatness.top_hessian_eigenvalue(loss_fn, jnp.ones(2), iters=0, seed=0)
+    with pytest.raises(ValueError, match="tol"):
+        flatness.top_hessian_eigenvalue(loss_fn, jnp.ones(2), tol=-1.0)
     with pytest.raises(ValueError, match="samples"):
-        flatness.hessian_trace(loss_fn, jnp.ones(2), samples=1, rng=jax.random.key(0))
+        flatness.hessian_trace(loss_fn, jnp.ones(2), samples=1, seed=0)
 
 
 def test_plots_write_png_files(tmp_path):
@@ -406,16 +419,36 @@ def test_rho_sharpness_on_a_flax_model(tiny_model):
     assert float(out["perturbation_norm"]) == pytest.approx(0.05, rel=1e-4)
 
 
+def test_rho_sharpness_zero_steps_is_sams_one_step_estimate_on_a_flax_model(tiny_model):
+    model, variables, images, labels = tiny_model
+    params = variables["params"]
+    loss_fn = flatness.model_loss_fn(model, variables, images, labels)
+    steps = flatness.iteration_steps(loss_fn)
+    one_step = flatness.rho_sharpness(steps, params, rho=0.05, steps=0)
+
+    @jax.jit
+    def sam_one_step(params):  # L(w + rho g / ||g||) - L(w)
+        loss, grad = jax.value_and_grad(loss_fn)(params)
+        scale = 0.05 / optax.tree_utils.tree_norm(grad)
+        return loss, loss_fn(jax.tree.map(lambda w, g: w + scale * g, params, grad))
+
+    loss, perturbed = sam_one_step(params)
+    assert one_step["loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert one_step["perturbed_loss"] == pytest.approx(float(perturbed), rel=1e-5)
+    ascent = flatness.rho_sharpness(steps, params, rho=0.05, steps=2)
+    assert 0 < one_step["sharpness"] <= ascent["sharpness"]
+
+
 def test_hessian_measures_on_a_flax_model(tiny_model):
     model, variables, images, labels = tiny_model
     params = variables["params"]
     loss_fn = flatness.model_loss_fn(model, variables, images, labels)
-    eig = flatness.top_hessian_eigenvalue(loss_fn, params, iters=10, rng=jax.random.key(0))
+    eig = flatness.top_hessian_eigenvalue(loss_fn, params, iters=10, seed=0)
     assert jax.tree.structure(eig["vector"]) == jax.tree.structure(params)
     norm = np.sqrt(sum(float(jnp.sum(v**2)) for v in jax.tree.leaves(eig["vector"])))
     assert norm == pytest.approx(1.0, abs=1e-5)
     assert float(eig["eigenvalue"]) > 0 and int(eig["iterations"]) == 10
-    trace = flatness.hessian_trace(loss_fn, params, samples=4, rng=jax.random.key(0))
+    trace = flatness.hessian_trace(loss_fn, params, samples=4, seed=0)
     assert np.isfinite(float(trace["trace"])) and float(trace["std_error"]) > 0
 
 
@@ -438,7 +471,7 @@ def test_directions_and_landscapes_on_a_flax_model(tiny_model):
     curve = flatness.loss_landscape_1d(loss_fn, params, dx, np.linspace(-1, 1, 5))
     assert curve[2] == pytest.approx(float(loss_fn(params)), rel=1e-5)
     surface = flatness.loss_landscape_2d(
-        loss_fn, params, dx, dy, np.linspace(-1, 1, 3), np.linspace(-1, 1, 4), batch_size=4
+        loss_fn, params, dx, dy, np.linspace(-1, 1, 3), np.linspace(-1, 1, 4)
     )
     assert surface.shape == (3, 4)
     # surface[1, 0] is alpha = 0, beta = -1.

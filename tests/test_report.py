@@ -100,3 +100,16 @@ def test_markdown_has_one_table_per_adaptation_and_the_png_is_written(tmp_path):
     paths = report.write_report(results, tmp_path)
     assert (tmp_path / "headline.png").stat().st_size > 10_000
     assert set(paths) == {"json", "markdown", "csv", "png"}
+
+
+def test_flatness_report_pairs_sam_with_erm_and_orders_fused_variants():
+    methods = sorted(
+        ["sam+kd", "erm+ft", "sam", "erm+kd", "erm", "sam+ft"], key=report.flatness_method_order
+    )
+    assert methods == ["erm", "sam", "erm+ft", "sam+ft", "erm+kd", "sam+kd"]
+    assert report.sam_vs_erm(methods) == [
+        ("sam", "erm"),
+        ("sam+ft", "erm+ft"),
+        ("sam+kd", "erm+kd"),
+    ]
+    assert report.sam_vs_erm(["sam", "erm+ft", "sam+lora"]) == []
