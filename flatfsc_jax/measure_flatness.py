@@ -43,7 +43,7 @@ from optax import tree_utils as otu
 
 from flatfsc_jax import flatness, report
 from flatfsc_jax import zoo as zoo_lib
-from flatfsc_jax.data import sources
+from flatfsc_jax.data import benchmarks, sources
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def measure_zoo(
     start = time.perf_counter()
     # Every split first: a missing source fails before any backbone is measured.
     splits = {
-        domain: sources.load(f"{benchmark}/{domain}", "train", data_dir)
+        domain: benchmarks.load_split(benchmark, domain, "train", data_dir)
         for domain in sorted({e.domain for e in entries})
     }
     results = []

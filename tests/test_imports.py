@@ -105,15 +105,8 @@ def test_the_graph_sees_lazy_and_from_imports():
     assert "flatfsc_jax.data.meta_dataset.specs" in graph["flatfsc_jax.data.meta_dataset.convert"]
 
 
-# TEMPORARY, delete with the bridge commit: sources.load (kept for measure_flatness).
-BRIDGE_EDGES = {("flatfsc_jax.data.sources", "flatfsc_jax.data.benchmarks")}
-
-
 def test_no_import_cycle_in_the_package():
-    graph = import_graph()
-    for a, b in BRIDGE_EDGES:
-        graph[a].discard(b)
-    cycle = find_cycle(graph)
+    cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 

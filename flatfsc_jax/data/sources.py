@@ -374,15 +374,3 @@ def read_prepared_split(
         if hierarchy is None
         else {k: np.asarray(v, np.int32) for k, v in hierarchy.items()},
     )
-
-
-def load(source: str, split: str, data_dir, **kwargs) -> SplitData:
-    """TEMPORARY bridge, delete with its commit: use ``benchmarks.load_split``.
-
-    ``measure_flatness.measure_zoo`` (outside this change) still calls it; it closes the
-    import cycle sources -> benchmarks -> glyphs -> sources that ``benchmarks`` removed.
-    """
-    from flatfsc_jax.data import benchmarks
-
-    benchmark, _, domain = str(source).partition("/")
-    return benchmarks.load_split(benchmark, domain, split, data_dir, **kwargs)
