@@ -49,7 +49,8 @@ def test_full_and_lora_fusion_write_plain_backbones(tmp_path):
         ]
         assert any(moved), mode  # fine-tuning changed the general backbone
         # ... starting from it, not from scratch: the fused trunk stays far closer to the
-        # general trunk than to a fresh initialisation (a run from scratch ends near one).
+        # general trunk than to a fresh initialisation (a run from scratch would be about
+        # as far from both).
         assert _distance(trunk_new, trunk_old) < 0.1 * _distance(trunk_new, fresh), mode
         # LoRA changes only convolution kernels (merged adapters); BN affine stays frozen.
         if mode == "lora":
