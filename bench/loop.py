@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from configs import glyphs as glyphs_config  # noqa: E402
 from flatfsc_jax import config_lib, models, steps, train  # noqa: E402
 from flatfsc_jax import zoo as zoo_lib  # noqa: E402
-from flatfsc_jax.data import glyphs  # noqa: E402
+from flatfsc_jax.data import benchmarks, glyphs  # noqa: E402
 from flatfsc_jax.profiling import PROFILE  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     config.validation.every = config.checkpoint_every = args.steps
     config.log_every = 50
     mesh = steps.make_mesh()
-    split = train.load_split(config, args.domain, "train")
+    split = benchmarks.load_split(config.benchmark, args.domain, "train", config.data_dir)
     images = split.get_images(np.arange(row.batch_size) % len(split))
     labels = np.arange(row.batch_size, dtype=np.int32) % split.num_classes
     batch = {"images": images, "labels": labels.astype(np.int32)}

@@ -35,7 +35,9 @@ ERM and SAM families (``finetune_families``) with the reference recipe's 40 step
 step costs about one full fine-tuning step, so it adds about an hour on 2 cores.
 
 Model, per-domain steps and rho were chosen on the *validation* classes (README
-"Choosing the Glyphs recipe"), never on test classes.
+"Choosing the Glyphs recipe"), never on test classes. The benchmark's design (scripts,
+roles, class splits) and every way this recipe departs from the paper's:
+docs/design.md#glyphs.
 
 Expected run time and result: README "What ./run.sh does, and what it found" (time
 split, per-seed SAM - ERM with paired intervals, and the spread over training seeds).

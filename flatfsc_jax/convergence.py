@@ -6,15 +6,13 @@ classes, the same episodes at every validation) to ``metrics.jsonl`` in its zoo 
 families), the points at the end of each warm-restart cycle marked, and optionally a
 vertical line at the configured budget, so a reader sees whether accuracy had stopped
 rising when training stopped. The main job writes ``<workdir>/report/convergence.png``;
-``python -m flatfsc_jax.convergence --zoo=DIR --out=curves.png`` draws any zoo (e.g. a
+``python -m flatfsc_jax.cli.convergence --zoo=DIR --out=curves.png`` draws any zoo (e.g. a
 longer run used to choose the budget).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 
 from flatfsc_jax import zoo as zoo_lib
 
@@ -75,27 +73,3 @@ def plot_convergence(curves: dict, path, *, budgets: dict | None = None, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", default="work/zoo", help="zoo root (default work/zoo)")
-    parser.add_argument("--out", default="convergence.png")
-    parser.add_argument("--benchmark", default=None)
-    parser.add_argument(
-        "--budget", action="append", default=[], help="domain=steps: draw a budget line"
-    )
-    parser.add_argument("--title", default="")
-    args = parser.parse_args(argv)
-    budgets = {}
-    for item in args.budget:
-        domain, _, steps = item.partition("=")
-        budgets[domain] = int(steps)
-    curves = read_curves(zoo_lib.Zoo(args.zoo), args.benchmark)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    plot_convergence(curves, args.out, budgets=budgets, title=args.title)
-    print(f"written: {args.out} ({len(curves)} domains)")
-
-
-if __name__ == "__main__":
-    main()

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from flatfsc_jax import config_lib, models, optim, sam, steps, train
 from flatfsc_jax import zoo as zoo_lib
-from flatfsc_jax.data import pipeline
+from flatfsc_jax.data import benchmarks, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -396,8 +396,12 @@ def distill(
     desc = f"{config.benchmark}/{source}/{name}"
 
     teachers = _load_teachers(config, zoo, method)
-    train_splits = {d: train.load_split(config, d, "train") for d in domains}
-    valid_splits = {d: train.load_split(config, d, "valid") for d in domains}
+    train_splits = {
+        d: benchmarks.load_split(config.benchmark, d, "train", config.data_dir) for d in domains
+    }
+    valid_splits = {
+        d: benchmarks.load_split(config.benchmark, d, "valid", config.data_dir) for d in domains
+    }
     num_classes = {d: train_splits[d].num_classes for d in domains}
     for d in domains:
         t_classes = teachers[d].entry.metadata["model"]["num_classes"]

@@ -31,6 +31,7 @@ import ml_collections
 
 from flatfsc_jax import config_lib, convergence, fusion, profiling, protocol, report, train
 from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.data import benchmarks
 from flatfsc_jax.profiling import PROFILE
 
 log = logging.getLogger(__name__)
@@ -184,20 +185,14 @@ def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
         if c.benchmark == "glyphs":
             c.data_dir = os.path.join(workdir, "data")
         else:
-            c.data_dir = train.resolve_data_dir(c)
+            c.data_dir = benchmarks.resolve_data_dir(c.data_dir)
     c.data_dir = os.path.abspath(os.path.expanduser(c.data_dir))
     return c
 
 
 def check_data(config, stages) -> None:
-    """Prepares Glyphs if needed; for other benchmarks fails fast listing missing sources.
-
-    Then checks the files of every split the run will read (``sources.verify_prepared``:
-    JSON files, feature classes, shard files), so damaged data is found before training
-    rather than when a split is first read, possibly hours later.
-    """
-    from flatfsc_jax.data import sources
-
+    """Every split the stages will read is prepared and intact (``benchmarks.ensure_prepared``:
+    Glyphs is prepared if needed, missing Meta-Dataset sources fail fast)."""
     splits: dict[str, set] = {}
     if "train" in stages or "fuse" in stages:
         for d in config.domains:
@@ -205,20 +200,7 @@ def check_data(config, stages) -> None:
     if "evaluate" in stages and config.evaluation.enabled:
         for d in config.evaluation.domains:
             splits.setdefault(d, set()).add("test")
-    needed = sorted(splits)
-    if config.benchmark == "glyphs":
-        from flatfsc_jax.data import glyphs
-
-        glyphs.prepare(config.data_dir, domains=needed)
-        builder = glyphs.BUILDER_NAME
-    else:
-        from flatfsc_jax.data import meta_dataset
-
-        meta_dataset.require_sources(needed, config.data_dir)
-        builder = meta_dataset.BUILDER_NAME
-    for d in needed:
-        path = sources.prepared_dir(config.data_dir, builder, d)
-        sources.verify_prepared(path, sorted(splits[d]), source=f"{config.benchmark}/{d}")
+    benchmarks.ensure_prepared(config.benchmark, splits, config.data_dir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progress=True):

@@ -8,10 +8,10 @@ Everything outside this file uses a :class:`Model`:
 
 and never imports linen internals. Architectures:
 
-* ``resnet18``: the SUR/URL/paper backbone (the paper): 5x5 stride-2 stem (padding 1,
-  no bias) + BN + ReLU, *no* max-pool, BasicBlocks [2, 2, 2, 2] with widths
-  64/128/256/512, global average pool -> 512-d embedding, linear head. Its trunk has
-  11,171,904 trainable parameters at ``width=1``.
+* ``resnet18``: the SUR/URL/paper backbone (docs/design.md#shared-settings): 5x5
+  stride-2 stem (padding 1, no bias) + BN + ReLU, *no* max-pool, BasicBlocks [2, 2, 2, 2]
+  with widths 64/128/256/512, global average pool -> 512-d embedding, linear head. Its
+  trunk has 11,171,904 trainable parameters at ``width=1``.
 * ``resnet10``: the same with one block per stage; the cheap CPU variant.
 * ``conv4``: the classic 4 x (conv3x3-BN-ReLU-maxpool) few-shot backbone.
 

@@ -1,4 +1,4 @@
-"""The paper's base optimiser as a plain optax chain (the paper).
+"""The paper's base optimiser as a plain optax chain (docs/design.md#shared-settings).
 
 SGD with momentum 0.9 and *coupled* weight decay 7e-4: the decay term ``wd * w`` is
 added to the gradient before the momentum buffer, as ``torch.optim.SGD(weight_decay=)``

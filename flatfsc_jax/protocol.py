@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flatfsc_jax import adapt, evaluate, fusion, models, pa, parc, train, tsa
+from flatfsc_jax import adapt, evaluate, fusion, models, pa, parc, tsa
 from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.data import benchmarks
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.profiling import PROFILE
 
@@ -218,6 +219,7 @@ def evaluate_family(
     *,
     embeddings,
     backbone,
+    adapted: dict | None = None,
 ) -> dict[str, list[float]]:
     """Accuracies of one family on the episodes of one domain, per adaptation.
 
@@ -230,11 +232,15 @@ def evaluate_family(
       batch: the domain's test episodes; ``split`` its test split.
       embeddings: ``(domain, method)`` -> embeddings of ``split`` (ncc, pa).
       backbone: ``(domain, method)`` -> its ``LoadedBackbone`` trunk (finetune, lora, tsa).
+      adapted: ``(adaptation, backbone) -> {episode: accuracy}``, shared by the families
+        of one domain: an episode already adapted with a backbone is not adapted again
+        (its accuracy depends only on the backbone and the episode). Updated here.
     Returns:
       ``adaptation -> per-episode accuracies`` of the first ``num_episodes`` episodes.
     """
     ev = config.evaluation
     seen = domain in tuple(config.domains)
+    adapted = {} if adapted is None else adapted
     accs = {}
     for adaptation in ev.adaptations:
         restricted = ev.finetune_families and family not in ev.finetune_families
@@ -243,7 +249,10 @@ def evaluate_family(
         acc = np.full(len(batch), np.nan)
         n = num_episodes(ev, adaptation, len(batch))
         for i, c in enumerate(selection.candidates):
-            idx = np.flatnonzero(selection.choice[:n] == i)
+            chosen = np.flatnonzero(selection.choice[:n] == i)
+            done = adapted.setdefault((adaptation, c), {})
+            acc[chosen] = [done.get(int(j), np.nan) for j in chosen]
+            idx = np.asarray([j for j in chosen if int(j) not in done], np.int64)
             if len(idx) == 0:
                 continue
             sub = batch.take(idx)
@@ -284,6 +293,9 @@ def evaluate_family(
                     # every episode and backbone (compiles dominate 10 episodes).
                     bucket=False,
                 )
+        for i, c in enumerate(selection.candidates):
+            chosen = np.flatnonzero(selection.choice[:n] == i)
+            adapted[(adaptation, c)].update((int(j), acc[j]) for j in chosen)
         accs[adaptation] = acc[:n].tolist()
     return accs
 
@@ -339,13 +351,18 @@ def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dic
     ev = config.evaluation
     t0 = time.perf_counter()
     with PROFILE.section("evaluate/episodes"):
-        split = train.load_split(config, domain, "test")
+        split = benchmarks.load_split(config.benchmark, domain, "test", config.data_dir)
         batch = episodes_lib.EpisodeBatch.sample(
             split, ev.episodes, seed=evaluation_seed(config) + 1000
         )
     parc_support_sets = parc_subsets(batch, ev.parc_max_support, evaluation_seed(config) + 2000)
     embeds: dict = {}  # (domain, method) of a backbone -> embeddings of this split
     parc_cache: dict = {}  # (domain, method) -> PARC score per episode
+    # (adaptation, backbone) -> {episode: accuracy}. Families share backbones (a fused
+    # family starts from the general domain's own backbone, and PARC often picks it for
+    # both ERM and ERM+FT), and an episode's adapted accuracy depends only on the
+    # backbone and the episode, so each pair is adapted once per domain.
+    adapted: dict = {}
 
     # Families share backbones (a fused family uses the general domain's own backbone):
     # embed and PARC-score each backbone once per domain.
@@ -373,7 +390,15 @@ def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dic
         selection = select_backbones(config, fam, domain, parc_score, len(batch))
         dom["selection"][fam] = selection.counts()
         dom["families"][fam] = evaluate_family(
-            config, fam, domain, selection, batch, split, embeddings=embeds, backbone=backbone
+            config,
+            fam,
+            domain,
+            selection,
+            batch,
+            split,
+            embeddings=embeds,
+            backbone=backbone,
+            adapted=adapted,
         )
         bar.update(1)
     dom["seconds"] = time.perf_counter() - t0

@@ -9,12 +9,11 @@ per adaptation and for the seen and unseen averages, every seed's paired differe
 seeds (n - 1 degrees of freedom).
 
   ./run.sh --config.seed=1 --workdir=work/seed1   # and seed 2 (scripts/run_seeds.sh)
-  python -m flatfsc_jax.seeds work work/seed1 work/seed2 --out=work/seeds
+  python -m flatfsc_jax.cli.seeds work work/seed1 work/seed2 --out=work/seeds
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -110,23 +109,3 @@ def load_runs(workdirs) -> dict[str, dict]:
     if len(runs) != len(workdirs):
         raise SystemExit("two workdirs hold the same config.seed: give runs of distinct seeds")
     return runs
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workdirs", nargs="+", help="workdirs of runs with distinct seeds")
-    parser.add_argument("--out", default="work/seeds")
-    args = parser.parse_args(argv)
-    table = seed_table(load_runs(args.workdirs))
-    os.makedirs(args.out, exist_ok=True)
-    md = to_markdown(table)
-    with open(os.path.join(args.out, "seeds.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.out, "seeds.json"), "w") as f:
-        json.dump(table, f, indent=2)
-    print(md)
-    print(f"written: {args.out}/seeds.md, {args.out}/seeds.json")
-
-
-if __name__ == "__main__":
-    main()

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from flatfsc_jax import config_lib, metrics_writer, models, optim, steps
 from flatfsc_jax import zoo as zoo_lib
-from flatfsc_jax.data import pipeline, sources
+from flatfsc_jax.data import benchmarks, pipeline, sources
 from flatfsc_jax.data.episodes import EpisodeBatch
 from flatfsc_jax.evaluate import FewShotEvaluator
 from flatfsc_jax.profiling import PROFILE
@@ -97,22 +97,6 @@ def _divergence_advice(cfg, domain: str, fused: bool, manager, entry_dir) -> str
         f"{lr_key} (now {cfg.lr}) or config.per_domain.{domain}.rho (now {cfg.sam.rho}) "
         "and re-run (an unfinished run with other settings is restarted)."
     )
-
-
-def resolve_data_dir(config) -> str:
-    import os
-
-    return config.data_dir or os.environ.get(
-        "TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")
-    )
-
-
-def source_name(config, domain: str) -> str:
-    return f"{config.benchmark}/{domain}"
-
-
-def load_split(config, domain: str, split: str) -> sources.SplitData:
-    return sources.load(source_name(config, domain), split, resolve_data_dir(config))
 
 
 def validation_evaluator(config, valid_split: sources.SplitData) -> FewShotEvaluator:
@@ -211,8 +195,8 @@ def train_and_evaluate(
     config_lib.validate(cfg, num_devices=mesh.size)
     entry_dir = zoo.entry_dir(cfg.benchmark, domain, entry_method)
 
-    train_split = load_split(cfg, domain, "train")
-    valid_split = load_split(cfg, domain, "valid")
+    train_split = benchmarks.load_split(cfg.benchmark, domain, "train", cfg.data_dir)
+    valid_split = benchmarks.load_split(cfg.benchmark, domain, "valid", cfg.data_dir)
     image_shape = train_split.image_shape
     model_config = models.model_metadata(cfg, train_split.num_classes)
     if lora_rank > 0 and init_variables is None:

@@ -498,25 +498,3 @@ def format_listing(entries: list[ZooEntry]) -> str:
     if not entries:
         lines.append("(empty)")
     return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    """``python -m flatfsc_jax.zoo --zoo=DIR``: lists the zoo."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="List the backbone zoo.")
-    parser.add_argument("--zoo", default="work/zoo", help="zoo root (default work/zoo)")
-    parser.add_argument("--benchmark", default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    zoo = Zoo(args.zoo)
-    if not zoo.root.is_dir():
-        raise SystemExit(f"error: --zoo={args.zoo}: no such directory")
-    nested = zoo.root / "zoo"
-    if nested.is_dir() and not any((zoo.root / b).is_dir() for b in ("glyphs", "meta_dataset")):
-        raise SystemExit(f"error: --zoo={args.zoo} is a workdir, not a zoo: use --zoo={nested}")
-    print(format_listing(zoo.list(args.benchmark)))
-
-
-if __name__ == "__main__":
-    main()

@@ -31,7 +31,7 @@ from IPython.display import Markdown, display
 
 from flatfsc_jax import evaluate
 from flatfsc_jax import zoo as zoo_lib
-from flatfsc_jax.data import episodes, sources
+from flatfsc_jax.data import benchmarks, episodes
 
 WORKDIR = os.environ.get("FLATFSC_WORKDIR", "../work")
 DOMAIN = "latin"  # a seen domain: it has its own ERM and SAM backbones
@@ -56,7 +56,7 @@ print(zoo_lib.format_listing(entries))
 # %%
 benchmark = entries[0].benchmark
 data_dir = os.path.join(WORKDIR, "data")
-test_split = sources.load(f"{benchmark}/{DOMAIN}", "test", data_dir)
+test_split = benchmarks.load_split(benchmark, DOMAIN, "test", data_dir)
 sampler = episodes.EpisodeSampler(test_split, episodes.EpisodeSpec(), seed=0)
 episode = sampler.episode(0)
 print(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The default job for more training seeds, then the seed table (flatfsc_jax/seeds.py).
+# The default job for more training seeds, then the seed table (flatfsc_jax/cli/seeds.py).
 # Seed 0 is what ./run.sh leaves in work/; this runs seeds 1 and 2 (SEEDS="1 2 3" for
 # more) into work/seed<N> (~15 min each on 2 CPU cores) and writes work/seeds/seeds.md.
 # Extra flags go to every run, e.g. scripts/run_seeds.sh --config=configs/glyphs.py:long
@@ -13,4 +13,4 @@ for s in $SEEDS; do
   ./run.sh --config.seed="$s" --workdir="work/seed$s" "$@"
   dirs+=("work/seed$s")
 done
-"$ROOT/.venv/bin/python" -m flatfsc_jax.seeds "${dirs[@]}" --out=work/seeds
+"$ROOT/.venv/bin/python" -m flatfsc_jax.cli.seeds "${dirs[@]}" --out=work/seeds

@@ -9,6 +9,7 @@ import pytest
 from configs import glyphs as glyphs_config
 from flatfsc_jax import config_lib, distill, fusion, models, steps, train
 from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.data import benchmarks
 from flatfsc_jax.data.sources import preprocess
 
 # ----------------------------------------------------------------------------------------
@@ -286,7 +287,7 @@ def test_tiny_distillation_writes_a_loadable_entry_and_resumes_exactly(tmp_path,
     check_data(c, ("train",))
     zoo, zoo2 = zoo_lib.Zoo(tmp_path / "zoo"), zoo_lib.Zoo(tmp_path / "zoo2")
     for i, dom in enumerate(c.domains):  # random teachers: the recipe, not their quality
-        split = train.load_split(c, dom, "train")
+        split = benchmarks.load_split(c.benchmark, dom, "train", c.data_dir)
         model = models.build_model_from_config(c.model, split.num_classes)
         variables = model.init(jax.random.key(i), jnp.zeros((1, *split.image_shape)))
         for z in (zoo, zoo2):
@@ -307,7 +308,7 @@ def test_tiny_distillation_writes_a_loadable_entry_and_resumes_exactly(tmp_path,
     assert set(meta["best_validation"]["per_domain"]) == {"cjk", "latin"}
     loaded = zoo.load("glyphs", "cjk", "erm+kd")  # a plain backbone with the CJK head
     assert loaded.variables["params"]["head"]["kernel"].shape[-1] == 280
-    split = train.load_split(c, "latin", "test")
+    split = benchmarks.load_split(c.benchmark, "latin", "test", c.data_dir)
     images = preprocess(np.stack([split.images[i] for i in range(5)]))
     emb = np.asarray(loaded.embed(images))
     assert emb.shape == (5, loaded.model.embedding_dim) and np.all(np.isfinite(emb))

@@ -50,7 +50,7 @@ def test_tiny_glyphs_run_end_to_end_and_rerun_reuses_the_zoo(tmp_path):
     assert (
         "glyphs/latin/sam"
         in subprocess.run(
-            [sys.executable, "-m", "flatfsc_jax.zoo", f"--zoo={work / 'zoo'}"],
+            [sys.executable, "-m", "flatfsc_jax.cli.zoo", f"--zoo={work / 'zoo'}"],
             capture_output=True,
             text=True,
             cwd=ROOT,

@@ -8,7 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from flatfsc_jax.data import glyphs, glyphs_render, sources
+from flatfsc_jax.data import glyphs, sources
+
+# The renderer is an offline tool, not in the installed package: tools/ is a package at the
+# repository root, imported like configs/ (pytest runs from the root, which is on sys.path).
+from tools import glyphs_render
 
 DEJAVU_SANS = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 PREPARED = ("latin", "thai")  # one seen, one unseen domain

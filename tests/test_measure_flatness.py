@@ -20,7 +20,7 @@ import pytest
 from flatfsc_jax import flatness, models
 from flatfsc_jax import measure_flatness as mf
 from flatfsc_jax import zoo as zoo_lib
-from flatfsc_jax.data import glyphs, sources
+from flatfsc_jax.data import benchmarks, glyphs
 
 DOMAIN = "latin"
 SHARPEN = 0.25  # conv kernels x 0.25: their Hessian block x 16
@@ -66,7 +66,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def split(data_dir):
-    return sources.load(f"glyphs/{DOMAIN}", "train", data_dir)
+    return benchmarks.load_split("glyphs", DOMAIN, "train", data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +317,7 @@ def test_command_rejects_bad_flags_before_any_work(workdir):
 
 def test_measure_entry_rejects_a_split_of_another_domain(workdir, data_dir):
     glyphs.prepare(data_dir, ["greek"], verbose=False)
-    other = sources.load("glyphs/greek", "train", data_dir)
+    other = benchmarks.load_split("glyphs", "greek", "train", data_dir)
     loaded = zoo_lib.Zoo(workdir / "zoo").load("glyphs", DOMAIN, "erm")
     with pytest.raises(ValueError, match="head over 36 classes"):
         mf.measure_entry(loaded, other, examples=8)

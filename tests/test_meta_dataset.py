@@ -2,7 +2,8 @@
 
 No Meta-Dataset data exists here (and no TensorFlow): the builder is fed small synthetic
 catalogues whose class names come from the shipped split lists, written with the real
-TFDS builder into tmp_path and read back through ``load_split`` / ``sources.load``.
+TFDS builder into tmp_path and read back through ``benchmarks.load_split`` (the one reader,
+``sources.read_prepared_split``).
 """
 
 import glob
@@ -20,13 +21,18 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from scipy import ndimage
 
+from flatfsc_jax.data import benchmarks, sources
 from flatfsc_jax.data import meta_dataset as md
 from flatfsc_jax.data import prepare as prepare_cli
-from flatfsc_jax.data import sources
 from flatfsc_jax.data.sources import SPLITS, MissingDataError
 
 TFDS_DIR = os.path.dirname(tfds.__file__)
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
+
+
+def _load(source, split, data_dir, **kwargs):
+    return benchmarks.load_split("meta_dataset", source, split, data_dir, **kwargs)
+
 
 # Meta-Dataset (+ the test-only v2 sources).
 EXPECTED_COUNTS = {
@@ -139,7 +145,7 @@ def test_ilsvrc_splits_and_skip_files():
 
 def test_omniglot_split_rule_and_groups():
     splits = md.load_class_splits("omniglot")
-    with md._asset_path("omniglot").open() as f:
+    with md.asset_path("omniglot").open() as f:
         alphabets = json.load(f)["alphabets"]
     sizes = {name: n for s in SPLITS for name, n in alphabets[s]}
     assert [len(alphabets[s]) for s in SPLITS] == [25, 5, 20]
@@ -489,7 +495,7 @@ def test_round_trip_images_labels_and_class_names(dtd_dir):
     all_names = [n for s in SPLITS for n in shipped.classes[s]]
     seen_names = set()
     for split in SPLITS:
-        data = md.load_split("dtd", split, dtd_dir)
+        data = _load("dtd", split, dtd_dir)
         assert data.source == "meta_dataset/dtd" and data.split == split
         assert list(data.class_names) == list(shipped.classes[split])
         assert data.class_counts().tolist() == [2] * shipped.num_classes(split)
@@ -506,16 +512,16 @@ def test_round_trip_images_labels_and_class_names(dtd_dir):
     assert seen_names == set(all_names)
 
 
-def test_sources_load_in_memory_equals_lazy(dtd_dir):
-    lazy = md.load_split("dtd", "valid", dtd_dir)
-    eager = sources.load("meta_dataset/dtd", "valid", dtd_dir, in_memory=True)
+def test_load_in_memory_equals_lazy(dtd_dir):
+    lazy = _load("dtd", "valid", dtd_dir)
+    eager = _load("dtd", "valid", dtd_dir, in_memory=True)
     assert isinstance(eager.images, np.ndarray) and not isinstance(lazy.images, np.ndarray)
     np.testing.assert_array_equal(eager.labels, lazy.labels)
     np.testing.assert_array_equal(eager.images, lazy.get_images(np.arange(len(lazy))))
 
 
 def test_lazy_split_pickles_for_worker_processes(dtd_dir):
-    lazy = md.load_split("dtd", "train", dtd_dir)
+    lazy = _load("dtd", "train", dtd_dir)
     clone = pickle.loads(pickle.dumps(lazy))
     indices = np.array([5, 0, 17])
     np.testing.assert_array_equal(clone.get_images(indices), lazy.get_images(indices))
@@ -525,10 +531,10 @@ def test_lazy_split_pickles_for_worker_processes(dtd_dir):
 def test_labels_are_cached_and_a_stale_cache_is_ignored(dtd_dir, monkeypatch):
     path = sources.prepared_dir(dtd_dir, md.BUILDER_NAME, "dtd")
     cache = os.path.join(str(path), "labels", "test.npy")
-    reference = md.load_split("dtd", "test", dtd_dir).labels
+    reference = _load("dtd", "test", dtd_dir).labels
     np.testing.assert_array_equal(np.load(cache), reference)
 
-    builder_cls = md.tfds.core.read_only_builder.ReadOnlyBuilder
+    builder_cls = tfds.core.read_only_builder.ReadOnlyBuilder
     real = builder_cls.as_data_source
 
     def images_only(self, split, decoders=None, **kwargs):
@@ -538,9 +544,9 @@ def test_labels_are_cached_and_a_stale_cache_is_ignored(dtd_dir, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(builder_cls, "as_data_source", images_only)
-        np.testing.assert_array_equal(md.load_split("dtd", "test", dtd_dir).labels, reference)
+        np.testing.assert_array_equal(_load("dtd", "test", dtd_dir).labels, reference)
     np.save(cache, np.zeros(3, np.int32))  # wrong length: recomputed and rewritten
-    np.testing.assert_array_equal(md.load_split("dtd", "test", dtd_dir).labels, reference)
+    np.testing.assert_array_equal(_load("dtd", "test", dtd_dir).labels, reference)
     np.testing.assert_array_equal(np.load(cache), reference)
 
 
@@ -581,10 +587,10 @@ def test_omniglot_groups_inversion_and_hierarchy_round_trip(tmp_path):
         class_splits=subset,
         hierarchy_file=str(hierarchy),
     )
-    train = md.load_split("omniglot", "train", data_dir, class_splits=subset)
+    train = _load("omniglot", "train", data_dir, class_splits=subset)
     assert list(train.class_names) == list(classes["train"])
     assert train.class_groups.tolist() == [0, 0, 1, 1]
-    valid = sources.load("meta_dataset/omniglot", "valid", data_dir, class_splits=subset)
+    valid = _load("omniglot", "valid", data_dir, class_splits=subset)
     assert valid.class_groups.tolist() == [2, 2]
     image = train.get_images([0])[0]
     assert image[0, 0, 0] == 0 and image[40, 40, 0] == 255  # inverted like Meta-Dataset
@@ -594,7 +600,7 @@ def test_omniglot_groups_inversion_and_hierarchy_round_trip(tmp_path):
         "script": [0, 1, 2, 3],
     }
     with pytest.raises(ValueError, match="prepared with other train classes"):
-        md.load_split("omniglot", "train", data_dir)  # the shipped lists differ
+        _load("omniglot", "train", data_dir)  # the shipped lists differ
 
 
 # ----------------------------------------------------------------------------------------
@@ -604,20 +610,20 @@ def test_omniglot_groups_inversion_and_hierarchy_round_trip(tmp_path):
 
 def test_unknown_sources_and_splits(dtd_dir):
     with pytest.raises(ValueError, match="unknown.*ilsvrc_2012"):
-        md.load_split("imagenet", "train", dtd_dir)
+        _load("imagenet", "train", dtd_dir)
     with pytest.raises(ValueError, match="split='validation'"):
-        md.load_split("dtd", "validation", dtd_dir)
+        _load("dtd", "validation", dtd_dir)
     with pytest.raises(ValueError, match="no 'train' classes"):
-        md.load_split("traffic_sign", "train", dtd_dir)
+        _load("traffic_sign", "train", dtd_dir)
     with pytest.raises(ValueError, match="'funghi' is unknown.*'fungi'"):
-        sources.load("meta_dataset/funghi", "train", dtd_dir)
-    with pytest.raises(ValueError, match="'<benchmark>/<domain>'"):
-        sources.load("imagenet/train", "train", dtd_dir)
+        _load("funghi", "train", dtd_dir)
+    with pytest.raises(ValueError, match="benchmark='imagenet' is unknown"):
+        benchmarks.load_split("imagenet", "train", "train", dtd_dir)
     with pytest.raises(ValueError, match="unknown"):
         md.missing_sources(["dtd", "mnist_m"], dtd_dir)
 
 
-def test_sources_load_dispatches_glyphs_lazily(monkeypatch):
+def test_load_split_dispatches_glyphs_lazily(monkeypatch):
     calls = []
     fake = types.ModuleType("flatfsc_jax.data.glyphs")
     fake.load_split = lambda domain, split, data_dir: calls.append((domain, split, data_dir))
@@ -625,7 +631,7 @@ def test_sources_load_dispatches_glyphs_lazily(monkeypatch):
     import flatfsc_jax.data as data_pkg
 
     monkeypatch.setattr(data_pkg, "glyphs", fake, raising=False)
-    sources.load("glyphs/latin", "test", "/data")
+    benchmarks.load_split("glyphs", "latin", "test", "/data")
     assert calls == [("latin", "test", "/data")]
 
 
@@ -645,7 +651,7 @@ def test_missing_and_require_sources_name_everything(dtd_dir, tmp_path):
     assert command in message
     assert "--source_dirs=fungi=" in message and "pip install -e .[prepare]" in message
     with pytest.raises(MissingDataError, match="--sources=mnist"):
-        md.load_split("mnist", "test", str(tmp_path))
+        _load("mnist", "test", str(tmp_path))
     assert isinstance(error.value, FileNotFoundError)
 
 
@@ -659,19 +665,19 @@ def test_corrupted_directory_gives_a_clear_error_never_an_empty_split(tmp_path):
     with open(train_file, "wb") as f:
         f.write(content[: len(content) // 2])
     with pytest.raises(MissingDataError, match="corrupted.*prepare it again"):
-        md.load_split("dtd", "train", data_dir)
+        _load("dtd", "train", data_dir)
     os.remove(os.path.join(path, "labels", "train.npy"))
     with pytest.raises(MissingDataError, match="corrupted"):
-        md.load_split("dtd", "train", data_dir)
-    assert len(md.load_split("dtd", "valid", data_dir)) == 14  # other splits still fine
+        _load("dtd", "train", data_dir)
+    assert len(_load("dtd", "valid", data_dir)) == 14  # other splits still fine
     [test_file] = glob.glob(os.path.join(path, "*-test.array_record-*"))
     os.remove(test_file)  # metadata says 14 images, the file is gone: an error, not []
-    with pytest.raises(MissingDataError, match="corrupted"):
-        md.load_split("dtd", "test", data_dir)
+    with pytest.raises(MissingDataError, match=r"-test\.array_record-.* is missing in .* again"):
+        _load("dtd", "test", data_dir)
     with open(os.path.join(path, "features.json"), "w") as f:
         f.write("{not json")
-    with pytest.raises(MissingDataError, match="corrupted"):
-        md.load_split("dtd", "valid", data_dir)
+    with pytest.raises(MissingDataError, match=r"features\.json in .* is missing or unreadable"):
+        _load("dtd", "valid", data_dir)
 
 
 # ----------------------------------------------------------------------------------------
@@ -689,7 +695,7 @@ def test_cli_prepares_from_class_folders_and_lists_status(tmp_path, capsys):
     data_dir = str(tmp_path / "tfds")
     args = [f"--data_dir={data_dir}", f"--source_dirs=dtd={folders}"]
     assert prepare_cli.main(["--sources=dtd"] + args) == 0
-    assert md.load_split("dtd", "train", data_dir).class_counts().tolist() == [1] * 33
+    assert _load("dtd", "train", data_dir).class_counts().tolist() == [1] * 33
     capsys.readouterr()
     assert prepare_cli.main(["--list", f"--data_dir={data_dir}"]) == 0
     listing = capsys.readouterr().out

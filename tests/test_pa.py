@@ -113,3 +113,22 @@ def test_support_buckets():
     assert pa.support_buckets(500) == (125, 250, 500)
     assert pa.support_buckets(3) == (1, 2, 3)
     assert pa.support_buckets(1) == (1,)
+
+
+def test_an_episode_gets_the_same_accuracy_in_any_subset(task):
+    """protocol.py adapts each (backbone, episode) once and reuses the number for every
+    family that picks that backbone: which other episodes share the call must not matter."""
+    emb, _, batch = task
+    full = pa.episode_accuracies(emb, batch, lr=0.5, chunk=8)
+    subset = np.asarray([1, 4, 5, 11, 15])
+    sub = episodes_lib.EpisodeBatch(
+        **{
+            f: (
+                getattr(batch, f)[subset]
+                if isinstance(getattr(batch, f), np.ndarray)
+                else getattr(batch, f)
+            )
+            for f in batch.__dataclass_fields__
+        }
+    )
+    np.testing.assert_array_equal(pa.episode_accuracies(emb, sub, lr=0.5, chunk=8), full[subset])

@@ -1,6 +1,7 @@
 """Tests for flatfsc_jax.parc against numpy.corrcoef + scipy.stats.spearmanr."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
@@ -138,3 +139,35 @@ def test_masked_parc_equals_unpadded_parc_under_vmap():
         f, y = feats[e][mask[e]], labels[e][mask[e]]
         np.testing.assert_allclose(got[e], float(parc_score(f, y)), atol=1e-6)
         np.testing.assert_allclose(got[e], reference_parc(f, y, k), atol=1e-5)
+
+
+def _masked_parc_sorting_labels(features, labels, mask):
+    """The masked score with the label side ranked by a sort (``parc_score_masked``
+    computes those ranks in closed form): the two must agree bit for bit."""
+    n = features.shape[0]
+    rows, cols = np.triu_indices(n, k=1)
+    valid = mask[rows] & mask[cols]
+    d_f = (1.0 - parc.sample_correlation(jnp.where(mask[:, None], features, 0.0)))[rows, cols]
+    d_y = parc.label_distances(labels)[rows, cols]
+    r_f = parc.average_ranks(jnp.where(valid, d_f, jnp.inf))
+    r_y = parc.average_ranks(jnp.where(valid, d_y, jnp.inf))
+    centre = (jnp.sum(valid) + 1) / 2.0
+    r_f = jnp.where(valid, r_f - centre, 0.0)
+    r_y = jnp.where(valid, r_y - centre, 0.0)
+    denom = jnp.sqrt(jnp.sum(r_f * r_f)) * jnp.sqrt(jnp.sum(r_y * r_y))
+    return jnp.where(denom > 0, jnp.sum(r_f * r_y) / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def test_masked_parc_closed_form_label_ranks_equal_sorted_ranks_exactly():
+    rng = np.random.default_rng(7)
+    width, d = 60, 16
+    feats = rng.normal(size=(5, width, d)).astype(np.float32)
+    labels = rng.integers(0, 5, (5, width)).astype(np.int32)
+    labels[3] = 2  # one class only: constant label ranks, score 0
+    feats[4, :, :] = np.round(feats[4], 0)  # heavy ties on the feature side too
+    mask = rng.random((5, width)) < 0.7
+    mask[0] = True
+    closed = jax.jit(jax.vmap(parc.parc_score_masked))(feats, labels, mask)
+    sorted_ = jax.jit(jax.vmap(_masked_parc_sorting_labels))(feats, labels, mask)
+    np.testing.assert_array_equal(np.asarray(closed), np.asarray(sorted_))
+    assert float(closed[3]) == 0.0

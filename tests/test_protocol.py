@@ -233,3 +233,42 @@ def test_evaluate_zoo_dispatches_pa_and_tsa_with_the_domain_role(tmp_path, monke
     # URL's rates by domain role: 0.1 on the seen cjk / latin, 1.0 on the unseen digits.
     assert set(rates[:2]) == {0.1} and 1.0 in rates and set(rates) == {0.1, 1.0}
     assert results["pa_episodes"] == ev.episodes and results["tsa_episodes"] == 2
+
+
+def test_evaluate_zoo_adapts_each_backbone_and_episode_once(tmp_path, monkeypatch):
+    """ERM and ERM+FT share the general backbone (on its own domain, and as a PARC
+    candidate on unseen ones): PA runs once per (backbone, episode) of a domain, and the
+    shared results are the same numbers."""
+    import hashlib
+
+    from flatfsc_jax import experiment, pa
+
+    c = glyphs_config.get_config("tiny")
+    c.data_dir = str(tmp_path / "data")
+    ev = c.evaluation
+    ev.domains = ("cjk", "latin", "digits")
+    ev.adaptations = ("ncc", "pa")
+    ev.pa_steps, ev.pa_episodes = 3, 0
+    experiment.check_data(c, ("evaluate",))
+    monkeypatch.setattr(protocol, "families", lambda config, zoo: ["erm", "erm+ft"])
+    seen_pairs = []
+    real_pa = pa.episode_accuracies
+
+    def recording_pa(embeddings, episodes, *, lr, steps):
+        backbone = hashlib.sha1(np.asarray(embeddings).tobytes()).hexdigest()
+        for row in range(len(episodes.ways)):
+            task = episodes.support_idx[row][episodes.support_mask[row]].tobytes()
+            seen_pairs.append((backbone, task))
+        return real_pa(embeddings, episodes, lr=lr, steps=steps)
+
+    monkeypatch.setattr(pa, "episode_accuracies", recording_pa)
+    results = protocol.evaluate_zoo(c, _FakeZoo(), progress=False)
+
+    assert len(seen_pairs) == len(set(seen_pairs))  # nothing adapted twice
+    cjk = results["domains"]["cjk"]["families"]
+    assert cjk["erm+ft"] == cjk["erm"]  # the same backbone, the same numbers
+    # cjk's episodes were adapted for one family only; latin's for both (two backbones).
+    assert len(seen_pairs) < 2 * len(results["domains"]) * ev.episodes
+    for dom in results["domains"].values():
+        for accs in dom["families"].values():
+            assert len(accs["pa"]) == ev.episodes and not np.isnan(accs["pa"]).any()

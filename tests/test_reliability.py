@@ -8,6 +8,7 @@ named, every bad key caught before anything compiles, readable errors with exit 
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -397,7 +398,7 @@ def test_metadata_that_is_not_an_entry_is_skipped(tmp_path, content, caplog, no_
     (d / "metadata.json").write_text(content)
     assert [e.key for e in zoo.list()] == ["glyphs/cjk/sam"]
     assert "not a zoo entry" in caplog.text
-    zoo_lib.main([f"--zoo={tmp_path / 'zoo'}"])
+    assert "glyphs/latin" not in zoo_lib.format_listing(zoo.list())  # what the listing prints
     # The train stage treats it as unfinished and trains it.
     experiment.run(c, str(tmp_path), ("train",), progress=False)
     assert ("latin", "sam") in no_training
@@ -467,8 +468,16 @@ def test_zoo_hints(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"configs/sam_resnet18\.py"):
         zoo.get("meta_dataset", "dtd", "sam+ft")
     _write(zoo, _tiny(), "latin", "sam")
-    with pytest.raises(SystemExit, match=r"is a workdir, not a zoo: use --zoo=.*work/zoo"):
-        zoo_lib.main([f"--zoo={tmp_path / 'work'}"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "flatfsc_jax.cli.zoo", f"--zoo={tmp_path / 'work'}"],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert re.search(r"is a workdir, not a zoo: use --zoo=.*work/zoo", proc.stderr), proc.stderr
 
 
 # --------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +12,20 @@ from scipy import stats
 
 from flatfsc_jax import convergence, profiling, seeds
 from flatfsc_jax import zoo as zoo_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(module, *args):
+    """``python -m flatfsc_jax.cli.<module> ARGS`` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", f"flatfsc_jax.cli.{module}", *args],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _results(seed, shift_seen, shift_unseen, rng):
@@ -68,6 +85,23 @@ def test_load_runs_rejects_duplicate_seeds(tmp_path):
         seeds.load_runs([str(tmp_path / "missing")])
 
 
+def test_seeds_command_writes_the_table(tmp_path):
+    rng = np.random.default_rng(2)
+    for seed in (0, 1):
+        (tmp_path / f"w{seed}" / "report").mkdir(parents=True)
+        (tmp_path / f"w{seed}" / "report" / "results.json").write_text(
+            json.dumps(_results(seed, 0.01, 0.02, rng))
+        )
+    out = tmp_path / "seeds"
+    # Workdirs first, then --out: the order scripts/run_seeds.sh uses.
+    proc = _cli("seeds", str(tmp_path / "w0"), str(tmp_path / "w1"), f"--out={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert "| sam - erm | ncc | seen | +1.00 | +1.00 |" in proc.stdout
+    assert (out / "seeds.md").read_text() in proc.stdout
+    assert json.loads((out / "seeds.json").read_text())["runs"] == ["seed 0", "seed 1"]
+    assert _cli("seeds").returncode != 0  # no workdirs: a usage error
+
+
 def test_read_curves_and_plot(tmp_path):
     entry = tmp_path / "glyphs" / "latin" / "sam"
     entry.mkdir(parents=True)
@@ -85,6 +119,13 @@ def test_read_curves_and_plot(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no validation curves"):
         convergence.plot_convergence({}, out)
+    cli_out = tmp_path / "figs" / "curves.png"
+    proc = _cli(
+        "convergence", f"--zoo={tmp_path}", f"--out={cli_out}", "--budget=latin=200", "--title=t"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"written: {cli_out} (1 domains)" in proc.stdout
+    assert cli_out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_profile_summary_ratios():

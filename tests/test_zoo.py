@@ -2,6 +2,9 @@
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,7 @@ import pytest
 from flatfsc_jax import models
 from flatfsc_jax import zoo as zoo_lib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 1)
 
 
@@ -96,9 +100,17 @@ def test_metadata_is_written_last_and_atomically(tmp_path):
     assert not zoo.is_complete("glyphs", "latin", "sam")
 
 
-def test_listing_command(tmp_path, capsys):
+def test_listing_command(tmp_path):
     zoo = zoo_lib.Zoo(tmp_path)
     _entry(zoo, "latin", "sam")
-    zoo_lib.main([f"--zoo={tmp_path}"])
-    out = capsys.readouterr().out
+    proc = subprocess.run(
+        [sys.executable, "-m", "flatfsc_jax.cli.zoo", f"--zoo={tmp_path}"],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     assert "glyphs/latin/sam" in out and "50.00%" in out and "conv4 x0.125" in out

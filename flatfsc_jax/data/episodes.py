@@ -42,6 +42,14 @@ the tighter ``bucket_sizes`` of a split), so jitted evaluators never recompile.
 episodes): episodes ``0 .. n-1`` of seed ``s``, padded to the split's ``bucket_sizes``.
 ``compact_episode`` re-pads one episode to power-of-two widths for the adaptations that
 run the backbone per task (fine-tuning, TSA).
+
+Why one module: the sampler, the padded batches and the episode figure share the
+``EpisodeSpec`` / ``Episode`` / ``PadSizes`` types and one contract, the order of random
+draws above (episode ``i`` of seed ``s`` is a pure function of the split, the spec and
+``s``). Much of the length is that contract written out: the Meta-Dataset formulas as
+pure functions with their docstrings, next to the ``_Plan`` that draws them in that
+order. Cut into modules, the order would be spread over several files that must change
+together, and every reader of an episode would import them all anyway.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 A class is a Unicode character, an instance is that character rendered by one font face, a
 domain is a script. The rendered benchmark ships with the package
-(``assets/glyphs/glyphs-v1.npz`` + data card ``glyphs-v1.json``, made by
-``flatfsc_jax.data.glyphs_render``, the source of truth), so nobody needs fonts. This module
-turns it into the *episodic split format* of ``flatfsc_jax.data.sources`` (one TFDS config per
-domain, array_record files, class splits train/valid/test, labels local to the split) and reads
-it back as ``SplitData``.
+(``assets/glyphs/glyphs-v1.npz`` + data card ``glyphs-v1.json``, made by the repository's
+``tools/glyphs_render.py``, the source of truth), so nobody needs fonts. This module turns it
+into the *episodic split format* of ``flatfsc_jax.data.sources`` (one TFDS config per domain,
+array_record files, class splits train/valid/test, labels local to the split) and reads it back
+as ``SplitData``.
 
 Protocol (mirrors Meta-Dataset): seen domains (``SEEN_DOMAINS``; cjk is the large, general,
 "ImageNet-like" one) split their classes 70/15/15 into train/valid/test; unseen domains
@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from flatfsc_jax.data import sources
-from flatfsc_jax.data.glyphs_render import (
+from flatfsc_jax.data.glyphs_spec import (
     CARD_NAME,
     DOMAINS,
     SEEN_DOMAINS,
@@ -93,7 +93,7 @@ def data_card(assets_dir=None) -> dict:
         raise FileNotFoundError(
             f"Glyphs data card {path!r} is missing: re-clone the repository (the benchmark is "
             "shipped in flatfsc_jax/data/assets/glyphs) or re-render it with "
-            "`python -m flatfsc_jax.data.glyphs_render --out <dir>`"
+            "`python -m tools.glyphs_render --out <dir>` in the repository"
         )
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -114,7 +114,7 @@ def load_arrays(assets_dir=None) -> dict[str, np.ndarray]:
     hint = (
         "re-clone the repository (or `git checkout -- flatfsc_jax/data/assets/glyphs`; with "
         "Git LFS, `git lfs pull`) or re-render it with "
-        "`python -m flatfsc_jax.data.glyphs_render --out <dir>`"
+        "`python -m tools.glyphs_render --out <dir>` in the repository"
     )
     if not os.path.exists(path):
         raise FileNotFoundError(f"Glyphs data {path!r} is missing: {hint}")

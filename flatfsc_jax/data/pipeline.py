@@ -37,6 +37,12 @@ the 0..255 scale, contrast ``(x - mean_c) * f + mean_c`` with ``f ~ U[1-c, 1+c]`
 [0, 255], then, for RGB images only, saturation ``s * U[1-s, 1+s]`` (clipped to [0, 1])
 and hue ``h + U[-d, d]`` (turns, wrapped) in HSV. Only backbone *training batches* are
 augmented: few-shot episodes (support and query) never are.
+
+Why one module: the stream above is one contract (which examples, which random numbers
+and which global batch every position gets), and the sections below (configuration,
+per-example randomness, image operations, the grain dataset and its resumable iterator)
+each implement one clause of it; a change to the stream is one diff to read here. Split,
+no part would be used without the others.
 """
 
 from __future__ import annotations

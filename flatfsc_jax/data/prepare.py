@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from flatfsc_jax.data import meta_dataset
+from flatfsc_jax.data import benchmarks, meta_dataset
 
 GROUPS = {
     "all": meta_dataset.ALL_SOURCES,
@@ -151,11 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"== {name}", flush=True)
         try:
             if name == GLYPHS:
-                from flatfsc_jax.data import glyphs
-
-                glyphs.prepare(data_dir)
+                benchmarks.prepare(GLYPHS, None, data_dir)  # every domain, prints its own
                 continue
-            path = meta_dataset.prepare(
+            path = benchmarks.prepare(
+                meta_dataset.BENCHMARK,
                 name,
                 data_dir,
                 source_dir=source_dirs.get(name),

@@ -5,6 +5,11 @@ classes are partitioned into the splits "train", "valid" and "test" (Meta-Datase
 class splits, not image splits). ``SplitData`` is what the episode sampler, the training
 input pipeline and the evaluator consume: integer labels ``0..num_classes-1`` local to
 the split, and images fetched by index (uint8, HWC).
+
+This module is also the one reader of the *episodic split format* every benchmark is
+prepared into (``read_prepared_split``, with the cheap ``verify_prepared``). It knows no
+benchmark: ``benchmarks.load_split`` chooses the builder, config and checks per
+benchmark, so the benchmark modules import this one and never the reverse.
 """
 
 from __future__ import annotations
@@ -118,7 +123,7 @@ def prepared_dir(data_dir, builder: str, config: str):
     return max(versions, key=lambda p: tuple(int(x) for x in p.name.split(".")))
 
 
-# The only feature classes our builders write (data/glyphs.py, data/meta_dataset.py).
+# The only feature classes our builders write (data/glyphs.py, data/meta_dataset/builder.py).
 # TFDS imports the Python module named by each "pythonClassName" of a prepared
 # features.json when it opens the directory: anything else is refused before TFDS reads it.
 FEATURE_CLASSES = frozenset(
@@ -185,17 +190,108 @@ def verify_prepared(path, splits, *, source: str) -> None:
                 raise MissingDataError(f"source {source!r}: {name} is missing in {root!r}; {fix}")
 
 
-class _ImageView:
-    """Random access to the ``image`` feature of a ``tfds`` data source."""
+class _LazyImages:
+    """Random access to the stored images; read errors name the directory to rebuild.
 
-    def __init__(self, data_source):
+    Pickles as (path, split) and reopens the files on first access, so grain worker
+    processes get their own readers.
+    """
+
+    def __init__(self, path: str, split: str, num_examples: int, corrupt, data_source=None):
+        self._path, self._split = path, split
+        self._num_examples = num_examples
+        self._corrupt = corrupt
         self._ds = data_source
 
-    def __len__(self):
-        return len(self._ds)
+    def __len__(self) -> int:
+        return self._num_examples
 
-    def __getitem__(self, i):
-        return self._ds[int(i)]["image"]
+    def __getitem__(self, index) -> np.ndarray:
+        import tensorflow_datasets as tfds
+
+        try:
+            if self._ds is None:
+                self._ds = tfds.builder_from_directory(self._path).as_data_source(self._split)
+            return self._ds[int(index)]["image"]
+        except Exception as e:
+            raise MissingDataError(self._corrupt(e)) from e
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ds": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class _CorruptMessage:
+    """The error text of a damaged prepared directory (picklable: lazy images keep one)."""
+
+    source: str
+    path: str
+    prepare_command: str | None = None
+
+    def __call__(self, error: Exception) -> str:
+        command = f": {self.prepare_command}" if self.prepare_command else ""
+        return (
+            f"source {self.source!r} in {self.path!r} is corrupted ({type(error).__name__}: "
+            f"{error}); delete that directory and prepare it again{command}"
+        )
+
+
+def _cached_labels(builder, split: str, path: str, num_examples: int, corrupt) -> np.ndarray:
+    """Labels of a split, cached in ``<version dir>/labels/<split>.npy``.
+
+    Reading them means parsing every record (images are not decoded), so the first read
+    of a large source takes a while; the cache makes later reads instant.
+    """
+    import tensorflow_datasets as tfds
+
+    cache = os.path.join(path, "labels", f"{split}.npy")
+    if os.path.exists(cache):
+        try:
+            labels = np.load(cache)
+            if labels.shape == (num_examples,):
+                return labels.astype(np.int32)
+        except (OSError, ValueError):
+            pass  # unreadable cache: recompute below
+    ds = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    labels = np.empty(num_examples, np.int32)
+    chunk = 8192
+    try:
+        for start in range(0, num_examples, chunk):
+            stop = min(num_examples, start + chunk)
+            records = ds.__getitems__(list(range(start, stop)))
+            labels[start:stop] = [r["label"] for r in records]
+    except Exception as e:
+        raise MissingDataError(corrupt(e)) from e
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        np.save(cache, labels)
+    except OSError:
+        pass  # read-only data directory: no cache, still correct
+    return labels
+
+
+def _check_shards(data_source, split_info, corrupt) -> None:
+    """Reads the first and last record of every shard: a truncated file fails here."""
+    offsets = np.cumsum([0] + list(split_info.shard_lengths))
+    try:
+        for start, stop in zip(offsets[:-1], offsets[1:], strict=True):
+            if stop > start:
+                data_source.__getitems__([int(start), int(stop) - 1])
+    except Exception as e:
+        raise MissingDataError(corrupt(e)) from e
+
+
+def _read_all(data_source, num_examples: int, corrupt) -> tuple[np.ndarray, np.ndarray]:
+    """Every image and label of a split, read in chunks of records."""
+    images, labels = [], []
+    try:
+        for start in range(0, num_examples, 4096):
+            records = data_source.__getitems__(list(range(start, min(num_examples, start + 4096))))
+            images.extend(r["image"] for r in records)
+            labels.extend(r["label"] for r in records)
+    except Exception as e:
+        raise MissingDataError(corrupt(e)) from e
+    return np.stack(images), np.asarray(labels, np.int32)
 
 
 def read_prepared_split(
@@ -206,8 +302,10 @@ def read_prepared_split(
     *,
     source: str | None = None,
     in_memory: bool = True,
+    class_names: Sequence[str] | None = None,
+    prepare_command: str | None = None,
 ) -> SplitData:
-    """Reads one class split stored in the episodic split format.
+    """Reads one class split stored in the episodic split format: the only reader of it.
 
     Args:
       data_dir: the TFDS data directory.
@@ -215,7 +313,15 @@ def read_prepared_split(
       split: ``"train"``, ``"valid"`` or ``"test"``.
       source: name recorded in the result (default ``"builder/config"``).
       in_memory: load all images into one numpy array (right for small sources such as
-        Glyphs); otherwise images are read lazily by index from the array_record files.
+        Glyphs); otherwise images are read lazily by index from the array_record files
+        (picklable for grain workers) and the labels are read once and cached on disk.
+      class_names: the classes the split must have been prepared with (Meta-Dataset's
+        class splits in use); ``None`` accepts the stored ones.
+      prepare_command: the command that prepares the source again, added to errors.
+
+    Raises:
+      ValueError: unknown split, or prepared with other ``class_names``.
+      MissingDataError: not prepared, or the prepared files are damaged.
     """
     import tensorflow_datasets as tfds
 
@@ -229,37 +335,32 @@ def read_prepared_split(
             f"(no {builder}/{config}/<version>/dataset_info.json)"
         )
     verify_prepared(path, (split,), source=source)
+    corrupt = _CorruptMessage(source, str(path), prepare_command)
     try:
         tfds_builder = tfds.builder_from_directory(str(path))
-    except Exception as e:  # corrupted dataset_info/features files
-        raise MissingDataError(
-            f"source {source!r} in {str(path)!r} is corrupted ({type(e).__name__}: {e}); "
-            "delete that directory and prepare it again"
-        ) from e
-    if split not in tfds_builder.info.splits:
-        available = sorted(tfds_builder.info.splits.keys())
-        raise ValueError(f"source {source!r} has no {split!r} split; it has {available}")
+        split_info = tfds_builder.info.splits[split]
+    except Exception as e:  # corrupted dataset_info/features files, or a split missing
+        raise MissingDataError(corrupt(e)) from e
     metadata = tfds_builder.info.metadata or {}
-    class_names = list(metadata.get("class_names", {}).get(split, []))
+    stored_names = list(metadata.get("class_names", {}).get(split, []))
+    if class_names is not None and stored_names != list(class_names):
+        raise ValueError(
+            f"{source} in {str(path)!r} was prepared with other {split} classes than the "
+            f"class splits in use ({len(stored_names)} vs {len(class_names)}); prepare it "
+            "again with --overwrite"
+        )
+    num_examples = split_info.num_examples
+    if num_examples == 0:
+        raise MissingDataError(corrupt(ValueError("empty split")))
     data_source = tfds_builder.as_data_source(split)
-    n = len(data_source)
-    if n == 0:
-        raise ValueError(f"source {source!r} split {split!r} is empty in {str(path)!r}")
-    try:
-        records = data_source.__getitems__(list(range(n))) if in_memory else None
-    except Exception as e:
-        raise MissingDataError(
-            f"source {source!r} split {split!r}: reading {str(path)!r} failed "
-            f"({type(e).__name__}: {e}); delete that directory and prepare it again"
-        ) from e
     if in_memory:
-        images = np.stack([r["image"] for r in records])
-        labels = np.asarray([r["label"] for r in records], np.int32)
+        images, labels = _read_all(data_source, num_examples, corrupt)
     else:
-        images = _ImageView(data_source)
-        labels = _labels_of(data_source)
-    if not class_names:
-        class_names = [str(c) for c in range(int(labels.max()) + 1)]
+        _check_shards(data_source, split_info, corrupt)
+        labels = _cached_labels(tfds_builder, split, str(path), num_examples, corrupt)
+        images = _LazyImages(str(path), split, num_examples, corrupt, data_source)
+    if not stored_names:
+        stored_names = [str(c) for c in range(int(labels.max()) + 1)]
     groups = metadata.get("class_groups", {}).get(split)
     hierarchy = metadata.get("class_hierarchy", {}).get(split)
     return SplitData(
@@ -267,7 +368,7 @@ def read_prepared_split(
         split=split,
         images=images,
         labels=labels,
-        class_names=class_names,
+        class_names=stored_names,
         class_groups=None if groups is None else np.asarray(groups, np.int32),
         class_hierarchy=None
         if hierarchy is None
@@ -275,42 +376,13 @@ def read_prepared_split(
     )
 
 
-def _labels_of(data_source) -> np.ndarray:
-    """All labels of a data source, read in chunks (decodes images too: cache if large)."""
-    n, chunk, out = len(data_source), 4096, []
-    for start in range(0, n, chunk):
-        recs = data_source.__getitems__(list(range(start, min(n, start + chunk))))
-        out.extend(r["label"] for r in recs)
-    return np.asarray(out, np.int32)
-
-
-# ----------------------------------------------------------------------------------------
-# One entry point for every benchmark's sources.
-# ----------------------------------------------------------------------------------------
-
-BENCHMARKS = ("meta_dataset", "glyphs")
-
-
 def load(source: str, split: str, data_dir, **kwargs) -> SplitData:
-    """The class split ``split`` of ``source`` = ``"<benchmark>/<domain>"``.
+    """TEMPORARY bridge, delete with its commit: use ``benchmarks.load_split``.
 
-    ``"meta_dataset/<name>"`` (names in ``meta_dataset.ALL_SOURCES``) and
-    ``"glyphs/<domain>"``; keyword arguments go to the benchmark's ``load_split``.
-    The benchmark modules are imported on first use.
+    ``measure_flatness.measure_zoo`` (outside this change) still calls it; it closes the
+    import cycle sources -> benchmarks -> glyphs -> sources that ``benchmarks`` removed.
     """
-    benchmark, sep, domain = str(source).partition("/")
-    if sep and domain and benchmark == "meta_dataset":
-        from flatfsc_jax.data import meta_dataset
+    from flatfsc_jax.data import benchmarks
 
-        return meta_dataset.load_split(domain, split, data_dir, **kwargs)
-    if sep and domain and benchmark == "glyphs":
-        from flatfsc_jax.data import glyphs
-
-        return glyphs.load_split(domain, split, data_dir, **kwargs)
-    from flatfsc_jax.data import meta_dataset
-
-    valid = [f"meta_dataset/{name}" for name in meta_dataset.ALL_SOURCES] + ["glyphs/<domain>"]
-    raise ValueError(
-        f"source {source!r} is unknown; use '<benchmark>/<domain>' with benchmark in "
-        f"{BENCHMARKS}: {valid}"
-    )
+    benchmark, _, domain = str(source).partition("/")
+    return benchmarks.load_split(benchmark, domain, split, data_dir, **kwargs)
