@@ -175,6 +175,18 @@ def test_family_evaluation_follows_the_selection_and_finetune_families(monkeypat
         c, "erm", "latin", sel, batch, split, embeddings=zoo, backbone=backbone
     )
     assert list(accs) == ["ncc"] and len(calls) == 2
+    # Families of one domain share the adaptation cache: a task already adapted with a
+    # backbone is not adapted again.
+    ev.finetune_families = ()
+    sel = protocol.Selection([("cjk", "sam"), ("latin", "sam+ft")], np.array([0, 1, 1, 0, 1, 1]))
+    cache: dict = {}
+    first = protocol.evaluate_family(
+        c, "sam", "digits", sel, batch, split, embeddings=zoo, backbone=backbone, adapted=cache
+    )
+    again = protocol.evaluate_family(
+        c, "sam+ft", "digits", sel, batch, split, embeddings=zoo, backbone=backbone, adapted=cache
+    )
+    assert again == first and len(calls) == 4
 
 
 class _FakeZoo:
