@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.data import sources
 from flatfsc_jax.evaluate import check_episodes, check_metric, prototype_logits
 
@@ -379,21 +380,6 @@ def finetune_and_classify(
     )
 
 
-def _bucket(n: int, width: int) -> int:
-    """Smallest power of two >= n, capped at the padded width."""
-    return min(width, 1 << max(0, int(n) - 1).bit_length())
-
-
-def _compact(idx, labels, mask, size):
-    """The unmasked entries first, padded to ``size`` with the first one (masked out)."""
-    keep = np.flatnonzero(mask)
-    pad = size - keep.size
-    idx = np.concatenate([idx[keep], np.full(pad, idx[keep[0]], idx.dtype)])
-    labels = np.concatenate([labels[keep], np.zeros(pad, labels.dtype)])
-    mask = np.arange(size) < keep.size
-    return idx, labels.astype(np.int32), mask
-
-
 def adapt_episodes(
     model,
     variables: dict,
@@ -418,20 +404,14 @@ def adapt_episodes(
     whereas full-width padding compiles once but can waste 10x on small episodes.
     """
     lr = _check_options(mode, steps, optimizer, learning_rate, sam_rho, metric, lora_rank)
-    s_idx, s_lab, s_mask, q_idx, q_lab, q_mask = check_episodes(episodes, len(split_data))
+    arrays = check_episodes(episodes, len(split_data))
     if mode == "lora":
         sample = np.zeros((1, *split_data.image_shape), np.float32)
         model, variables = with_lora(model, variables, sample, rank=lora_rank, rng=rng)
     max_ways = int(episodes.max_ways)
-    accs = np.zeros(s_idx.shape[0], np.float64)
-    for e in range(s_idx.shape[0]):
-        n_s, n_q = int(s_mask[e].sum()), int(q_mask[e].sum())
-        if n_s == 0 or n_q == 0:
-            raise ValueError(f"episode {e} has {n_s} support and {n_q} query examples")
-        size_s = _bucket(n_s, s_idx.shape[1]) if bucket else s_idx.shape[1]
-        size_q = _bucket(n_q, q_idx.shape[1]) if bucket else q_idx.shape[1]
-        si, sl, sm = _compact(s_idx[e], s_lab[e], s_mask[e].astype(bool), size_s)
-        qi, ql, qm = _compact(q_idx[e], q_lab[e], q_mask[e].astype(bool), size_q)
+    accs = np.zeros(len(arrays[0]), np.float64)
+    for e in range(len(arrays[0])):
+        si, sl, sm, qi, ql, qm = episodes_lib.compact_episode(arrays, e, bucket=bucket)
         logits = finetune_and_classify(
             model,
             variables,

@@ -554,15 +554,18 @@ def distill(
         val_now = step % eval_every == 0 or step == num_steps
         if not (log_now or save_now or val_now):
             continue
-        m = train._to_python(metrics)
-        if not math.isfinite(m["loss"]):
-            bar.close()
-            raise train.NonFiniteError(
-                f"{desc}: non-finite loss {m['loss']} at step {step}; the last good "
-                f"checkpoint (step {manager.latest_step()}) is kept in "
+        m = steps.host_metrics(metrics)
+        train.check_finite_loss(
+            m["loss"],
+            step,
+            desc,
+            lambda: (
+                f"The last good checkpoint (step {manager.latest_step()}) is kept in "
                 f"{str(entry_dir / 'train')!r}. Lower config.fusion.distill.lr (now {dc.lr}) "
                 f"or config.fusion.distill.adaptor_lr (now {dc.adaptor_lr}) and rerun."
-            )
+            ),
+            bar=bar,
+        )
         m.update(step=step, learning_rate=float(schedule(step - 1)))
         if val_now:
             last_val = validate_now(step)
@@ -610,7 +613,7 @@ def distill(
             source,
             name,
             variables=export_variables(state.params, state.batch_stats, source),
-            model_config=train._model_config(config, num_classes[source]),
+            model_config=models.model_metadata(config, num_classes[source]),
             image_shape=image_shape,
             metadata=metadata,
         )

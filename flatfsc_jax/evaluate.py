@@ -11,11 +11,10 @@ Classifier: nearest centroid (NCC). Prototypes are the masked mean support embed
 class; logits are ``scale * cos(query, prototype)`` (``scale=10`` as SUR/URL/TSA and the
 paper) or the negative squared Euclidean distance (Prototypical Networks).
 
-Episodes: any object with the ``EpisodeBatch`` attributes (numpy, fixed shapes):
-``support_idx``/``support_labels`` int32 [E, S], ``support_mask`` bool [E, S],
-``query_idx``/``query_labels`` int32 [E, Q], ``query_mask`` bool [E, Q], ``ways`` int32 [E]
-and the int ``max_ways`` (padded number of classes). Labels are ``0..ways-1``; padded slots
-are masked out (their indices only have to be valid array indices).
+Episodes: an ``EpisodeBatch`` (data/episodes.py; numpy, fixed shapes): ``support_*``
+[E, S], ``query_*`` [E, Q] and the int ``max_ways`` (padded number of classes). Labels are
+``0..ways-1``; padded slots are masked out (their indices only have to be valid array
+indices).
 
 Units: accuracies are fractions in [0, 1] everywhere in this module (multiply by 100 for
 tables); :func:`summarize` and :func:`paired_difference` keep the units of their input.
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flatfsc_jax.data import sources
+from flatfsc_jax.data.episodes import EpisodeBatch
 
 METRICS = ("cosine", "euclidean")
 
@@ -44,15 +44,6 @@ ABSENT_LOGIT = -1e30
 # D = 512) need 16 MB, which stays in a CPU's last-level cache; 32 (65 MB) measured 2-3x
 # slower on our 2-core machines, and the per-call dispatch cost is negligible at 8.
 DEFAULT_CHUNK = 8
-
-_EPISODE_FIELDS = (
-    "support_idx",
-    "support_labels",
-    "support_mask",
-    "query_idx",
-    "query_labels",
-    "query_mask",
-)
 
 
 def check_metric(metric: str) -> None:
@@ -171,28 +162,15 @@ def _chunk_accuracies(embeddings, episode_arrays, *, max_ways, metric, scale):
     return jax.vmap(one)(*episode_arrays)
 
 
-def _episode_arrays(episodes) -> tuple[np.ndarray, ...]:
-    missing = [f for f in (*_EPISODE_FIELDS, "max_ways") if not hasattr(episodes, f)]
-    if missing:
-        raise ValueError(
-            f"episodes lacks {missing}; pass an EpisodeBatch (or an object with its fields "
-            f"{_EPISODE_FIELDS} and max_ways)"
+def check_episodes(episodes: EpisodeBatch, num_items: int) -> tuple[np.ndarray, ...]:
+    """The six episode arrays (``EpisodeBatch.index_arrays()``), validated against a
+    table of ``num_items`` rows."""
+    if not isinstance(episodes, EpisodeBatch):
+        raise TypeError(
+            f"episodes must be an EpisodeBatch (EpisodeBatch.sample, pad_episodes), got "
+            f"{type(episodes).__name__}"
         )
-    arrays = tuple(np.asarray(getattr(episodes, f)) for f in _EPISODE_FIELDS)
-    e = arrays[0].shape[0]
-    for name, a in zip(_EPISODE_FIELDS, arrays, strict=True):
-        if a.ndim != 2 or a.shape[0] != e:
-            raise ValueError(f"episodes.{name} must be [E={e}, width], got shape {a.shape}")
-    if arrays[0].shape != arrays[1].shape or arrays[0].shape != arrays[2].shape:
-        raise ValueError("episodes.support_idx/support_labels/support_mask shapes differ")
-    if arrays[3].shape != arrays[4].shape or arrays[3].shape != arrays[5].shape:
-        raise ValueError("episodes.query_idx/query_labels/query_mask shapes differ")
-    return arrays
-
-
-def check_episodes(episodes, num_items: int) -> tuple[np.ndarray, ...]:
-    """The six episode arrays, validated against a table of ``num_items`` rows."""
-    arrays = _episode_arrays(episodes)
+    arrays = tuple(np.asarray(a) for a in episodes.index_arrays())
     s_idx, s_lab, s_mask, q_idx, q_lab, q_mask = arrays
     max_ways = int(episodes.max_ways)
     for name, idx, mask in (("support_idx", s_idx, s_mask), ("query_idx", q_idx, q_mask)):
@@ -214,7 +192,7 @@ def check_episodes(episodes, num_items: int) -> tuple[np.ndarray, ...]:
 
 def episode_accuracies(
     embeddings,
-    episodes,
+    episodes: EpisodeBatch,
     *,
     metric: str = "cosine",
     scale: float = 10.0,
@@ -309,7 +287,7 @@ class FewShotEvaluator:
     def __init__(
         self,
         split_data,
-        episodes,
+        episodes: EpisodeBatch,
         *,
         metric: str = "cosine",
         batch_size: int = 256,

@@ -238,18 +238,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
                 if state == "damaged":
                     _print(f"[train] {key}: damaged ({problem}), retraining it")
                 cfg = config_lib.domain_config(config, domain, method)
-                changed = zoo.begin(
+                zoo.begin_run(
                     config.benchmark,
                     domain,
                     method,
                     {"config": cfg.to_dict()},
                     discard=config.retrain or state == "damaged",
+                    stage="train",
                 )
-                if changed:
-                    _print(
-                        f"[train] {key}: discarded an unfinished run with other settings "
-                        f"({'; '.join(changed)}); training it afresh"
-                    )
                 entry = train.train_and_evaluate(config, zoo, domain, method, progress=progress)
                 _print(
                     f"[train] {entry.key}: best validation accuracy "

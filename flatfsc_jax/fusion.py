@@ -122,18 +122,14 @@ def _fine_tune(config, zoo, method: str, mode: str, *, progress) -> list[zoo_lib
         if state == "damaged":
             print(f"[fuse] {key}: damaged ({problem}), retraining it")
         entry_cfg = config_lib.domain_config(cfg, domain, method)
-        changed = zoo.begin(
+        zoo.begin_run(
             config.benchmark,
             domain,
             target_method,
             {"config": entry_cfg.to_dict(), "source_sha256": source_sha},
             discard=config.retrain or state != "incomplete",  # complete (stale), damaged
+            stage="fuse",
         )
-        if changed:
-            print(
-                f"[fuse] {key}: discarded an unfinished run with other settings "
-                f"({'; '.join(changed)}); training it afresh"
-            )
         entries.append(
             train.train_and_evaluate(
                 cfg,

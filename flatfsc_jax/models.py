@@ -306,6 +306,16 @@ def build_model_from_config(model_config, num_classes: int, *, lora_rank: int | 
     )
 
 
+def model_metadata(config, num_classes: int) -> dict:
+    """A zoo entry's ``model`` metadata: what ``build_model`` needs to rebuild it."""
+    return dict(
+        arch=config.model.arch,
+        width=float(config.model.width),
+        dtype=config.model.dtype,
+        num_classes=int(num_classes),
+    )
+
+
 def count_params(tree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
 

@@ -107,16 +107,6 @@ def parc_scores(embeddings: np.ndarray, subsets, *, chunk: int = 32) -> np.ndarr
 # ---------------------------------------------------------------------------------------
 
 
-def take_episodes(batch, index):
-    """The episodes ``index`` of a padded ``EpisodeBatch`` (same padded shapes)."""
-    index = np.asarray(index)
-    fields = {}
-    for f in dataclasses.fields(batch):
-        value = getattr(batch, f.name)
-        fields[f.name] = value[index] if isinstance(value, np.ndarray) else value
-    return dataclasses.replace(batch, **fields)
-
-
 def families(config, zoo: zoo_lib.Zoo) -> list[str]:
     """Backbone families to evaluate, in report order, that the zoo can serve."""
     fams = list(config.methods)
@@ -161,11 +151,158 @@ def num_episodes(ev, adaptation: str, total: int) -> int:
     return min(int(n), total)
 
 
-def sample_test_episodes(config, split) -> tuple:
-    spec = episodes_lib.EpisodeSpec(mode="variable")
-    sampler = episodes_lib.EpisodeSampler(split, spec, seed=evaluation_seed(config) + 1000)
-    eps = sampler.sample(config.evaluation.episodes)
-    return eps, episodes_lib.pad_episodes(eps, **episodes_lib.bucket_sizes(split, spec))
+# ---------------------------------------------------------------------------------------
+# Backbone selection: which backbone of a family serves each episode of a domain.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Selection:
+    """Which backbone a family uses for each episode of one domain.
+
+    Attributes:
+      candidates: the ``(domain, method)`` zoo entries the family may use there.
+      choice: int [E], per episode the index of its backbone in ``candidates``.
+    """
+
+    candidates: list[tuple[str, str]]
+    choice: np.ndarray
+
+    def counts(self) -> dict[str, int]:
+        """``"domain/method"`` -> number of episodes it serves (``results`` "selection")."""
+        return {
+            f"{c[0]}/{c[1]}": int(np.sum(self.choice == i)) for i, c in enumerate(self.candidates)
+        }
+
+
+def candidate_backbones(config, family: str, domain: str) -> list[tuple[str, str]]:
+    """The zoo entries ``(domain, method)`` a family chooses among on a domain: its own
+    backbone on a seen domain, one per seen domain on an unseen one (a ``+kd`` family
+    has a single student for all)."""
+    seen = tuple(config.domains)
+    if domain in seen:
+        return [family_backbone(config, family, domain)]
+    return list(dict.fromkeys(family_backbone(config, family, d) for d in seen))
+
+
+def select_backbones(config, family: str, domain: str, parc_score, num: int) -> Selection:
+    """The backbone of each of the ``num`` episodes of a domain for one family.
+
+    ``parc_score(candidate)`` gives a candidate's PARC score of every episode (float [E]);
+    it is called only when there is a choice. Per episode the highest score wins
+    (``config.evaluation.parc_support``), or one backbone for the whole dataset by the
+    mean score.
+    """
+    candidates = candidate_backbones(config, family, domain)
+    if len(candidates) == 1:
+        return Selection(candidates, np.zeros(num, np.int64))
+    scores = np.stack([parc_score(c) for c in candidates])
+    if config.evaluation.parc_support:
+        choice = np.argmax(scores, axis=0)
+    else:
+        choice = np.full(num, int(np.argmax(scores.mean(axis=1))))
+    return Selection(candidates, choice)
+
+
+# ---------------------------------------------------------------------------------------
+# Family evaluation: the adaptations of one family on a domain, given its selection.
+# ---------------------------------------------------------------------------------------
+
+
+def evaluate_family(
+    config,
+    family: str,
+    domain: str,
+    selection: Selection,
+    batch: episodes_lib.EpisodeBatch,
+    split,
+    *,
+    embeddings,
+    backbone,
+    adapted: dict | None = None,
+) -> dict[str, list[float]]:
+    """Accuracies of one family on the episodes of one domain, per adaptation.
+
+    Args:
+      config: the full config (``config.evaluation`` sets the adaptations and their
+        episode counts; ``config.domains`` the domain's role for PA / TSA rates).
+      family: the family (``finetune_families`` restricts the backbone adaptations).
+      domain: the evaluation domain (seen or unseen: PA's and TSA's learning rates).
+      selection: the backbone of every episode (:func:`select_backbones`).
+      batch: the domain's test episodes; ``split`` its test split.
+      embeddings: ``(domain, method)`` -> embeddings of ``split`` (ncc, pa).
+      backbone: ``(domain, method)`` -> its ``LoadedBackbone`` trunk (finetune, lora, tsa).
+      adapted: ``(adaptation, backbone) -> {episode: accuracy}``, shared by the families
+        of one domain: an episode already adapted with a backbone is not adapted again
+        (its accuracy depends only on the backbone and the episode). Updated here.
+    Returns:
+      ``adaptation -> per-episode accuracies`` of the first ``num_episodes`` episodes.
+    """
+    ev = config.evaluation
+    seen = domain in tuple(config.domains)
+    adapted = {} if adapted is None else adapted
+    accs = {}
+    for adaptation in ev.adaptations:
+        restricted = ev.finetune_families and family not in ev.finetune_families
+        if adaptation in BACKBONE_ADAPTATIONS and restricted:
+            continue  # not adapted at test time (config.evaluation.finetune_families)
+        acc = np.full(len(batch), np.nan)
+        n = num_episodes(ev, adaptation, len(batch))
+        for i, c in enumerate(selection.candidates):
+            chosen = np.flatnonzero(selection.choice[:n] == i)
+            done = adapted.setdefault((adaptation, c), {})
+            acc[chosen] = [done.get(int(j), np.nan) for j in chosen]
+            idx = np.asarray([j for j in chosen if int(j) not in done], np.int64)
+            if len(idx) == 0:
+                continue
+            sub = batch.take(idx)
+            if adaptation == "ncc":
+                with PROFILE.section("evaluate/ncc"):
+                    acc[idx] = evaluate.episode_accuracies(embeddings[c], sub, metric=ev.metric)
+                continue
+            with PROFILE.section(f"evaluate/{adaptation}"):
+                if adaptation == "pa":
+                    acc[idx] = pa.episode_accuracies(
+                        embeddings[c], sub, lr=pa.learning_rate(seen), steps=ev.pa_steps
+                    )
+                    continue
+                if adaptation == "tsa":
+                    lr_alpha, lr_beta = tsa.learning_rates(seen)
+                    acc[idx] = tsa.episode_accuracies(
+                        backbone(c).model,
+                        backbone(c).variables,
+                        split,
+                        sub,
+                        lr_alpha=lr_alpha,
+                        lr_beta=lr_beta,
+                        steps=ev.tsa_steps,
+                        bucket=False,  # one compilation per domain, as fine-tuning
+                    )
+                    continue
+                acc[idx] = adapt.adapt_episodes(
+                    backbone(c).model,
+                    backbone(c).variables,
+                    split,
+                    sub,
+                    mode="full" if adaptation == "finetune" else "lora",
+                    steps=ev.finetune_steps,
+                    learning_rate=ev.finetune_lr or None,
+                    lora_rank=ev.lora_rank,
+                    metric=ev.metric,
+                    # One padded shape per domain: a single compilation serves
+                    # every episode and backbone (compiles dominate 10 episodes).
+                    bucket=False,
+                )
+        for i, c in enumerate(selection.candidates):
+            chosen = np.flatnonzero(selection.choice[:n] == i)
+            adapted[(adaptation, c)].update((int(j), acc[j]) for j in chosen)
+        accs[adaptation] = acc[:n].tolist()
+    return accs
+
+
+# ---------------------------------------------------------------------------------------
+# The whole protocol over a zoo.
+# ---------------------------------------------------------------------------------------
 
 
 def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
@@ -175,13 +312,12 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
     fams = families(config, zoo)
     cache: dict = {}
 
-    def backbone(domain, method):
+    def backbone(key):
         """The entry's trunk (no head): every backbone of one architecture is then the
         same static ``Model``, so jitted embedding / fine-tuning compile once for all."""
-        key = (domain, method)
         if key not in cache:
             with PROFILE.section("evaluate/load"):
-                loaded = zoo.load(config.benchmark, domain, method)
+                loaded = zoo.load(config.benchmark, *key)
             m = loaded.entry.metadata["model"]
             trunk = models.build_model(m["arch"], 0, width=m["width"], dtype=m["dtype"])
             variables = {
@@ -205,111 +341,65 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
     domains = list(ev.domains)
     bar = tqdm(total=len(domains) * len(fams), desc="evaluate", disable=not progress)
     for domain in domains:
-        t0 = time.perf_counter()
-        with PROFILE.section("evaluate/episodes"):
-            split = benchmarks.load_split(config.benchmark, domain, "test", config.data_dir)
-            _, batch = sample_test_episodes(config, split)
-        parc_support_sets = parc_subsets(batch, ev.parc_max_support, evaluation_seed(config) + 2000)
-        embeds: dict = {}  # (domain, method) of a backbone -> embeddings of this split
-        parc_cache: dict = {}  # (domain, method) -> PARC score per episode
-        # (adaptation, backbone) -> {episode: accuracy}. Families share backbones (a fused
-        # family starts from the general domain's own backbone, and PARC often picks it for
-        # both ERM and ERM+FT), and an episode's adapted accuracy depends only on the
-        # backbone and the episode, so each pair is adapted once per domain.
-        adapted: dict = {}
-        dom = {"seen": domain in seen, "ways": batch.ways.tolist(), "families": {}, "selection": {}}
-        for fam in fams:
-            bar.set_description(f"evaluate {domain} {fam}")
-            if domain in seen:
-                candidates = [family_backbone(config, fam, domain)]
-            else:  # one candidate per seen domain (a +kd family has one for all)
-                candidates = list(dict.fromkeys(family_backbone(config, fam, d) for d in seen))
-            # Families share backbones (a fused family uses the general domain's own
-            # backbone): embed and PARC-score each backbone once per domain.
-            for c in candidates:
-                if c not in embeds:
-                    loaded = backbone(*c)  # loading has its own section (not nested)
-                    with PROFILE.section("evaluate/embed"):
-                        embeds[c] = evaluate.embed_split(
-                            loaded.model,
-                            loaded.variables,
-                            split,
-                            batch_size=config.validation.batch_size,
-                        )
-            if len(candidates) == 1:
-                choice = np.zeros(len(batch.ways), np.int64)
-            else:
-                for c in candidates:
-                    if c not in parc_cache:
-                        with PROFILE.section("evaluate/parc"):
-                            parc_cache[c] = parc_scores(embeds[c], parc_support_sets)
-                scores = np.stack([parc_cache[c] for c in candidates])
-                if ev.parc_support:
-                    choice = np.argmax(scores, axis=0)
-                else:
-                    choice = np.full(len(batch.ways), int(np.argmax(scores.mean(axis=1))))
-            dom["selection"][fam] = {
-                f"{c[0]}/{c[1]}": int(np.sum(choice == i)) for i, c in enumerate(candidates)
-            }
-            accs = {}
-            for adaptation in ev.adaptations:
-                restricted = ev.finetune_families and fam not in ev.finetune_families
-                if adaptation in BACKBONE_ADAPTATIONS and restricted:
-                    continue  # not adapted at test time (config.evaluation.finetune_families)
-                acc = np.full(len(batch.ways), np.nan)
-                n = num_episodes(ev, adaptation, len(batch.ways))
-                for i, c in enumerate(candidates):
-                    chosen = np.flatnonzero(choice[:n] == i)
-                    done = adapted.setdefault((adaptation, c), {})
-                    acc[chosen] = [done.get(int(j), np.nan) for j in chosen]
-                    idx = np.asarray([j for j in chosen if int(j) not in done], np.int64)
-                    if len(idx) == 0:
-                        continue
-                    sub = take_episodes(batch, idx)
-                    if adaptation == "ncc":
-                        with PROFILE.section("evaluate/ncc"):
-                            acc[idx] = evaluate.episode_accuracies(embeds[c], sub, metric=ev.metric)
-                        continue
-                    with PROFILE.section(f"evaluate/{adaptation}"):
-                        if adaptation == "pa":
-                            acc[idx] = pa.episode_accuracies(
-                                embeds[c], sub, lr=pa.learning_rate(dom["seen"]), steps=ev.pa_steps
-                            )
-                            continue
-                        if adaptation == "tsa":
-                            lr_alpha, lr_beta = tsa.learning_rates(dom["seen"])
-                            acc[idx] = tsa.episode_accuracies(
-                                backbone(*c).model,
-                                backbone(*c).variables,
-                                split,
-                                sub,
-                                lr_alpha=lr_alpha,
-                                lr_beta=lr_beta,
-                                steps=ev.tsa_steps,
-                                bucket=False,  # one compilation per domain, as fine-tuning
-                            )
-                            continue
-                        acc[idx] = adapt.adapt_episodes(
-                            backbone(*c).model,
-                            backbone(*c).variables,
-                            split,
-                            sub,
-                            mode="full" if adaptation == "finetune" else "lora",
-                            steps=ev.finetune_steps,
-                            learning_rate=ev.finetune_lr or None,
-                            lora_rank=ev.lora_rank,
-                            metric=ev.metric,
-                            # One padded shape per domain: a single compilation serves
-                            # every episode and backbone (compiles dominate 10 episodes).
-                            bucket=False,
-                        )
-                for i, c in enumerate(candidates):
-                    chosen = np.flatnonzero(choice[:n] == i)
-                    adapted[(adaptation, c)].update((int(j), acc[j]) for j in chosen)
-                accs[adaptation] = acc[:n].tolist()
-            dom["families"][fam] = accs
-            bar.update(1)
-        dom["seconds"] = time.perf_counter() - t0
-        results["domains"][domain] = dom
+        results["domains"][domain] = _evaluate_domain(config, domain, fams, backbone, bar)
     bar.close()
     return results
+
+
+def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dict:
+    """``results["domains"][domain]``: every family on the domain's test episodes."""
+    ev = config.evaluation
+    t0 = time.perf_counter()
+    with PROFILE.section("evaluate/episodes"):
+        split = benchmarks.load_split(config.benchmark, domain, "test", config.data_dir)
+        batch = episodes_lib.EpisodeBatch.sample(
+            split, ev.episodes, seed=evaluation_seed(config) + 1000
+        )
+    parc_support_sets = parc_subsets(batch, ev.parc_max_support, evaluation_seed(config) + 2000)
+    embeds: dict = {}  # (domain, method) of a backbone -> embeddings of this split
+    parc_cache: dict = {}  # (domain, method) -> PARC score per episode
+    # (adaptation, backbone) -> {episode: accuracy}. Families share backbones (a fused
+    # family starts from the general domain's own backbone, and PARC often picks it for
+    # both ERM and ERM+FT), and an episode's adapted accuracy depends only on the
+    # backbone and the episode, so each pair is adapted once per domain.
+    adapted: dict = {}
+
+    # Families share backbones (a fused family uses the general domain's own backbone):
+    # embed and PARC-score each backbone once per domain.
+    def embed(c):
+        if c not in embeds:
+            loaded = backbone(c)  # loading has its own section (not nested)
+            with PROFILE.section("evaluate/embed"):
+                embeds[c] = evaluate.embed_split(
+                    loaded.model, loaded.variables, split, batch_size=config.validation.batch_size
+                )
+        return embeds[c]
+
+    def parc_score(c):
+        if c not in parc_cache:
+            with PROFILE.section("evaluate/parc"):
+                parc_cache[c] = parc_scores(embeds[c], parc_support_sets)
+        return parc_cache[c]
+
+    seen = domain in tuple(config.domains)
+    dom = {"seen": seen, "ways": batch.ways.tolist(), "families": {}, "selection": {}}
+    for fam in fams:
+        bar.set_description(f"evaluate {domain} {fam}")
+        for c in candidate_backbones(config, fam, domain):
+            embed(c)
+        selection = select_backbones(config, fam, domain, parc_score, len(batch))
+        dom["selection"][fam] = selection.counts()
+        dom["families"][fam] = evaluate_family(
+            config,
+            fam,
+            domain,
+            selection,
+            batch,
+            split,
+            embeddings=embeds,
+            backbone=backbone,
+            adapted=adapted,
+        )
+        bar.update(1)
+    dom["seconds"] = time.perf_counter() - t0
+    return dom

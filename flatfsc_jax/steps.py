@@ -226,6 +226,11 @@ def train_step(
     return new_state, metrics
 
 
+def host_metrics(metrics: dict) -> dict:
+    """A step's metrics as Python floats, for logging (waits for the step to finish)."""
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
 def make_mesh(devices: Any = None) -> Mesh:
     """A one-axis (``"data"``) mesh over ``devices`` (default: all, every host)."""
     devices = jax.devices() if devices is None else list(devices)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from flatfsc_jax import config_lib, metrics_writer, models, optim, steps
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, pipeline, sources
-from flatfsc_jax.data import episodes as episodes_lib
+from flatfsc_jax.data.episodes import EpisodeBatch
 from flatfsc_jax.evaluate import FewShotEvaluator
 from flatfsc_jax.profiling import PROFILE
 
@@ -68,6 +68,18 @@ def non_finite_leaves(state) -> list[str]:
     return [jax.tree_util.keystr(k) for (k, _), ok in zip(floats, finite, strict=True) if not ok]
 
 
+def check_finite_loss(loss: float, step: int, desc: str, advice, *, bar=None) -> None:
+    """Raises ``NonFiniteError`` when a logged loss is NaN/inf (the check of every log).
+
+    ``advice()`` (called only then) says what to do; ``bar``, the run's progress bar, is
+    closed first so that the message is not interleaved with it.
+    """
+    if not math.isfinite(loss):
+        if bar is not None:
+            bar.close()
+        raise NonFiniteError(f"{desc}: non-finite loss {loss} at step {step}. {advice()}")
+
+
 def _check_finite(state, where: str, advice: str) -> None:
     bad = non_finite_leaves(state)
     if bad:
@@ -89,11 +101,7 @@ def _divergence_advice(cfg, domain: str, fused: bool, manager, entry_dir) -> str
 
 def validation_evaluator(config, valid_split: sources.SplitData) -> FewShotEvaluator:
     """The fixed validation episodes of a domain (same episodes at every validation)."""
-    spec = episodes_lib.EpisodeSpec(mode="variable")
-    sampler = episodes_lib.EpisodeSampler(valid_split, spec, seed=config.seed + 1)
-    eps = sampler.sample(config.validation.episodes)
-    maxima = episodes_lib.bucket_sizes(valid_split, spec)
-    batch = episodes_lib.pad_episodes(eps, **maxima)
+    batch = EpisodeBatch.sample(valid_split, config.validation.episodes, seed=config.seed + 1)
     return FewShotEvaluator(
         valid_split,
         batch,
@@ -153,19 +161,6 @@ def _compiled_step(model, cfg, mesh, *, train_lora: bool):
     return _COMPILED_STEPS[key]
 
 
-def _model_config(config, num_classes: int) -> dict:
-    return dict(
-        arch=config.model.arch,
-        width=float(config.model.width),
-        dtype=config.model.dtype,
-        num_classes=int(num_classes),
-    )
-
-
-def _to_python(metrics: dict) -> dict:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     zoo: zoo_lib.Zoo,
@@ -203,7 +198,7 @@ def train_and_evaluate(
     train_split = benchmarks.load_split(cfg.benchmark, domain, "train", cfg.data_dir)
     valid_split = benchmarks.load_split(cfg.benchmark, domain, "valid", cfg.data_dir)
     image_shape = train_split.image_shape
-    model_config = _model_config(cfg, train_split.num_classes)
+    model_config = models.model_metadata(cfg, train_split.num_classes)
     if lora_rank > 0 and init_variables is None:
         raise ValueError("LoRA training (config.fusion.mode='lora') needs a pre-trained backbone")
     train_lora = lora_rank > 0
@@ -354,14 +349,15 @@ def train_and_evaluate(
         save_now = step % cfg.checkpoint_every == 0 or step == cfg.num_steps
         val_now = step % eval_every == 0 or step == cfg.num_steps
         if log_now or save_now or val_now:
-            m = _to_python(metrics)  # waits for the step: closes the steps section
+            m = steps.host_metrics(metrics)  # waits for the step: closes the steps section
             PROFILE.add(f"{stage}/steps", time.perf_counter() - t_steps)
-            if not math.isfinite(m["loss"]):
-                bar.close()
-                raise NonFiniteError(
-                    f"{desc}: non-finite loss {m['loss']} at step {step}. "
-                    + _divergence_advice(cfg, domain, entry_method != method, manager, entry_dir)
-                )
+            check_finite_loss(
+                m["loss"],
+                step,
+                desc,
+                lambda: _divergence_advice(cfg, domain, entry_method != method, manager, entry_dir),
+                bar=bar,
+            )
             if save_now or val_now:  # never validate, save or finalize a non-finite state
                 if non_finite_leaves(state):
                     bar.close()

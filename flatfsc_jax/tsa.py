@@ -16,7 +16,7 @@ Cost: every step is a forward and backward pass of the backbone over the support
 so a task costs about 40 backbone passes (as test-time fine-tuning does). Each step is
 one jitted call driven from Python (the loop of adapt.py: on XLA:CPU convolutions inside
 ``lax.fori_loop`` run 7-15x slower), episodes are looped over and their support and query
-sets padded to fixed widths (adapt.py's compaction and power-of-two buckets), so one
+sets padded to fixed widths (``episodes.compact_episode``: power-of-two buckets), so one
 compilation serves every episode of a padded shape; the learning rates are traced, so
 seen and unseen domains share it.
 """
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flatfsc_jax import adapt, evaluate, pa
+from flatfsc_jax import evaluate, pa
+from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.data import sources
 
 DEFAULT_STEPS = 40
@@ -177,19 +178,13 @@ def episode_accuracies(
     batch's padded widths (one compilation for all episodes).
     """
     _check(steps, lr_alpha, lr_beta)
-    s_idx, s_lab, s_mask, q_idx, q_lab, q_mask = evaluate.check_episodes(episodes, len(split_data))
+    arrays = evaluate.check_episodes(episodes, len(split_data))
     sample = np.zeros((1, *split_data.image_shape), np.float32)
     tsa_model, tsa_vars = with_tsa(model, variables, sample)
     max_ways = int(episodes.max_ways)
-    accs = np.zeros(s_idx.shape[0], np.float64)
-    for e in range(s_idx.shape[0]):
-        n_s, n_q = int(s_mask[e].sum()), int(q_mask[e].sum())
-        if n_s == 0 or n_q == 0:
-            raise ValueError(f"episode {e} has {n_s} support and {n_q} query examples")
-        size_s = adapt._bucket(n_s, s_idx.shape[1]) if bucket else s_idx.shape[1]
-        size_q = adapt._bucket(n_q, q_idx.shape[1]) if bucket else q_idx.shape[1]
-        si, sl, sm = adapt._compact(s_idx[e], s_lab[e], s_mask[e].astype(bool), size_s)
-        qi, ql, qm = adapt._compact(q_idx[e], q_lab[e], q_mask[e].astype(bool), size_q)
+    accs = np.zeros(len(arrays[0]), np.float64)
+    for e in range(len(arrays[0])):
+        si, sl, sm, qi, ql, qm = episodes_lib.compact_episode(arrays, e, bucket=bucket)
         support = sources.preprocess(split_data.get_images(si))
         adapted, beta, _ = adapt_task(
             tsa_model,

@@ -451,6 +451,20 @@ class Zoo:
             multihost_utils.sync_global_devices(f"zoo.begin {benchmark}/{domain}/{method}")
         return changes
 
+    def begin_run(
+        self, benchmark, domain, method, record: dict, *, discard: bool, stage: str
+    ) -> list[str]:
+        """:meth:`begin`, saying (process 0, ``[stage]`` prefix) when it discarded an
+        unfinished run with other settings; returns the changed keys."""
+        changed = self.begin(benchmark, domain, method, record, discard=discard)
+        if changed and jax.process_index() == 0:
+            print(
+                f"[{stage}] {benchmark}/{domain}/{method}: discarded an unfinished run with "
+                f"other settings ({'; '.join(changed)}); training it afresh",
+                flush=True,
+            )
+        return changed
+
 
 def train_hint(benchmark: str, method: str) -> str:
     """The command that trains a missing entry of ``benchmark``."""

@@ -1,13 +1,13 @@
 """Tests for flatfsc_jax.adapt: support-set fine-tuning (full and LoRA) then NCC."""
 
 import importlib.util
-import types
 
 import jax
 import numpy as np
 import pytest
 
 from flatfsc_jax import adapt, evaluate, models
+from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.data import sources
 
 IMAGE = (16, 16, 1)
@@ -153,7 +153,12 @@ def make_split_and_episodes():
         f["support_idx"][e, : len(s)], f["support_labels"][e, : len(s)] = np.transpose(s)
         f["query_idx"][e, : len(q)], f["query_labels"][e, : len(q)] = np.transpose(q)
         f["support_mask"][e, : len(s)], f["query_mask"][e, : len(q)] = True, True
-    episodes = types.SimpleNamespace(**f, ways=np.array([w for w, _ in spec], np.int32), max_ways=5)
+    episodes = episodes_lib.EpisodeBatch(
+        **f,
+        ways=np.array([w for w, _ in spec], np.int32),
+        classes=np.full((3, 5), -1, np.int32),  # not used by adapt
+        max_ways=5,
+    )
     return split, episodes
 
 

@@ -296,7 +296,7 @@ def test_tiny_distillation_writes_a_loadable_entry_and_resumes_exactly(tmp_path,
                 dom,
                 "erm",
                 variables=variables,
-                model_config=train._model_config(c, split.num_classes),
+                model_config=models.model_metadata(c, split.num_classes),
                 image_shape=split.image_shape,
                 metadata={},
             )

@@ -57,13 +57,24 @@ def test_tiny_glyphs_run_end_to_end_and_rerun_reuses_the_zoo(tmp_path):
         ).stdout
     )
 
+    zoo_before = _zoo_files(work / "zoo")
     second = _main(
         "--config=configs/glyphs.py:tiny", f"--workdir={work}", cache, "--stages=train,fuse"
     )
     assert second.returncode == 0, second.stderr[-5000:]
     assert second.stdout.count("complete, reusing it") == 4  # 2 domains x erm/sam
     assert "[fuse] glyphs/latin/sam+ft: best validation accuracy" in second.stdout
-    assert "it/s" not in second.stderr  # no progress bar: nothing was trained again
+    # Nothing was trained again: no zoo file was added, removed or rewritten.
+    assert _zoo_files(work / "zoo") == zoo_before
+
+
+def _zoo_files(zoo):
+    """Every file of a zoo directory with its size and modification time."""
+    return {
+        str(p.relative_to(zoo)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(zoo.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_meta_dataset_config_fails_fast_listing_missing_sources(tmp_path):

@@ -20,10 +20,12 @@ from scipy import stats  # noqa: E402
 
 from flatfsc_jax.data.episodes import (  # noqa: E402
     Episode,
+    EpisodeBatch,
     EpisodeSampler,
     EpisodeSpec,
     PadSizes,
     bucket_sizes,
+    compact_episode,
     episode_rng,
     num_query_per_class,
     pad_episodes,
@@ -657,6 +659,59 @@ def test_bucket_sizes_bound_and_reach_sampled_episodes():
     for ep in EpisodeSampler(labels, VARIABLE, seed=1, class_groups=groups).sample(300):
         assert len(ep.support_idx) <= sizes.max_support
         assert len(ep.query_idx) <= sizes.max_query
+
+
+def test_batch_sample_is_the_seed_stream_padded_to_the_split_bucket():
+    # The spelling train.validation_evaluator and protocol used before EpisodeBatch.sample:
+    # the same episodes (same random draws) and the same padded shapes.
+    labels, _, groups = grouped_split()
+    data = split_data(labels, class_groups=groups)
+    spec = EpisodeSpec(mode="variable")
+    eps = EpisodeSampler(data, spec, seed=1001).sample(30)
+    want = pad_episodes(eps, **bucket_sizes(data, spec))
+    got = EpisodeBatch.sample(data, 30, seed=1001)
+    assert got.max_ways == want.max_ways
+    for name, value in want.arrays().items():
+        np.testing.assert_array_equal(getattr(got, name), value, err_msg=name)
+        assert getattr(got, name).dtype == value.dtype
+
+
+def test_take_keeps_padded_shapes_and_validation_rejects_ragged_batches():
+    labels = labels_from_counts(mixed_counts(40, seed=3))
+    batch = EpisodeBatch.sample(labels, 10, seed=0)
+    sub = batch.take([3, 7])
+    assert sub.pad_sizes == batch.pad_sizes and len(sub) == 2
+    np.testing.assert_array_equal(sub.query_idx[1], batch.query_idx[7])
+    assert sub.episode(0) == batch.episode(3)
+    assert batch.take(np.arange(10) >= 8).episode(1) == batch.episode(9)
+    arrays = batch.arrays()
+    with pytest.raises(ValueError, match="support_idx/support_labels/support_mask"):
+        EpisodeBatch(
+            **{**arrays, "support_mask": arrays["support_mask"][:, :3]}, max_ways=batch.max_ways
+        )
+    with pytest.raises(ValueError, match=r"query_idx must be \[E, width\]"):
+        EpisodeBatch(**{**arrays, "query_idx": arrays["ways"]}, max_ways=batch.max_ways)
+
+
+def test_compact_episode_puts_real_entries_first_in_power_of_two_buckets():
+    # Support slots 1, 4, 6 of width 12 (3 real), query slots 0..4 of width 10 (5 real).
+    s_idx = np.arange(100, 112)[None]
+    s_lab = np.arange(12)[None] % 3
+    s_mask = np.isin(np.arange(12), [1, 4, 6])[None]
+    q_idx, q_lab = np.arange(200, 210)[None], np.zeros((1, 10), np.int32)
+    q_mask = (np.arange(10) < 5)[None]
+    arrays = (s_idx, s_lab, s_mask, q_idx, q_lab, q_mask)
+    si, sl, sm, qi, ql, qm = compact_episode(arrays, 0)
+    assert len(si) == 4 and len(qi) == 8  # next powers of two of 3 and 5
+    np.testing.assert_array_equal(si[sm], [101, 104, 106])
+    np.testing.assert_array_equal(sl[sm], [1, 1, 0])
+    assert sm.tolist() == [True] * 3 + [False] and qm.sum() == 5
+    assert si[3] == 101 and sl.dtype == ql.dtype == np.int32  # padding: the first real one
+    full = compact_episode(arrays, 0, bucket=False)
+    assert len(full[0]) == 12 and len(full[3]) == 10
+    np.testing.assert_array_equal(full[0][full[2]], si[sm])
+    with pytest.raises(ValueError, match="episode 0 has 0 support"):
+        compact_episode((s_idx, s_lab, s_mask & False, q_idx, q_lab, q_mask), 0)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tests for flatfsc_jax.evaluate: cached-embedding episode evaluation and summaries."""
 
+import dataclasses
 import types
 
 import jax
@@ -8,6 +9,7 @@ import pytest
 
 from flatfsc_jax import evaluate, models
 from flatfsc_jax.data import sources
+from flatfsc_jax.data.episodes import EpisodeBatch
 
 
 def make_episodes(rng, num_items, labels_of_item, num_episodes, max_ways, width_s, width_q):
@@ -44,7 +46,8 @@ def make_episodes(rng, num_items, labels_of_item, num_episodes, max_ways, width_
             f[f"{name}_labels"][e, slots] = labs
             f[f"{name}_mask"][e, slots] = True
         f["ways"][e] = ways
-    return types.SimpleNamespace(**f, max_ways=max_ways)
+    classes = np.full((num_episodes, max_ways), -1, np.int32)  # not used by evaluate
+    return EpisodeBatch(**f, classes=classes, max_ways=max_ways)
 
 
 def reference_accuracies(embeddings, episodes, metric):
@@ -154,9 +157,9 @@ def test_bad_arguments_raise_before_compiling(table):
         evaluate.episode_accuracies(emb, episodes, metric="manhattan")
     with pytest.raises(ValueError, match="another split"):
         evaluate.episode_accuracies(emb[:5], episodes)
-    with pytest.raises(ValueError, match="lacks"):
-        evaluate.episode_accuracies(emb, types.SimpleNamespace(support_idx=episodes.support_idx))
-    bad = types.SimpleNamespace(**{**vars(episodes), "max_ways": 1})
+    with pytest.raises(TypeError, match="EpisodeBatch"):
+        evaluate.episode_accuracies(emb, types.SimpleNamespace(**vars(episodes)))
+    bad = dataclasses.replace(episodes, max_ways=1)
     with pytest.raises(ValueError, match="max_ways"):
         evaluate.episode_accuracies(emb, bad)
 

@@ -9,6 +9,12 @@ from flatfsc_jax import fusion, models, train
 from flatfsc_jax import zoo as zoo_lib
 
 
+def _distance(a, b) -> float:
+    """L2 distance between two parameter trees."""
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return float(np.sqrt(sum(np.sum((np.asarray(x) - np.asarray(y)) ** 2) for x, y in pairs)))
+
+
 @pytest.mark.slow
 def test_full_and_lora_fusion_write_plain_backbones(tmp_path):
     c = glyphs_config.get_config("tiny")
@@ -29,6 +35,9 @@ def test_full_and_lora_fusion_write_plain_backbones(tmp_path):
     assert entries["lora"].metadata["fusion"]["lora_rank"] == c.fusion.lora_rank
 
     general = zoo.load("glyphs", "cjk", "erm").variables["params"]
+    model = models.build_model_from_config(c.model, 10)
+    image = np.zeros((1, *zoo.get("glyphs", "latin", "erm+ft").metadata["image_shape"]), np.float32)
+    fresh = models.trunk_params(model.init(jax.random.PRNGKey(c.seed), image)["params"])
     for mode, entry in entries.items():
         loaded = zoo.load("glyphs", "latin", entry.method)  # a plain backbone again
         assert "lora" not in loaded.variables
@@ -39,6 +48,10 @@ def test_full_and_lora_fusion_write_plain_backbones(tmp_path):
             for a, b in zip(jax.tree.leaves(trunk_new), jax.tree.leaves(trunk_old), strict=True)
         ]
         assert any(moved), mode  # fine-tuning changed the general backbone
+        # ... starting from it, not from scratch: the fused trunk stays far closer to the
+        # general trunk than to a fresh initialisation (a run from scratch would be about
+        # as far from both).
+        assert _distance(trunk_new, trunk_old) < 0.1 * _distance(trunk_new, fresh), mode
         # LoRA changes only convolution kernels (merged adapters); BN affine stays frozen.
         if mode == "lora":
             flat_new = jax.tree_util.tree_leaves_with_path(trunk_new)

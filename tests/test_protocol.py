@@ -1,6 +1,7 @@
-"""Protocol helpers: PARC support subsets, episode selection, family -> backbone mapping."""
+"""Protocol: PARC support subsets, backbone selection (family -> backbone, PARC choice),
+family evaluation on a fake zoo of embeddings, and the whole protocol on random trunks."""
 
-import dataclasses
+import types
 
 import jax
 import numpy as np
@@ -43,15 +44,6 @@ def test_parc_scores_on_padded_episodes_equal_unpadded_parc():
         np.testing.assert_allclose(scores[e], ref, atol=1e-5)
 
 
-def test_take_episodes_keeps_padded_shapes():
-    _, _, batch = _batch(n=10)
-    sub = protocol.take_episodes(batch, [3, 7])
-    assert sub.support_idx.shape == (2, batch.support_idx.shape[1])
-    np.testing.assert_array_equal(sub.query_idx[1], batch.query_idx[7])
-    assert sub.max_ways == batch.max_ways
-    assert dataclasses.is_dataclass(sub)
-
-
 def test_fused_family_uses_the_general_backbone_on_its_own_domain():
     c = glyphs_config.get_config()
     assert protocol.family_backbone(c, "sam+ft", "cjk") == ("cjk", "sam")
@@ -78,6 +70,123 @@ def test_episode_counts_per_adaptation():
     ev.pa_episodes = 50
     assert protocol.num_episodes(ev, "pa", 600) == 50
     assert protocol.num_episodes(ev, "pa", 20) == 20
+
+
+def _zoo_config():
+    """Two seen domains (cjk, the general one, and latin), fusion by fine-tuning."""
+    c = glyphs_config.get_config()
+    c.domains = ("cjk", "latin")
+    c.fusion.source_domain = "cjk"
+    return c
+
+
+def _embedding_zoo(labels):
+    """Embeddings of one split by backbone: ``latin/sam+ft`` separates the classes (a
+    one-hot of the class plus small noise), every other backbone is pure noise."""
+    rng = np.random.default_rng(0)
+    noise = {
+        key: rng.normal(size=(len(labels), 16)).astype(np.float32)
+        for key in (("cjk", "sam"), ("latin", "sam"), ("cjk", "erm"), ("latin", "erm"))
+    }
+    good = np.eye(16, dtype=np.float32)[labels] + 0.01 * rng.normal(size=(len(labels), 16))
+    return {**noise, ("latin", "sam+ft"): good.astype(np.float32)}
+
+
+def test_backbone_selection_maps_fused_families_and_picks_the_parc_best():
+    c = _zoo_config()
+    labels, _, batch = _batch(n=6)
+    zoo = _embedding_zoo(labels)
+    subsets = protocol.parc_subsets(batch, 0, seed=0)
+    scored = []
+
+    def parc_score(key):
+        scored.append(key)
+        return protocol.parc_scores(zoo[key], subsets)
+
+    # Seen domains: the family's own backbone (the general domain: the un-fused one), no PARC.
+    for domain, want in (("cjk", ("cjk", "sam")), ("latin", ("latin", "sam+ft"))):
+        sel = protocol.select_backbones(c, "sam+ft", domain, parc_score, len(batch))
+        assert sel.candidates == [want] and sel.counts() == {f"{want[0]}/{want[1]}": 6}
+    assert scored == []
+    # Unseen: PARC over one backbone per seen domain; the separable one wins every task.
+    assert protocol.candidate_backbones(c, "sam+ft", "digits") == [
+        ("cjk", "sam"),
+        ("latin", "sam+ft"),
+    ]
+    sel = protocol.select_backbones(c, "sam+ft", "digits", parc_score, len(batch))
+    # ... except on a 1-shot task, where PARC has no evidence (0 for every backbone) and
+    # the tie goes to the first candidate.
+    one_shot = batch.support_mask.sum(1) == batch.ways
+    assert one_shot.sum() == 1
+    assert sel.choice.tolist() == np.where(one_shot, 0, 1).tolist()
+    assert sel.counts() == {"cjk/sam": 1, "latin/sam+ft": 5}
+    assert sorted(scored) == [("cjk", "sam"), ("latin", "sam+ft")]
+    # A +kd family has one student everywhere: no choice, no PARC.
+    sel = protocol.select_backbones(c, "sam+kd", "digits", None, len(batch))
+    assert sel.counts() == {"cjk/sam+kd": 6}
+    # Per task (parc_support) vs one backbone per dataset by the mean score.
+    scores = {("cjk", "erm"): np.array([3.0, 0, 3, 0]), ("latin", "erm"): np.ones(4)}
+    per_task = protocol.select_backbones(c, "erm", "digits", scores.get, 4)
+    assert per_task.choice.tolist() == [0, 1, 0, 1]
+    c.evaluation.parc_support = False
+    per_dataset = protocol.select_backbones(c, "erm", "digits", scores.get, 4)
+    assert per_dataset.choice.tolist() == [0, 0, 0, 0]  # mean 1.5 > 1
+
+
+def test_family_evaluation_follows_the_selection_and_finetune_families(monkeypatch):
+    from flatfsc_jax import adapt, evaluate
+
+    c = _zoo_config()
+    ev = c.evaluation
+    ev.adaptations = ("ncc", "finetune")
+    ev.finetune_families = ("sam+ft",)
+    ev.finetune_episodes = 3
+    labels, _, batch = _batch(n=6)
+    zoo = _embedding_zoo(labels)
+    calls = []
+
+    def fake_adapt(model, variables, split, episodes, **kwargs):
+        calls.append((model, variables, len(episodes)))
+        return np.full(len(episodes), 0.5 if model == "latin/sam+ft" else 0.25)
+
+    monkeypatch.setattr(adapt, "adapt_episodes", fake_adapt)
+
+    def backbone(key):  # a LoadedBackbone stand-in: only passed on to adapt_episodes
+        return types.SimpleNamespace(model=f"{key[0]}/{key[1]}", variables=key)
+
+    split = object()  # only passed on to adapt_episodes
+    sel = protocol.Selection([("cjk", "sam"), ("latin", "sam+ft")], np.array([0, 1, 1, 0, 1, 1]))
+    accs = protocol.evaluate_family(
+        c, "sam+ft", "digits", sel, batch, split, embeddings=zoo, backbone=backbone
+    )
+    assert list(accs) == ["ncc", "finetune"]
+    # NCC on all 6 tasks, each with its selected backbone's embeddings.
+    for i, key in enumerate(sel.candidates):
+        idx = np.flatnonzero(sel.choice == i)
+        want = evaluate.episode_accuracies(zoo[key], batch.take(idx))
+        np.testing.assert_array_equal(np.asarray(accs["ncc"])[idx], want)
+    assert min(accs["ncc"][i] for i in (1, 2, 4, 5)) > 0.9  # the separable backbone
+    # Fine-tuning on the first 3 tasks only, one call per backbone with its tasks.
+    assert accs["finetune"] == [0.25, 0.5, 0.5]
+    assert calls == [("cjk/sam", ("cjk", "sam"), 1), ("latin/sam+ft", ("latin", "sam+ft"), 2)]
+    # A family outside finetune_families is not fine-tuned.
+    sel = protocol.Selection([("latin", "erm")], np.zeros(6, np.int64))
+    accs = protocol.evaluate_family(
+        c, "erm", "latin", sel, batch, split, embeddings=zoo, backbone=backbone
+    )
+    assert list(accs) == ["ncc"] and len(calls) == 2
+    # Families of one domain share the adaptation cache: a task already adapted with a
+    # backbone is not adapted again.
+    ev.finetune_families = ()
+    sel = protocol.Selection([("cjk", "sam"), ("latin", "sam+ft")], np.array([0, 1, 1, 0, 1, 1]))
+    cache: dict = {}
+    first = protocol.evaluate_family(
+        c, "sam", "digits", sel, batch, split, embeddings=zoo, backbone=backbone, adapted=cache
+    )
+    again = protocol.evaluate_family(
+        c, "sam+ft", "digits", sel, batch, split, embeddings=zoo, backbone=backbone, adapted=cache
+    )
+    assert again == first and len(calls) == 4
 
 
 class _FakeZoo:

@@ -119,7 +119,10 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     # The resumed run logged the steps after the restart, and none twice after the kill:
     # its log is the uninterrupted run's, record for record (timings aside).
     log = train.read_metrics(zoo_lib.Zoo(resumed).entry_dir("glyphs", "latin", "sam"))
-    assert any(r.get("step") == 24 for r in log)
+    records = [(r["step"], "val_accuracy" in r) for r in log]  # (step, validation record?)
+    assert len(records) == len(set(records)), f"a step was logged twice: {records}"
+    assert [s for s, val in records if not val] == list(range(1, 25))  # log_every = 1
+    assert [s for s, val in records if val] == [8, 16, 24]  # validation.every = 8
     full_log = train.read_metrics(zoo_lib.Zoo(full).entry_dir("glyphs", "latin", "sam"))
     no_timing = [
         [{k: v for k, v in r.items() if k != "images_per_s"} for r in x] for x in (log, full_log)

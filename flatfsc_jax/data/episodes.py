@@ -38,6 +38,10 @@ class's image draw (brackets: when applicable).
 ``pad_episodes`` turns a list of episodes into fixed-shape masked arrays for
 ``jax.vmap``; the shapes depend only on the padding sizes (``EpisodeSpec.pad_sizes`` or
 the tighter ``bucket_sizes`` of a split), so jitted evaluators never recompile.
+``EpisodeBatch.sample(split, n, seed=s)`` is the usual entry point (validation and test
+episodes): episodes ``0 .. n-1`` of seed ``s``, padded to the split's ``bucket_sizes``.
+``compact_episode`` re-pads one episode to power-of-two widths for the adaptations that
+run the backbone per task (fine-tuning, TSA).
 
 Why one module: the sampler, the padded batches and the episode figure share the
 ``EpisodeSpec`` / ``Episode`` / ``PadSizes`` types and one contract, the order of random
@@ -67,6 +71,8 @@ __all__ = [
     "EpisodeSpec",
     "PadSizes",
     "bucket_sizes",
+    "bucket_width",
+    "compact_episode",
     "episode_rng",
     "num_query_per_class",
     "pad_episodes",
@@ -738,6 +744,22 @@ class EpisodeBatch:
         lengths = {name: len(getattr(self, name)) for name in self._ARRAYS}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"EpisodeBatch arrays disagree on the number of episodes: {lengths}")
+        for name in self._ARRAYS[:6]:
+            shape = np.shape(getattr(self, name))
+            if len(shape) != 2:
+                raise ValueError(f"EpisodeBatch.{name} must be [E, width], got shape {shape}")
+        for side in ("support", "query"):
+            shapes = {np.shape(getattr(self, f"{side}_{k}")) for k in ("idx", "labels", "mask")}
+            if len(shapes) != 1:
+                raise ValueError(f"EpisodeBatch.{side}_idx/{side}_labels/{side}_mask shapes differ")
+
+    @classmethod
+    def sample(
+        cls, split_data, num: int, *, seed: int, spec: EpisodeSpec | None = None
+    ) -> EpisodeBatch:
+        """Episodes ``0 .. num - 1`` of ``seed``'s stream on a split (default: Meta-Dataset's
+        variable-way variable-shot), padded to the split's tight ``bucket_sizes``."""
+        return EpisodeSampler(split_data, spec or EpisodeSpec(), seed).sample_batch(num)
 
     def __len__(self) -> int:
         return len(self.ways)
@@ -750,12 +772,23 @@ class EpisodeBatch:
         """The per-episode arrays by name (a pytree for ``jax.vmap``)."""
         return {name: getattr(self, name) for name in self._ARRAYS}
 
-    def slice(self, start: int, stop: int) -> EpisodeBatch:
-        """Episodes ``start:stop`` with the same padded shapes."""
+    def index_arrays(self) -> tuple[np.ndarray, ...]:
+        """``(support_idx, support_labels, support_mask, query_idx, query_labels,
+        query_mask)``: what an evaluator needs of each episode."""
+        return tuple(getattr(self, name) for name in self._ARRAYS[:6])
+
+    def take(self, index) -> EpisodeBatch:
+        """The episodes ``index`` (positions, a mask or a slice), same padded shapes."""
+        if not isinstance(index, slice):
+            index = np.asarray(index)
         return EpisodeBatch(
-            **{name: getattr(self, name)[start:stop] for name in self._ARRAYS},
+            **{name: getattr(self, name)[index] for name in self._ARRAYS},
             max_ways=self.max_ways,
         )
+
+    def slice(self, start: int, stop: int) -> EpisodeBatch:
+        """Episodes ``start:stop`` with the same padded shapes."""
+        return self.take(slice(start, stop))
 
     def episode(self, i: int) -> Episode:
         """Episode ``i`` with the padding removed."""
@@ -837,6 +870,42 @@ def pad_episodes(
         classes=classes,
         max_ways=sizes.max_ways,
     )
+
+
+def bucket_width(n: int, width: int) -> int:
+    """Smallest power of two >= n, capped at the padded width."""
+    return min(width, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _compact(idx, labels, mask, size):
+    """The unmasked entries first, padded to ``size`` with the first one (masked out)."""
+    keep = np.flatnonzero(mask)
+    pad = size - keep.size
+    idx = np.concatenate([idx[keep], np.full(pad, idx[keep[0]], idx.dtype)])
+    labels = np.concatenate([labels[keep], np.zeros(pad, labels.dtype)])
+    mask = np.arange(size) < keep.size
+    return idx, labels.astype(np.int32), mask
+
+
+def compact_episode(arrays, e: int, *, bucket: bool = True) -> tuple[np.ndarray, ...]:
+    """Episode ``e`` of the six padded arrays (``EpisodeBatch.index_arrays()``) for a
+    per-episode program that runs the backbone (fine-tuning, TSA).
+
+    Returns ``(support_idx, support_labels, support_mask, query_idx, query_labels,
+    query_mask)`` of one episode, its real entries first. ``bucket=True`` pads the support
+    and query sets to the next power of two (capped at the padded widths): variable-size
+    episodes then need at most ~log2(width) compilations and waste < 2x compute on
+    padding; False keeps the padded widths (one compilation for all episodes).
+    """
+    s_idx, s_lab, s_mask, q_idx, q_lab, q_mask = arrays
+    n_s, n_q = int(s_mask[e].sum()), int(q_mask[e].sum())
+    if n_s == 0 or n_q == 0:
+        raise ValueError(f"episode {e} has {n_s} support and {n_q} query examples")
+    size_s = bucket_width(n_s, s_idx.shape[1]) if bucket else s_idx.shape[1]
+    size_q = bucket_width(n_q, q_idx.shape[1]) if bucket else q_idx.shape[1]
+    support = _compact(s_idx[e], s_lab[e], s_mask[e].astype(bool), size_s)
+    query = _compact(q_idx[e], q_lab[e], q_mask[e].astype(bool), size_q)
+    return (*support, *query)
 
 
 # ----------------------------------------------------------------------------------------
