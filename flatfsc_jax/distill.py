@@ -526,7 +526,7 @@ def distill(
         return acc
 
     num_steps = int(dc.num_steps)
-    eval_every = int(dc.validation_every) or int(dc.restart_period)
+    eval_every = int(dc.validation_every or dc.restart_period)
     start = int(jax.device_get(state.step))
     bar = tqdm(
         total=num_steps,
