@@ -317,7 +317,7 @@ def compile_distill_step(
     ``batch`` sharded per domain (``steps.shard_batch`` of the ``{domain: batch}`` dict), so
     every domain's global batch is the concatenation of the processes' slices.
     """
-    sam.check_sam_config(rho, eps)
+    sam.check_sam_arguments(rho, eps)
     fn = functools.partial(
         distill_step,
         student=student,
