@@ -6,13 +6,16 @@ per-domain rows (``with_table``; the tables themselves are in ``configs/``), and
 ``validate``, which checks every key a run uses *before anything is compiled* and names
 the key when it is wrong (library functions name only their own arguments).
 
-An optional key is ``None`` when unset, never a sentinel 0: ``sam.m`` (None: one
-perturbation from the whole batch), ``validation.every`` and
-``fusion.distill.validation_every`` (None: every restart period),
-``evaluation.finetune_lr`` (None: adapt.py's default for the mode), ``evaluation.
-pa_episodes`` (None: all episodes), ``evaluation.parc_max_support`` (None: the whole
-support set) and ``model.head_classes`` (None: no padding). They are typed placeholders,
-so ``--config.sam.m=4`` still parses as an int.
+An optional key is ``None`` when unset, never a sentinel 0:
+
+* ``sam.m``: one perturbation from the whole batch;
+* ``validation.every``, ``fusion.distill.validation_every``: every restart period;
+* ``evaluation.finetune_lr``: adapt.py's default for the mode;
+* ``evaluation.pa_episodes``: all episodes;
+* ``evaluation.parc_max_support``: the whole support set;
+* ``model.head_classes``: no padding.
+
+They are typed placeholders, so ``--config.sam.m=4`` still parses as an int.
 
 Per-domain hyper-parameters: one meaning per key. A config names the domains it trains
 (``config.domains``) and carries a table row ``config.per_domain.<domain>`` (batch_size,
