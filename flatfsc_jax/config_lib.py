@@ -75,9 +75,9 @@ class ConfigError(ValueError):
 def benchmark_domains(benchmark: str) -> tuple[str, ...]:
     """Every domain (seen and unseen) the data of ``benchmark`` has."""
     if benchmark == "glyphs":
-        from flatfsc_jax.data import glyphs_render  # numpy only: cheap
+        from flatfsc_jax.data import glyphs_spec  # constants only: cheap
 
-        return glyphs_render.DOMAINS
+        return glyphs_spec.DOMAINS
     return META_DATASET_SEEN + META_DATASET_UNSEEN
 
 
