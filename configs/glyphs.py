@@ -104,7 +104,7 @@ def get_config(arg=None):
     c.augment.pad = 3  # 8 px at 84 px, scaled to 28 px
     c.augment.saturation = c.augment.hue = 0.0  # grayscale glyphs
     c.validation.episodes = 100
-    c.validation.every = 0  # every restart period, at the end of each cosine cycle
+    c.validation.every = None  # every restart period, at the end of each cosine cycle
     c.checkpoint_every = 250
     c.log_every = 50
     c.fusion.enabled = True
@@ -161,7 +161,7 @@ def get_config(arg=None):
         config_lib.with_table(c, long_table, SEEN)
         c.fusion.num_steps = c.fusion.restart_period = 1000
         c.evaluation.adaptations = ("ncc", "pa", "finetune")
-        c.evaluation.pa_episodes = 0  # all 600
+        c.evaluation.pa_episodes = None  # all 600
         c.evaluation.finetune_families = ()  # every family
     if "kd" in args or "long" in args:
         with_distillation(c)

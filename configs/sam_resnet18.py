@@ -8,12 +8,12 @@ Command (one domain, or ``all`` eight seen domains in sequence; default ``all``)
 
 Needs the Meta-Dataset sources prepared with ``python -m flatfsc_jax.data.prepare``
 (the run stops at once and lists what is missing). Per-domain batch size, learning rate,
-iterations, restart period and rho are the paper's table (docs/design.md#recipe says
-where each value comes from). Every domain, alone or with others, trains with its row:
-override it with ``--config.per_domain.<domain>.rho=...`` (the top-level
-``--config.sam.rho``, ``lr``, ``batch_size``, ``num_steps`` and ``restart_period`` would be
-ignored, so they are errors that name the ``per_domain`` key). ``--dry_run`` prints every
-entry's effective values.
+iterations, restart period and rho are the paper's table (``configs/meta_dataset_table.py``;
+docs/design.md#recipe says where each value comes from). Every domain, alone or with
+others, trains with its row: override it with ``--config.per_domain.<domain>.rho=...``
+(the top-level ``--config.sam.rho``, ``lr``, ``batch_size``, ``num_steps`` and
+``restart_period`` would be ignored, so they are errors that name the ``per_domain`` key).
+``--dry_run`` prints every entry's effective values.
 
 Expected run time: 80.8M training images per method over the 8 domains; ~48 (ERM) /
 ~84 (SAM) days on our 2-core CPU (measured step rate), an *estimated* ~4 / ~8 hours on
@@ -24,6 +24,9 @@ Expected result (paper, Meta-Dataset, 600 episodes, NCC on SAM backbones): seen 
 
 from flatfsc_jax import config_lib
 
+# Loaded by path, like this file: configs/ is not an installed package.
+meta_dataset_table = config_lib.sibling_module(__file__, "meta_dataset_table")
+
 
 def get_config(arg=None):
-    return config_lib.meta_dataset_config("sam", arg)
+    return meta_dataset_table.meta_dataset_config("sam", arg)

@@ -15,56 +15,21 @@ unmasked support examples. BatchNorm stays in eval mode (running statistics froz
 few-shot support set is far too small (down to 5 images) to estimate batch statistics,
 and eval-mode BN keeps the adapted network a smooth function of its weights only.
 Each optimiser step is one jitted call on fixed padded shapes (a Python loop, not
-``lax.fori_loop``: see ``_adapt``); masks remove the padding from the loss.
+``lax.fori_loop``: see ``_adapt``); masks remove the padding from the loss. The learning
+rate is data, not a compile-time constant, so every rate shares one compilation.
 Optional SAM (``sam_rho > 0``) uses ``flatfsc_jax.sam.sam_gradient``.
 
-Defaults (the paper did not publish its recipe), chosen on a small check with real glyph
-images: 28 px renders of 80 font faces, a resnet10 (width 0.25) pre-trained with ERM on
-113 Greek + Cyrillic classes, then 40 adaptation steps on episodes of unseen classes.
-Query accuracy change over plain NCC (paired, +- 95% CI, percentage points):
-
-    setting (NCC accuracy)         Latin 10w1s (90.1)  Latin 10w5s (96.5)  Thai 10w5s (80.6)
-    episodes                       40                  20                  20
-    full, Adam  3e-5               -0.4 +- 0.6         +0.6 +- 0.6         +3.3 +- 1.0
-    full, Adam  1e-4  (default)    -0.9 +- 0.8         +0.8 +- 0.8         +5.7 +- 1.2
-    full, Adam  3e-4               -2.1 +- 1.1         +0.5 +- 0.9         +6.7 +- 1.2
-    full, Adam  1e-3               -6.4 +- 1.3         -0.2 +- 1.1
-    LoRA, Adam  3e-4                                                       +0.9 +- 0.9
-    LoRA, Adam  1e-3  (default)    -0.6 +- 0.7         +0.3 +- 0.8         +2.9 +- 1.2
-    LoRA, Adam  3e-3               -6.7 +- 1.4         -1.1 +- 1.0
-    LoRA, Adam  1e-2               -59.9 (collapse)
-    full, SGD   3e-3  (default)    -0.7 +- 0.9                             +6.7 +- 1.2
-    full, SGD   1e-2 / 3e-2        -1.4 / -2.0
-    LoRA, SGD   3e-2  (default)    -0.8 +- 0.7                             +1.8 +- 1.5
-    LoRA, SGD   1e-1 / 3e-1        -1.0 / -1.2
-    full, Adadelta 0.1 (default)   -0.9 +- 0.7                             +5.0 +- 0.9
-    full, Adadelta 0.3 / 1         -1.2 / -2.4
-    LoRA, Adadelta 0.3 (default)   -0.2 +- 0.4                             +2.1 +- 1.2
-    LoRA, Adadelta 1 / 3           -0.9 / -0.9
-
-Reading: fine-tuning pays off where the backbone's domain is far from the task (Thai:
-+5 to +7 points), is neutral near it (Latin 5-shot) and slightly harmful with one shot
-(the support prototypes *are* the support examples, so the loss can only push classes
-apart). Each default is the rate with the best trade-off: the largest gain on the distant
-domain without a significant loss in 1-shot; the rate above it costs 1-6 points in
-1-shot. LoRA (rank 4, ``alpha = 1``) is far more sensitive to the rate because Adam moves
-the zero-initialised ``B`` factors by ~lr per step regardless of their gradient scale, and
-it gains less than full fine-tuning here. Adam is the default optimiser (its rate
-transfers across parameterisations); SGD (momentum 0.9) at 3e-3 matched the best Adam
-rate where measured. Adadelta uses PyTorch's ``rho=0.9, eps=1e-6`` (URL's PA / TSA
-optimiser). 40 steps is the URL/TSA budget (the paper).
-
-CPU note on batching episodes: one episode's support set is already a batch of images;
-vmapping the fine-tuning loop over episodes turns every convolution into a per-episode
-(grouped) convolution. On 2 CPU cores it was slower: 4 episodes of 64 support images,
-10 steps, resnet10 width 0.25 at 28 px took 0.85-0.90 s looped over episodes and
-2.3-2.6 s with one vmapped step per step (three repeats, machine shared with other
-jobs). So ``adapt_episodes`` loops over episodes, with shapes bucketed to powers of two
-so that few compilations serve all episode sizes.
+The options of every entry point are the fields of :class:`AdaptOptions`. The default
+learning rates (the paper did not publish its recipe) were chosen on a small check with
+real glyph images, and episodes are looped over rather than vmapped because that was
+faster on CPU: both measurements are in README "Evaluation, adaptation, fusion, PARC,
+reports". Adadelta uses PyTorch's ``rho=0.9, eps=1e-6`` (URL's PA / TSA optimiser); 40
+steps is the URL/TSA budget (the paper).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -73,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flatfsc_jax.checks import check_int, check_number
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.data import sources
 from flatfsc_jax.evaluate import check_episodes, check_metric, prototype_logits
@@ -81,7 +47,8 @@ MODES = ("full", "lora")
 OPTIMIZERS = ("adam", "sgd", "adadelta")
 DEFAULT_STEPS = 40
 DEFAULT_LORA_RANK = 4
-# (mode, optimizer) -> learning rate; chosen on the glyph check in the module docstring.
+# (mode, optimizer) -> learning rate; chosen on the glyph check (README "Evaluation,
+# adaptation, fusion, PARC, reports").
 DEFAULT_LEARNING_RATES = {
     ("full", "adam"): 1e-4,
     ("lora", "adam"): 1e-3,
@@ -92,7 +59,56 @@ DEFAULT_LEARNING_RATES = {
 }
 
 
-def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+@dataclasses.dataclass(frozen=True)
+class AdaptOptions:
+    """How to fine-tune on a support set; checked on construction (``ValueError``).
+
+    ``learning_rate=None`` takes ``DEFAULT_LEARNING_RATES[(mode, optimizer)]``.
+    """
+
+    mode: str = "full"
+    steps: int = DEFAULT_STEPS
+    optimizer: str = "adam"
+    learning_rate: float | None = None
+    sam_rho: float = 0.0
+    metric: str = "cosine"
+    lora_rank: int = DEFAULT_LORA_RANK
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is unknown; choose one of {MODES}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is unknown; choose one of {OPTIMIZERS}")
+        check_metric(self.metric)
+        check_int("steps", self.steps, minimum=0)
+        check_number("learning_rate", self.learning_rate, positive=True, none="the default")
+        check_number("sam_rho", self.sam_rho)
+        if self.mode == "lora":
+            check_int("lora_rank", self.lora_rank)
+        if self.sam_rho > 0:
+            _sam_gradient()  # fail before compiling if the SAM module is missing
+
+    @property
+    def lr(self) -> float:
+        """The learning rate in use: ``learning_rate`` or the default for the mode."""
+        if self.learning_rate is None:
+            return DEFAULT_LEARNING_RATES[(self.mode, self.optimizer)]
+        return float(self.learning_rate)
+
+    def step_key(self) -> AdaptOptions:
+        """What the jitted step depends on: the learning rate is data and the number of
+        steps is the Python loop's, so neither enters the compilation key."""
+        return dataclasses.replace(self, steps=0, learning_rate=None)
+
+
+def _options(options: AdaptOptions | None, fields: dict) -> AdaptOptions:
+    """``options`` with ``fields`` replaced (``AdaptOptions(**fields)`` without it)."""
+    if options is None:
+        return AdaptOptions(**fields)
+    return dataclasses.replace(options, **fields) if fields else options
+
+
+def make_optimizer(name: str, learning_rate) -> optax.GradientTransformation:
     if name == "adam":
         return optax.adam(learning_rate)
     if name == "sgd":
@@ -100,29 +116,6 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
     if name == "adadelta":
         return optax.adadelta(learning_rate, rho=0.9, eps=1e-6)
     raise ValueError(f"optimizer={name!r} is unknown; choose one of {OPTIMIZERS}")
-
-
-def _check_options(mode, steps, optimizer, learning_rate, sam_rho, metric, lora_rank):
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is unknown; choose one of {MODES}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is unknown; choose one of {OPTIMIZERS}")
-    check_metric(metric)
-    if not (isinstance(steps, int | np.integer) and steps >= 0):
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if learning_rate is not None and not learning_rate > 0:
-        raise ValueError(
-            f"learning_rate must be > 0 (or None for the default), got {learning_rate!r}"
-        )
-    if not sam_rho >= 0:
-        raise ValueError(f"sam_rho must be >= 0, got {sam_rho!r}")
-    if mode == "lora" and lora_rank < 1:
-        raise ValueError(f"lora_rank must be >= 1 for mode='lora', got {lora_rank!r}")
-    if sam_rho > 0:
-        _sam_gradient()  # fail before compiling if the SAM module is missing
-    if learning_rate is None:
-        return DEFAULT_LEARNING_RATES[(mode, optimizer)]
-    return float(learning_rate)
 
 
 def _sam_gradient():
@@ -175,18 +168,7 @@ def _ncc_loss(model, trainable_key, frozen, max_ways, metric, trainable, batch):
     return loss, loss
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "model",
-        "max_ways",
-        "mode",
-        "optimizer",
-        "learning_rate",
-        "sam_rho",
-        "metric",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=("model", "max_ways", "options"))
 def _adapt_step(
     trainable,
     opt_state,
@@ -194,56 +176,44 @@ def _adapt_step(
     support_images,
     support_labels,
     support_mask,
+    learning_rate,
     *,
     model,
     max_ways,
-    mode,
-    optimizer,
-    learning_rate,
-    sam_rho,
-    metric,
+    options: AdaptOptions,
 ):
-    """One optimiser step on the support NCC loss; returns the loss *before* the step."""
-    trainable_key = "params" if mode == "full" else "lora"
-    loss_fn = functools.partial(_ncc_loss, model, trainable_key, frozen, max_ways, metric)
+    """One optimiser step on the support NCC loss; returns the loss *before* the step.
+
+    ``options`` is ``AdaptOptions.step_key()``: the learning rate comes as data.
+    """
+    trainable_key = "params" if options.mode == "full" else "lora"
+    loss_fn = functools.partial(_ncc_loss, model, trainable_key, frozen, max_ways, options.metric)
     batch = (support_images, support_labels, support_mask)
-    tx = make_optimizer(optimizer, learning_rate)
-    if sam_rho > 0:
-        grads, loss, _ = _sam_gradient()(loss_fn, trainable, batch, rho=sam_rho)
+    tx = make_optimizer(options.optimizer, learning_rate)
+    if options.sam_rho > 0:
+        grads, loss, _ = _sam_gradient()(loss_fn, trainable, batch, rho=options.sam_rho)
     else:
         grads, loss = jax.grad(loss_fn, has_aux=True)(trainable, batch)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
 
-def _adapt(
-    variables,
-    support_images,
-    support_labels,
-    support_mask,
-    *,
-    model,
-    max_ways,
-    mode,
-    steps,
-    optimizer,
-    learning_rate,
-    sam_rho,
-    metric,
-):
-    """``steps`` jitted optimiser steps driven from Python.
+def _adapt(variables, support_images, support_labels, support_mask, *, model, max_ways, options):
+    """``options.steps`` jitted optimiser steps driven from Python.
 
     Deliberately not a ``lax.fori_loop``: XLA:CPU runs convolutions inside a while loop
     about 15x slower than the same step called from Python (measured: 1.8 s vs 0.12 s per
     step, resnet18 x0.25, 128 support images at 28 px), and dispatching 40 steps costs
     microseconds.
     """
-    trainable_key = "params" if mode == "full" else "lora"
+    trainable_key = "params" if options.mode == "full" else "lora"
     frozen = {k: v for k, v in variables.items() if k != trainable_key}
     trainable = variables[trainable_key]
-    opt_state = make_optimizer(optimizer, learning_rate).init(trainable)
+    opt_state = make_optimizer(options.optimizer, options.lr).init(trainable)
+    learning_rate = jnp.asarray(options.lr, jnp.float32)
+    step_key = options.step_key()
     losses = []
-    for _ in range(steps):
+    for _ in range(options.steps):
         trainable, opt_state, loss = _adapt_step(
             trainable,
             opt_state,
@@ -251,13 +221,10 @@ def _adapt(
             support_images,
             support_labels,
             support_mask,
+            learning_rate,
             model=model,
             max_ways=max_ways,
-            mode=mode,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            sam_rho=sam_rho,
-            metric=metric,
+            options=step_key,
         )
         losses.append(loss)
     losses = jnp.stack(losses) if losses else jnp.zeros((0,), jnp.float32)
@@ -272,24 +239,20 @@ def adapt_backbone(
     support_mask,
     max_ways: int,
     *,
-    mode: str = "full",
-    steps: int = DEFAULT_STEPS,
-    optimizer: str = "adam",
-    learning_rate: float | None = None,
-    sam_rho: float = 0.0,
-    metric: str = "cosine",
-    lora_rank: int = DEFAULT_LORA_RANK,
+    options: AdaptOptions | None = None,
     rng=None,
+    **fields,
 ):
     """Fine-tunes on one support set. Returns ``(model, variables, support_losses [steps])``.
 
+    ``options`` (an :class:`AdaptOptions`) and/or its ``fields`` as keywords (mode, steps,
+    optimizer, learning_rate, sam_rho, metric, lora_rank) set the recipe.
     ``support_images`` are float32 [S, H, W, C] in [-1, 1]; ``support_losses[i]`` is the
     NCC loss before step ``i``. In ``mode="lora"`` the returned model is the LoRA model.
-    ``learning_rate=None`` takes ``DEFAULT_LEARNING_RATES[(mode, optimizer)]``.
     """
-    lr = _check_options(mode, steps, optimizer, learning_rate, sam_rho, metric, lora_rank)
-    if mode == "lora":
-        model, variables = with_lora(model, variables, support_images, rank=lora_rank, rng=rng)
+    opts = _options(options, fields)
+    if opts.mode == "lora":
+        model, variables = with_lora(model, variables, support_images, rank=opts.lora_rank, rng=rng)
     adapted, losses = _adapt(
         variables,
         jnp.asarray(support_images, jnp.float32),
@@ -297,12 +260,7 @@ def adapt_backbone(
         jnp.asarray(support_mask, bool),
         model=model,
         max_ways=int(max_ways),
-        mode=mode,
-        steps=int(steps),
-        optimizer=optimizer,
-        learning_rate=lr,
-        sam_rho=float(sam_rho),
-        metric=metric,
+        options=opts,
     )
     return model, adapted, losses
 
@@ -339,19 +297,16 @@ def finetune_and_classify(
     query_images,
     max_ways: int,
     *,
-    mode: str = "full",
-    steps: int = DEFAULT_STEPS,
-    optimizer: str = "adam",
-    learning_rate: float | None = None,
-    sam_rho: float = 0.0,
-    metric: str = "cosine",
-    lora_rank: int = DEFAULT_LORA_RANK,
+    options: AdaptOptions | None = None,
     rng=None,
+    **fields,
 ):
     """Fine-tunes on the support set, then returns NCC query logits [Q, max_ways].
 
-    Images are float32 NHWC in [-1, 1]; ``steps=0`` is plain NCC with the given backbone.
+    Options as :func:`adapt_backbone`. Images are float32 NHWC in [-1, 1]; ``steps=0`` is
+    plain NCC with the given backbone.
     """
+    opts = _options(options, fields)
     model, adapted, _ = adapt_backbone(
         model,
         variables,
@@ -359,13 +314,7 @@ def finetune_and_classify(
         support_labels,
         support_mask,
         max_ways,
-        mode=mode,
-        steps=steps,
-        optimizer=optimizer,
-        learning_rate=learning_rate,
-        sam_rho=sam_rho,
-        metric=metric,
-        lora_rank=lora_rank,
+        options=opts,
         rng=rng,
     )
     return ncc_logits(
@@ -376,7 +325,7 @@ def finetune_and_classify(
         jnp.asarray(query_images, jnp.float32),
         model=model,
         max_ways=int(max_ways),
-        metric=metric,
+        metric=opts.metric,
     )
 
 
@@ -386,28 +335,24 @@ def adapt_episodes(
     split_data,
     episodes,
     *,
-    mode: str = "full",
-    steps: int = DEFAULT_STEPS,
-    optimizer: str = "adam",
-    learning_rate: float | None = None,
-    sam_rho: float = 0.0,
-    metric: str = "cosine",
-    lora_rank: int = DEFAULT_LORA_RANK,
+    options: AdaptOptions | None = None,
     rng=None,
     bucket: bool = True,
+    **fields,
 ) -> np.ndarray:
     """Query accuracy [E] of fine-tune-then-NCC on every episode (each from the same start).
 
-    ``bucket=True`` pads each episode's support and query sets to the next power of two
-    (capped by the batch's padded widths) instead of the full padded width: variable-size
-    episodes then need at most ~log2(width) compilations and waste < 2x compute on padding,
-    whereas full-width padding compiles once but can waste 10x on small episodes.
+    Options as :func:`adapt_backbone`. ``bucket=True`` pads each episode's
+    support and query sets to the next power of two (capped by the batch's padded widths)
+    instead of the full padded width: variable-size episodes then need at most
+    ~log2(width) compilations and waste < 2x compute on padding, whereas full-width
+    padding compiles once but can waste 10x on small episodes.
     """
-    lr = _check_options(mode, steps, optimizer, learning_rate, sam_rho, metric, lora_rank)
+    opts = _options(options, fields)
     arrays = check_episodes(episodes, len(split_data))
-    if mode == "lora":
+    if opts.mode == "lora":
         sample = np.zeros((1, *split_data.image_shape), np.float32)
-        model, variables = with_lora(model, variables, sample, rank=lora_rank, rng=rng)
+        model, variables = with_lora(model, variables, sample, rank=opts.lora_rank, rng=rng)
     max_ways = int(episodes.max_ways)
     accs = np.zeros(len(arrays[0]), np.float64)
     for e in range(len(arrays[0])):
@@ -420,13 +365,7 @@ def adapt_episodes(
             sm,
             sources.preprocess(split_data.get_images(qi)),
             max_ways,
-            mode=mode,
-            steps=steps,
-            optimizer=optimizer,
-            learning_rate=lr,
-            sam_rho=sam_rho,
-            metric=metric,
-            lora_rank=lora_rank,
+            options=opts,
             rng=rng,
         )
         pred = np.asarray(jnp.argmax(logits, -1))

@@ -1,9 +1,21 @@
 """Building blocks of the experiment configs in ``configs/`` and their validation.
 
 Configs are Python files whose ``get_config(arg)`` returns an ``ml_collections.ConfigDict``
-(big_vision style); this module holds what they share: the paper's per-domain table
-(the paper), the Glyphs table, the default sub-configs, and ``validate``, which checks
-every key a run uses *before anything is compiled* and names the key when it is wrong.
+(big_vision style); this module holds what they share: the default sub-configs, the
+per-domain rows (``with_table``; the tables themselves are in ``configs/``), and
+``validate``, which checks every key a run uses *before anything is compiled* and names
+the key when it is wrong (library functions name only their own arguments).
+
+An optional key is ``None`` when unset, never a sentinel 0:
+
+* ``sam.m``: one perturbation from the whole batch;
+* ``validation.every``, ``fusion.distill.validation_every``: every restart period;
+* ``evaluation.finetune_lr``: adapt.py's default for the mode;
+* ``evaluation.pa_episodes``: all episodes;
+* ``evaluation.parc_max_support``: the whole support set;
+* ``model.head_classes``: no padding.
+
+They are typed placeholders, so ``--config.sam.m=4`` still parses as an int.
 
 Per-domain hyper-parameters: one meaning per key. A config names the domains it trains
 (``config.domains``) and carries a table row ``config.per_domain.<domain>`` (batch_size,
@@ -18,30 +30,30 @@ so it is an error naming the ``per_domain`` key to use instead.
 
 from __future__ import annotations
 
-import math
+import importlib.util
+import os
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-# the paper: batch, lr, iterations, restart period T0, SAM rho per Meta-Dataset domain.
-META_DATASET_TABLE = {
-    "ilsvrc_2012": dict(batch_size=64, lr=3e-2, num_steps=480_000, restart_period=48_000, rho=0.05),
-    "omniglot": dict(batch_size=16, lr=3e-2, num_steps=50_000, restart_period=3_000, rho=0.01),
-    "aircraft": dict(batch_size=8, lr=3e-2, num_steps=50_000, restart_period=3_000, rho=0.1),
-    "cu_birds": dict(batch_size=16, lr=3e-2, num_steps=50_000, restart_period=3_000, rho=0.1),
-    "dtd": dict(batch_size=32, lr=3e-2, num_steps=50_000, restart_period=1_500, rho=0.05),
-    "quickdraw": dict(batch_size=64, lr=1e-2, num_steps=480_000, restart_period=48_000, rho=0.05),
-    "fungi": dict(batch_size=32, lr=3e-2, num_steps=480_000, restart_period=15_000, rho=0.05),
-    "vgg_flower": dict(batch_size=8, lr=3e-2, num_steps=50_000, restart_period=1_500, rho=0.1),
-}
-META_DATASET_SEEN = tuple(META_DATASET_TABLE)
+from flatfsc_jax.checks import check_int, check_number
+
+# Meta-Dataset's domains (the paper's per-domain recipe for the seen ones is
+# configs/meta_dataset_table.py).
+META_DATASET_SEEN = (
+    "ilsvrc_2012",
+    "omniglot",
+    "aircraft",
+    "cu_birds",
+    "dtd",
+    "quickdraw",
+    "fungi",
+    "vgg_flower",
+)
 META_DATASET_UNSEEN = ("traffic_sign", "mscoco", "mnist", "cifar10", "cifar100")
 
 METHODS = ("erm", "sam")
 FUSION_MODES = ("full", "lora", "distill")
-# URL's annealing lengths k_d in restart periods (config.py KDANNEALING): 5 for the
-# general domain, 2 for these three, 1 for every other domain.
-URL_KD_ANNEALING_2 = ("omniglot", "quickdraw", "fungi")
 BENCHMARKS = ("glyphs", "meta_dataset")
 ADAPTATIONS = ("ncc", "pa", "finetune", "lora", "tsa")
 
@@ -63,9 +75,9 @@ class ConfigError(ValueError):
 def benchmark_domains(benchmark: str) -> tuple[str, ...]:
     """Every domain (seen and unseen) the data of ``benchmark`` has."""
     if benchmark == "glyphs":
-        from flatfsc_jax.data import glyphs_render  # numpy only: cheap
+        from flatfsc_jax.data import glyphs_spec  # constants only: cheap
 
-        return glyphs_render.DOMAINS
+        return glyphs_spec.DOMAINS
     return META_DATASET_SEEN + META_DATASET_UNSEEN
 
 
@@ -79,11 +91,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.retrain = False  # True: retrain zoo entries that are already complete
 
-    # head_classes > 0 pads every domain's classification head to that many classes
-    # (masked logits) so all domains share one compiled training step (train.py); 0
+    # head_classes pads every domain's classification head to that many classes
+    # (masked logits) so all domains share one compiled training step (train.py); None
     # gives each domain its own head width (and its own compilation).
     c.model = ml_collections.ConfigDict(
-        dict(arch="resnet18", width=1.0, dtype="float32", lora_rank=0, head_classes=0)
+        dict(
+            arch="resnet18",
+            width=1.0,
+            dtype="float32",
+            lora_rank=0,
+            head_classes=placeholder(int),
+        )
     )
 
     # Per-entry hyper-parameters live in config.per_domain.<domain> (see the module
@@ -95,7 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.momentum = 0.9
     c.weight_decay = 7e-4
     c.label_smoothing = 0.0
-    c.sam = ml_collections.ConfigDict(dict(adaptive=False, m=0, eps=1e-12))
+    # m: m-sharpness chunk size; None = one perturbation from the whole batch.
+    c.sam = ml_collections.ConfigDict(dict(adaptive=False, m=placeholder(int), eps=1e-12))
     c.sam.rho = placeholder(float)  # per_domain.<domain>.rho (0 for ERM entries)
     c.per_domain = ml_collections.ConfigDict()
 
@@ -106,8 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Validation during training: NCC (10 x cosine) on frozen embeddings.
     c.validation = ml_collections.ConfigDict(
-        dict(every=0, episodes=300, metric="cosine", batch_size=256)
-    )  # every=0 -> every restart period (the paper)
+        dict(every=placeholder(int), episodes=300, metric="cosine", batch_size=256)
+    )  # every=None -> every restart period (the paper)
     c.checkpoint_every = 1_000
     c.log_every = 100
 
@@ -131,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
                 adaptor_lr=0.1,
                 adaptor_weight_decay=5e-4,
                 temperature=4.0,
-                validation_every=0,  # 0 -> every restart period (URL)
+                validation_every=placeholder(int),  # None -> every restart period (URL)
                 batch_size={},
                 lambda_f={},
                 lambda_p={},
@@ -151,16 +170,17 @@ def base_config() -> ml_collections.ConfigDict:
             finetune_episodes=600,  # episodes for the (slower) fine-tuning adaptations
             finetune_families=(),  # families fine-tuned at test time; () = all
             finetune_steps=40,
-            finetune_lr=0.0,  # 0 -> adapt.py's documented default for the mode
+            finetune_lr=placeholder(float),  # None -> adapt.py's default for the mode
             lora_rank=4,
-            # PA (pa.py) on cached embeddings; 0 -> all ``episodes``.
-            pa_episodes=0,
+            # PA (pa.py) on cached embeddings; None -> all ``episodes``.
+            pa_episodes=placeholder(int),
             pa_steps=40,
             # TSA (tsa.py) costs ~40 backbone passes per task, like fine-tuning.
             tsa_episodes=600,
             tsa_steps=40,
             parc_support=True,  # unseen domains: pick the backbone per task with PARC
-            parc_max_support=0,  # > 0: PARC on a random subset of this many support images
+            # PARC on a random subset of this many support images; None -> all of them.
+            parc_max_support=placeholder(int),
             # Test episodes and PARC subsets; independent of config.seed (training), so
             # every training seed is evaluated on the same episodes.
             seed=0,
@@ -221,37 +241,6 @@ def parse_domain_arg(arg: str | None, table: dict, default: str) -> tuple[str, .
     if arg == "all":
         return tuple(table)
     return tuple(a for a in arg.split(",") if a)
-
-
-def meta_dataset_config(method: str, arg: str | None) -> ml_collections.ConfigDict:
-    """The paper's Meta-Dataset job for ``method``: one domain, several, or ``all``.
-
-    With all eight seen domains it also fuses (from ImageNet) and evaluates on all 13.
-    """
-    c = base_config()
-    c.benchmark = "meta_dataset"
-    c.methods = (method,)
-    domains = parse_domain_arg(arg, META_DATASET_TABLE, "all")
-    with_table(c, META_DATASET_TABLE, domains)
-    c.model.arch, c.model.width = "resnet18", 1.0
-    everything = len(domains) == len(META_DATASET_TABLE)
-    c.fusion.enabled = everything
-    c.fusion.source_domain = "ilsvrc_2012"
-    # URL (scripts/train_resnet18_url.sh, config.py): 240k iterations, restarts every 48k,
-    # lr 3e-2, batch 448 for ImageNet and 64 for each other domain.
-    set_distill_recipe(
-        c,
-        num_steps=240_000,
-        restart_period=48_000,
-        lr=3e-2,
-        general_batch_size=448,
-        other_batch_size=64,
-        anneal_2=URL_KD_ANNEALING_2,
-    )
-    c.evaluation.enabled = everything
-    c.evaluation.domains = META_DATASET_SEEN + META_DATASET_UNSEEN
-    c.evaluation.adaptations = ("ncc", "pa", "finetune", "tsa")
-    return c
 
 
 def _get(config, dotted: str):
@@ -323,24 +312,39 @@ def describe_entry(cfg: ml_collections.ConfigDict) -> str:
     )
 
 
+def sibling_module(config_file: str, name: str):
+    """The module ``<name>.py`` next to ``config_file`` (a config's ``__file__``).
+
+    ``config_flags`` loads a config by its path and ``configs/`` is not an installed
+    package, so a config shares code with its siblings by path (it then works from any
+    working directory, as the config itself does).
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"flatfsc_configs.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _int(value, key, *, minimum=1, none=None):
+    check_int(f"config.{key}", value, minimum=minimum, none=none, error=ConfigError)
+
+
+def _number(value, key, **kwargs):
+    check_number(f"config.{key}", value, error=ConfigError, **kwargs)
+
+
 def _finite_positive(value, key):
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"config.{key} must be a finite number > 0, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"config.{key} must be a finite number > 0, got {value!r}")
-
-
-def _positive_int(value, key, *, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"config.{key} must be {what}, got {value!r}")
+    _number(value, key, positive=True)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     """Raises ``ConfigError`` naming the first bad key; cheap, run before compiling.
 
     Checks every key a run reads: benchmark, domains and their table rows, methods,
-    model, SAM, validation, checkpoint/log intervals, fusion and evaluation settings.
+    model, optimiser, SAM, validation, checkpoint/log intervals, fusion and evaluation
+    settings. The library functions these keys reach check their own arguments again
+    only where they must (shapes known at call time), naming the argument.
     """
     from flatfsc_jax import models
 
@@ -371,44 +375,41 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
             f"{models.ARCHITECTURES}"
         )
     _finite_positive(config.model.width, "model.width")
-    head = config.model.get("head_classes", 0)
-    if not isinstance(head, int) or isinstance(head, bool) or head < 0:
-        raise ValueError(
-            f"config.model.head_classes must be an integer >= 0 (0: no padding), got {head!r}"
-        )
+    _int(config.model.get("lora_rank", 0), "model.lora_rank", minimum=0)
+    _int(config.model.get("head_classes"), "model.head_classes", none="no padding")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(
             f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}"
         )
-    if isinstance(config.sam.m, bool) or not isinstance(config.sam.m, int) or config.sam.m < 0:
-        raise ConfigError(f"config.sam.m must be >= 0 (0 = whole batch), got {config.sam.m!r}")
+    _number(config.momentum, "momentum", below=1.0)
+    _number(config.weight_decay, "weight_decay")
+    _number(config.label_smoothing, "label_smoothing", below=1.0)
+    _int(config.sam.m, "sam.m", none="one perturbation from the whole batch")
+    _finite_positive(config.sam.eps, "sam.eps")
     check_row_overrides(config)
     for d in config.domains:
         prefix, row = f"per_domain.{d}.", config.per_domain[d]
-        rho = row.rho
-        if isinstance(rho, bool) or not isinstance(rho, int | float) or not math.isfinite(rho):
-            raise ConfigError(f"config.{prefix}rho must be a finite number >= 0, got {rho!r}")
-        if rho < 0:
-            raise ConfigError(f"config.{prefix}rho must be a finite number >= 0, got {rho!r}")
+        _number(row.rho, prefix + "rho", hint=" (0 disables SAM)")
         _finite_positive(row.lr, prefix + "lr")
         for key in ("batch_size", "num_steps", "restart_period"):
-            _positive_int(row[key], prefix + key)
+            _int(row[key], prefix + key)
         if row.batch_size % num_devices:
             raise ConfigError(
                 f"config.{prefix}batch_size={row.batch_size} is not divisible by the "
                 f"{num_devices} devices of the mesh; use a multiple of {num_devices}"
             )
         m = config.sam.m
-        if m and row.batch_size % m:
+        if m is not None and row.batch_size % m:
             raise ConfigError(
                 f"config.{prefix}batch_size={row.batch_size} is not divisible by "
-                f"config.sam.m={m} (m-sharpness chunks)"
+                f"config.sam.m={m} (m-sharpness chunks); choose m among its divisors or "
+                f"leave config.sam.m unset (None)"
             )
-    _positive_int(config.checkpoint_every, "checkpoint_every")
-    _positive_int(config.log_every, "log_every")
-    _positive_int(config.validation.episodes, "validation.episodes")
-    _positive_int(config.validation.batch_size, "validation.batch_size")
-    _positive_int(config.validation.every, "validation.every (0 = every restart period)", minimum=0)
+    _int(config.checkpoint_every, "checkpoint_every")
+    _int(config.log_every, "log_every")
+    _int(config.validation.episodes, "validation.episodes")
+    _int(config.validation.batch_size, "validation.batch_size")
+    _int(config.validation.every, "validation.every", none="every restart period")
     if config.validation.metric not in ("cosine", "euclidean"):
         raise ConfigError(
             "config.validation.metric must be cosine or euclidean, got "
@@ -429,15 +430,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                 "others (or set --config.fusion.enabled=False)"
             )
         _finite_positive(f.lr, "fusion.lr")
-        _positive_int(f.num_steps, "fusion.num_steps")
-        _positive_int(f.restart_period, "fusion.restart_period")
+        _int(f.num_steps, "fusion.num_steps")
+        _int(f.restart_period, "fusion.restart_period")
         if "lora" in modes:
-            _positive_int(f.lora_rank, "fusion.lora_rank")
+            _int(f.lora_rank, "fusion.lora_rank")
     ev = config.evaluation
-    for key in ("pa_episodes", "pa_steps", "tsa_episodes", "tsa_steps"):
-        value = ev.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"config.evaluation.{key} must be an integer >= 0, got {value!r}")
+    _int(ev.get("pa_episodes"), "evaluation.pa_episodes", none="all episodes")
+    for key in ("pa_steps", "tsa_episodes", "tsa_steps"):
+        _int(ev.get(key, 0), f"evaluation.{key}", minimum=0)
     if ev.enabled:
         for d in ev.domains:
             if d not in known:
@@ -445,7 +445,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                     f"config.evaluation.domains has {d!r}, not a {config.benchmark} domain; "
                     f"choose from {known}"
                 )
-        _positive_int(ev.episodes, "evaluation.episodes")
+        _int(ev.episodes, "evaluation.episodes")
         if ev.metric not in ("cosine", "euclidean"):
             raise ConfigError(
                 f"config.evaluation.metric must be cosine or euclidean, got {ev.metric!r}"
@@ -456,28 +456,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                     f"config.evaluation.adaptations has {a!r}; choose from {ADAPTATIONS}"
                 )
         if any(a != "ncc" for a in ev.adaptations):
-            _positive_int(ev.finetune_steps, "evaluation.finetune_steps")
-            _positive_int(ev.finetune_episodes, "evaluation.finetune_episodes", minimum=0)
+            _int(ev.finetune_steps, "evaluation.finetune_steps")
+            _int(ev.finetune_episodes, "evaluation.finetune_episodes", minimum=0)
             if "lora" in ev.adaptations:
-                _positive_int(ev.lora_rank, "evaluation.lora_rank")
-            lr = ev.finetune_lr
-            if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr):
-                raise ConfigError(
-                    f"config.evaluation.finetune_lr must be a finite number >= 0 (0 = the "
-                    f"default), got {lr!r}"
-                )
-            if lr < 0:
-                raise ConfigError(
-                    f"config.evaluation.finetune_lr must be a finite number >= 0, got {lr!r}"
-                )
-        _positive_int(ev.parc_max_support, "evaluation.parc_max_support (0 = all)", minimum=0)
+                _int(ev.lora_rank, "evaluation.lora_rank")
+            _number(ev.finetune_lr, "evaluation.finetune_lr", positive=True, none="the default")
+        _int(ev.parc_max_support, "evaluation.parc_max_support", none="all support images")
     # A per-entry config (domain_config: one domain) trains one backbone, never a student.
     if config.fusion.enabled and "distill" in modes and len(config.domains) > 1:
         validate_distill(config, num_devices)
 
 
 def validate_distill(config, num_devices: int = 1) -> None:
-    """Checks ``config.fusion.distill`` for ``config.domains``; ``ValueError`` names the key."""
+    """Checks ``config.fusion.distill`` for ``config.domains``; ``ConfigError`` names the key."""
     d = config.fusion.distill
     src = config.fusion.source_domain
     if src not in config.domains:
@@ -486,40 +477,28 @@ def validate_distill(config, num_devices: int = 1) -> None:
             f"{tuple(config.domains)}; distillation needs the general domain's teacher"
         )
     for key in ("num_steps", "restart_period"):
-        if not isinstance(d[key], int) or d[key] <= 0:
-            raise ConfigError(
-                f"config.fusion.distill.{key} must be a positive integer, got {d[key]!r}"
-            )
+        _int(d[key], f"fusion.distill.{key}")
     for key in ("lr", "adaptor_lr", "temperature"):
         _finite_positive(d[key], f"fusion.distill.{key}")
-    wd = d.adaptor_weight_decay
-    if not isinstance(wd, int | float) or not math.isfinite(wd) or wd < 0:
-        raise ConfigError(
-            f"config.fusion.distill.adaptor_weight_decay must be a finite number >= 0, got {wd!r}"
-        )
-    if not isinstance(d.validation_every, int) or d.validation_every < 0:
-        raise ConfigError(
-            "config.fusion.distill.validation_every must be an integer >= 0 (0: every "
-            f"restart period), got {d.validation_every!r}"
-        )
+    _number(d.adaptor_weight_decay, "fusion.distill.adaptor_weight_decay")
+    _int(d.validation_every, "fusion.distill.validation_every", none="every restart period")
     for table in ("batch_size", "lambda_f", "lambda_p", "anneal"):
         for domain in config.domains:
-            key = f"config.fusion.distill.{table}.{domain}"
+            key = f"fusion.distill.{table}.{domain}"
             if domain not in d[table]:
                 raise ConfigError(
-                    f"{key} is missing: distillation needs a {table} for every seen domain "
-                    f"(config_lib.set_distill_recipe fills the tables)"
+                    f"config.{key} is missing: distillation needs a {table} for every seen "
+                    f"domain (config_lib.set_distill_recipe fills the tables)"
                 )
             value = d[table][domain]
             if table == "batch_size":
-                if not isinstance(value, int) or value <= 0:
-                    raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+                _int(value, key)
                 if value % num_devices:
                     raise ConfigError(
-                        f"{key}={value} is not divisible by the {num_devices} devices of the "
-                        f"mesh; use a multiple of {num_devices}"
+                        f"config.{key}={value} is not divisible by the {num_devices} devices "
+                        f"of the mesh; use a multiple of {num_devices}"
                     )
             elif table == "anneal":
-                _finite_positive(value, key.removeprefix("config."))
-            elif not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
+                _finite_positive(value, key)
+            else:
+                _number(value, key)

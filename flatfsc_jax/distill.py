@@ -317,7 +317,7 @@ def compile_distill_step(
     ``batch`` sharded per domain (``steps.shard_batch`` of the ``{domain: batch}`` dict), so
     every domain's global batch is the concatenation of the processes' slices.
     """
-    sam.check_sam_config(rho, eps)
+    sam.check_sam_arguments(rho, eps)
     fn = functools.partial(
         distill_step,
         student=student,
@@ -526,7 +526,7 @@ def distill(
         return acc
 
     num_steps = int(dc.num_steps)
-    eval_every = int(dc.validation_every) or int(dc.restart_period)
+    eval_every = int(dc.validation_every or dc.restart_period)
     start = int(jax.device_get(state.step))
     bar = tqdm(
         total=num_steps,

@@ -232,7 +232,7 @@ class Model:
     def with_lora_rank(self, rank: int) -> Model:
         """The same architecture with LoRA adapters of ``rank`` (0: none)."""
         if rank < 0:
-            raise ValueError(f"config.model.lora_rank must be >= 0, got {rank!r}")
+            raise ValueError(f"rank must be >= 0, got {rank!r}")
         return dataclasses.replace(self, module=self.module.clone(lora_rank=rank))
 
     @property
@@ -276,13 +276,13 @@ def build_model(
 ) -> Model:
     """Builds a backbone by name; raises ``ValueError`` naming the bad argument."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"config.model.arch={arch!r} is unknown; choose one of {ARCHITECTURES}")
+        raise ValueError(f"arch={arch!r} is unknown; choose one of {ARCHITECTURES}")
     if not width > 0:
-        raise ValueError(f"config.model.width must be > 0, got {width!r}")
+        raise ValueError(f"width must be > 0, got {width!r}")
     if lora_rank < 0:
-        raise ValueError(f"config.model.lora_rank must be >= 0, got {lora_rank!r}")
+        raise ValueError(f"lora_rank must be >= 0, got {lora_rank!r}")
     if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     jdtype = jnp.dtype(dtype)
     if arch == "conv4":
         module = Conv4(num_classes, width, lora_rank, jdtype)

@@ -19,11 +19,10 @@ With SAM, ``g`` is the perturbed gradient and ``w`` the clean weights.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import jax.numpy as jnp
 import optax
+
+from flatfsc_jax.checks import check_int, check_number
 
 
 def make_schedule(
@@ -59,10 +58,8 @@ def make_direction(
     ``make_optimizer`` is this chain followed by the scheduled rate; the training loop
     uses it directly when the rate is data (``steps.TrainState.hparams``).
     """
-    if not _finite(momentum) or not 0 <= momentum < 1:
-        raise ValueError(f"config.momentum must be in [0, 1), got {momentum!r}")
-    if not _finite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"config.weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    check_number("momentum", momentum, below=1.0)
+    check_number("weight_decay", weight_decay)
     return optax.chain(
         optax.add_decayed_weights(weight_decay),  # coupled: enters the momentum buffer
         optax.trace(decay=momentum, nesterov=nesterov),
@@ -94,22 +91,9 @@ def make_optimizer(
 
 
 def _check_lr(learning_rate, restart_period) -> None:
-    if not _finite(learning_rate) or learning_rate <= 0:
-        raise ValueError(f"config.lr must be a finite number > 0, got {learning_rate!r}")
-    if not _integer(restart_period) or restart_period <= 0:
-        raise ValueError(
-            f"config.restart_period must be a positive integer (iterations), got {restart_period!r}"
-        )
+    check_number("learning_rate", learning_rate, positive=True)
+    check_int("restart_period", restart_period)
 
 
 def _check_num_steps(num_steps) -> None:
-    if not _integer(num_steps) or num_steps < 1:
-        raise ValueError(f"config.num_steps must be a positive integer, got {num_steps!r}")
-
-
-def _integer(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _finite(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+    check_int("num_steps", num_steps)

@@ -15,7 +15,7 @@ is evaluated on them, so families are compared with paired differences:
   ``parc_support=False``, one backbone per dataset chosen by the mean PARC score;
 * adaptations: ``ncc`` on embeddings cached once per (backbone, domain) and evaluated
   with ``jax.vmap`` over padded episodes; ``pa`` (pa.py) trains URL's linear map on the
-  same cached embeddings, vmapped likewise, on the first ``pa_episodes`` episodes (0: all);
+  same cached embeddings, vmapped likewise, on the first ``pa_episodes`` episodes (None: all);
   ``finetune`` / ``lora`` fine-tune on each task's support set (adapt.py) on the first
   ``config.evaluation.finetune_episodes`` episodes and ``tsa`` trains task-specific
   adapters (tsa.py) on the first ``tsa_episodes`` (the same ones for every family; these
@@ -286,7 +286,7 @@ def evaluate_family(
                     sub,
                     mode="full" if adaptation == "finetune" else "lora",
                     steps=ev.finetune_steps,
-                    learning_rate=ev.finetune_lr or None,
+                    learning_rate=ev.finetune_lr,
                     lora_rank=ev.lora_rank,
                     metric=ev.metric,
                     # One padded shape per domain: a single compilation serves

@@ -34,8 +34,6 @@ in the original JAX SAM; the returned running statistics are the average over ch
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
+
+from flatfsc_jax.checks import check_int, check_number, is_real
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, Any]]
 
@@ -69,41 +69,33 @@ def global_norm(tree: Any) -> jax.Array:
     return otu.tree_norm(otu.tree_cast(tree, jnp.float32))
 
 
-def check_sam_config(
-    rho: float,
-    eps: float = 1e-12,
-    m: int | None = None,
-    batch_size: int | None = None,
-    num_devices: int | None = None,
-) -> None:
-    """Raises ``ValueError`` naming the config key for an unusable SAM set-up.
+def check_sam_arguments(rho: float, eps: float = 1e-12, m: int | None = None) -> None:
+    """Raises ``ValueError`` naming the argument (``rho``, ``eps``, ``m``) that is unusable.
 
-    ``batch_size`` is the global batch; ``None`` skips the checks that need it.
+    An array ``rho`` (the radius as data, possibly traced) is not checked.
     """
-    if not _is_real(rho) or not math.isfinite(rho) or rho < 0:
-        raise ValueError(
-            f"config.sam.rho must be a finite number >= 0 (0 disables SAM), got {rho!r}"
-        )
-    if not _is_real(eps) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"config.sam.eps must be a finite number > 0, got {eps!r}")
-    if m is not None and (not _is_int(m) or m < 1):
-        raise ValueError(f"config.sam.m must be None or a positive integer, got {m!r}")
-    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
-        raise ValueError(f"config.batch_size must be a positive integer, got {batch_size!r}")
-    if num_devices is not None and (not _is_int(num_devices) or num_devices < 1):
-        raise ValueError(f"num_devices must be a positive integer, got {num_devices!r}")
-    if batch_size is None:
-        return
+    if is_real(rho) or not hasattr(rho, "shape"):
+        check_number("rho", rho, hint=" (0 disables SAM)")
+    check_number("eps", eps, positive=True)
+    check_int("m", m, none="one perturbation from the whole batch")
+
+
+def check_batch_split(
+    batch_size: int, *, m: int | None = None, num_devices: int | None = None
+) -> None:
+    """Raises ``ValueError`` unless the global ``batch_size`` splits into chunks of ``m``
+    examples (m-sharpness) and evenly over ``num_devices``."""
+    check_int("batch_size", batch_size)
+    check_int("num_devices", num_devices, none="no mesh")
     if m is not None and batch_size % m:
         raise ValueError(
-            f"config.sam.m={m} must divide config.batch_size={batch_size} (m-sharpness "
-            f"splits the batch into chunks of m examples); choose m among the divisors of "
-            f"{batch_size} or set config.sam.m=None"
+            f"m={m} must divide batch_size={batch_size} (m-sharpness splits the batch into "
+            f"chunks of m examples); choose m among the divisors of {batch_size} or m=None"
         )
     if num_devices is not None and batch_size % num_devices:
         raise ValueError(
-            f"config.batch_size={batch_size} is not divisible by the {num_devices} devices "
-            f"of the mesh; use a multiple of {num_devices}"
+            f"batch_size={batch_size} is not divisible by the {num_devices} devices of the "
+            f"mesh; use a multiple of {num_devices}"
         )
 
 
@@ -137,7 +129,8 @@ def sam_gradient(
       clean pass (floating leaves averaged over chunks; other leaves stacked with a
       leading chunk axis), and :class:`SamDiagnostics`.
     """
-    if _is_real(rho) and rho == 0:
+    check_sam_arguments(rho, eps, m)
+    if is_real(rho) and rho == 0:
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         zero = jnp.zeros_like(loss)
         return grads, aux, SamDiagnostics(loss, loss, zero, global_norm(grads))
@@ -148,7 +141,7 @@ def sam_gradient(
         return grads, aux, diag
 
     batch_size = _leading_size(batch)
-    check_sam_config(rho if _is_real(rho) else 0.0, eps, m, batch_size)
+    check_batch_split(batch_size, m=m)
     chunked = jax.tree.map(lambda x: x.reshape(batch_size // m, m, *x.shape[1:]), batch)
     per_chunk = jax.vmap(
         lambda chunk: _sam_one_perturbation(loss_fn, params, chunk, rho, eps, adaptive)
@@ -221,12 +214,3 @@ def _leading_size(batch: Any) -> int:
             f"got leading sizes {sorted(sizes)}"
         )
     return sizes.pop()
-
-
-def _is_real(x: Any) -> bool:
-    """A concrete (Python or NumPy) real number, as opposed to a traced array."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)

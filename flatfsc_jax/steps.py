@@ -35,7 +35,6 @@ still update. SAM then perturbs, and normalises over, only what is trained.
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +46,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flatfsc_jax import optim, sam
+from flatfsc_jax.checks import check_number, is_real
 from flatfsc_jax.data.sources import preprocess
 from flatfsc_jax.models import Model
 
@@ -121,9 +121,7 @@ def create_train_state(
     # Jitted: eager flax initialisation dispatches op by op and is several times slower.
     variables = jax.jit(model.init)(rng, _as_float_images(jnp.asarray(sample_images)))
     if train_lora and not variables.get("lora"):
-        raise ValueError(
-            "train_lora=True needs LoRA adapters: build the model with config.model.lora_rank > 0"
-        )
+        raise ValueError("train_lora=True needs LoRA adapters: build the model with lora_rank > 0")
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
@@ -165,7 +163,7 @@ def train_step(
     if hp and set(hp) != set(HPARAM_KEYS):
         raise ValueError(f"TrainState.hparams must have keys {HPARAM_KEYS}, got {sorted(hp)}")
     # The static rho selects the program (ERM: one pass); the state's value is the radius.
-    radius = hp["rho"] if hp and not (isinstance(rho, numbers.Real) and rho == 0) else rho
+    radius = hp["rho"] if hp and not (is_real(rho) and rho == 0) else rho
 
     def loss_fn(trained, data):
         params, lora = _with_trained(state, trained, train_lora)
@@ -263,7 +261,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         x = np.asarray(x)
         if x.ndim == 0 or x.shape[0] % local_devices:
             raise ValueError(
-                f"config.batch_size: this process's batch of {x.shape[:1]} examples does not "
+                f"batch: this process's batch of {x.shape[:1]} examples does not "
                 f"split over its {local_devices} devices; use a global batch divisible by "
                 f"{mesh.size}"
             )
@@ -303,9 +301,10 @@ def compile_train_step(
     the first call) raise ``ValueError`` before anything compiles. The jitted function is
     ``step.jitted`` (e.g. for ``.lower(...)``).
     """
-    sam.check_sam_config(rho, eps, m, batch_size, mesh.size)
-    if not isinstance(label_smoothing, numbers.Real) or not 0 <= label_smoothing < 1:
-        raise ValueError(f"config.label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    sam.check_sam_arguments(rho, eps, m)
+    if batch_size is not None:
+        sam.check_batch_split(batch_size, m=m, num_devices=mesh.size)
+    check_number("label_smoothing", label_smoothing, below=1.0)
     step_fn = functools.partial(
         train_step,
         model=model,
@@ -327,7 +326,7 @@ def compile_train_step(
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
         # Shapes are static: checking them costs nothing and beats an XLA sharding error.
-        sam.check_sam_config(rho, eps, m, int(batch["labels"].shape[0]), mesh.size)
+        sam.check_batch_split(int(batch["labels"].shape[0]), m=m, num_devices=mesh.size)
         return jitted(state, batch, rng)
 
     step.jitted = jitted

@@ -119,7 +119,7 @@ def head_width(config, num_classes: int) -> int:
     if width < num_classes:
         raise ValueError(
             f"config.model.head_classes={width} is smaller than the {num_classes} training "
-            f"classes of this domain; set it to at least {num_classes} (or 0: no padding)"
+            f"classes of this domain; set it to at least {num_classes} (or None: no padding)"
         )
     return width
 
@@ -136,7 +136,7 @@ def _compiled_step(model, cfg, mesh, *, train_lora: bool):
         float(cfg.weight_decay),
         float(cfg.sam.rho) > 0,
         bool(cfg.sam.adaptive),
-        cfg.sam.m or None,
+        cfg.sam.m,
         float(cfg.sam.eps),
         float(cfg.label_smoothing),
         bool(train_lora),
@@ -151,7 +151,7 @@ def _compiled_step(model, cfg, mesh, *, train_lora: bool):
             # The static rho only selects ERM (one pass) or SAM; the radius is data.
             rho=1.0 if cfg.sam.rho > 0 else 0.0,
             adaptive=cfg.sam.adaptive,
-            m=cfg.sam.m or None,
+            m=cfg.sam.m,
             eps=cfg.sam.eps,
             label_smoothing=cfg.label_smoothing,
             train_lora=train_lora,

@@ -95,6 +95,9 @@ BACKBONE_KEYS = (
 )
 # Also compared for fused entries (``<domain>/<method>+ft`` / ``+lora``).
 FUSED_KEYS = ("fusion.source_domain", "fusion.mode", "fusion.lora_rank")
+# Keys whose "unset" was stored as 0 before configs used None (config_lib): an entry
+# written then with 0 was trained exactly as one with None is, so it is not stale.
+LEGACY_UNSET = {"sam.m": 0, "validation.every": 0}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -111,9 +114,13 @@ def config_changes(stored: dict, wanted: dict, *, fused: bool = False) -> list[s
     """``"key: old -> new"`` for every backbone-defining key that differs.
 
     A key missing from ``stored`` (an entry written before the key existed) is not
-    compared: the entry was trained without it.
+    compared: the entry was trained without it. A stored legacy 0 of ``LEGACY_UNSET``
+    compares as None.
     """
     old, new = _flatten(stored), _flatten(wanted)
+    for k, unset in LEGACY_UNSET.items():
+        if k in old and old[k] == unset:
+            old[k] = None
     patterns = BACKBONE_KEYS + (FUSED_KEYS if fused else ())
     keys = sorted(
         k

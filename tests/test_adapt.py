@@ -226,3 +226,20 @@ def test_bad_options_raise_value_errors(conv4, support):
         call(mode="lora", lora_rank=0)
     with pytest.raises(ValueError, match="metric"):
         call(metric="dot")
+
+
+def test_learning_rates_share_one_compilation(conv4, support):
+    """The learning rate is data: a second rate reuses the first one's compiled step."""
+    model, variables = conv4
+    images, labels, mask = support
+    options = adapt.AdaptOptions(mode="full", steps=1, optimizer="sgd", metric="euclidean")
+    adapt.adapt_backbone(model, variables, images, labels, mask, 4, options=options)
+    compiled = adapt._adapt_step._cache_size()
+    _, tuned, _ = adapt.adapt_backbone(
+        model, variables, images, labels, mask, 4, options=options, learning_rate=0.5
+    )
+    assert adapt._adapt_step._cache_size() == compiled
+    _, default, _ = adapt.adapt_backbone(model, variables, images, labels, mask, 4, options=options)
+    # ... and the rate still reaches the step.
+    diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), tuned, default)
+    assert max(jax.tree.leaves(diffs)) > 0

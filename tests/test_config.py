@@ -1,9 +1,12 @@
 """Configs: files load, per-domain tables apply, overrides work, bad values name the key."""
 
+import copy
+import functools
 import subprocess
 import sys
 
 import pytest
+from absl import flags
 
 from flatfsc_jax import config_lib
 
@@ -160,3 +163,57 @@ def test_main_rejects_bad_value_before_compiling(tmp_path):
     assert proc.returncode == 2
     assert "config.per_domain.omniglot.rho must be a finite number >= 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _parse(*args):
+    """The config as ``main.py``'s ``config_flags`` parses it (no subprocess)."""
+    from ml_collections import config_flags
+
+    argv = ["main", *args]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+UNSET_KEYS = {
+    "sam.m": 4,
+    "validation.every": 100,
+    "fusion.distill.validation_every": 7,
+    "evaluation.finetune_lr": 1e-3,
+    "evaluation.pa_episodes": 50,
+    "evaluation.parc_max_support": 20,
+}
+
+
+def test_unset_optional_keys_are_none_and_take_typed_overrides():
+    node = lambda c, key: functools.reduce(lambda n, k: n[k], key.split("."), c)  # noqa: E731
+    c = _parse(f"--config={ROOT}/configs/sam_resnet18.py")
+    assert [key for key in UNSET_KEYS if node(c, key) is not None] == []
+    config_lib.validate(c)
+    c = _parse(
+        f"--config={ROOT}/configs/glyphs.py",
+        *(f"--config.{key}={value}" for key, value in UNSET_KEYS.items()),
+    )
+    for key, value in UNSET_KEYS.items():
+        assert node(c, key) == value and type(node(c, key)) is type(value), key
+    config_lib.validate(c)
+    c.sam.m = None  # back to unset from Python
+    config_lib.validate(c)
+    with pytest.raises(flags.IllegalFlagValueError, match="sam.m"):
+        _parse(f"--config={ROOT}/configs/glyphs.py", "--config.sam.m=2.5")
+    # The old sentinel 0 now names what None means.
+    c = _parse(f"--config={ROOT}/configs/glyphs.py", "--config.sam.m=0")
+    with pytest.raises(config_lib.ConfigError, match=r"config\.sam\.m must be None \(one"):
+        config_lib.validate(c)
+
+
+def test_entries_stored_with_the_old_zero_sentinels_are_not_stale():
+    from flatfsc_jax import zoo
+
+    c = config_lib.domain_config(_load("configs/glyphs.py"), "latin", "sam").to_dict()
+    old = copy.deepcopy(c)
+    old["sam"]["m"], old["validation"]["every"] = 0, 0
+    assert zoo.config_changes(old, c) == []
+    old["validation"]["every"] = 250
+    assert zoo.config_changes(old, c) == ["validation.every: 250 -> None"]

@@ -62,7 +62,7 @@ def test_distilled_family_uses_its_single_student_everywhere():
 def test_episode_counts_per_adaptation():
     c = glyphs_config.get_config()
     ev = c.evaluation
-    ev.pa_episodes, ev.finetune_episodes, ev.tsa_episodes = 0, 10, 7
+    ev.pa_episodes, ev.finetune_episodes, ev.tsa_episodes = None, 10, 7
     counts = {
         a: protocol.num_episodes(ev, a, 600) for a in ("ncc", "pa", "finetune", "lora", "tsa")
     }
@@ -219,7 +219,7 @@ def test_evaluate_zoo_dispatches_pa_and_tsa_with_the_domain_role(tmp_path, monke
     ev.finetune_families = ()
     ev.pa_steps = 0  # PA from the identity: must reproduce NCC exactly
     ev.tsa_episodes, ev.tsa_steps = 2, 1
-    ev.pa_episodes = 0  # all episodes (the Glyphs default caps PA at 100)
+    ev.pa_episodes = None  # all episodes (the Glyphs default caps PA at 100)
     experiment.check_data(c, ("evaluate",))
     monkeypatch.setattr(protocol, "families", lambda config, zoo: ["erm", "erm+kd"])
     rates = []

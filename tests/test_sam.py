@@ -236,20 +236,25 @@ def test_batchnorm_statistics_come_from_the_clean_pass():
     _close(ghost_stats, jax.tree.map(lambda a, b: (a + b) / 2, *chunk_stats), rtol=1e-5)
 
 
-def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match=r"config\.sam\.rho"):
-        sam.check_sam_config(-0.1)
-    with pytest.raises(ValueError, match=r"config\.sam\.rho"):
-        sam.check_sam_config(float("nan"))
-    with pytest.raises(ValueError, match=r"config\.sam\.eps"):
-        sam.check_sam_config(0.05, eps=0.0)
-    with pytest.raises(ValueError, match=r"config\.sam\.m"):
-        sam.check_sam_config(0.05, m=0)
-    with pytest.raises(ValueError, match=r"config\.sam\.m=5 must divide config\.batch_size=16"):
-        sam.check_sam_config(0.05, m=5, batch_size=16)
-    with pytest.raises(ValueError, match=r"config\.batch_size=12 is not divisible by the 8"):
-        sam.check_sam_config(0.05, batch_size=12, num_devices=8)
-    sam.check_sam_config(0.05, m=4, batch_size=16, num_devices=8)  # valid: no error
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"^rho must be a finite number >= 0"):
+        sam.check_sam_arguments(-0.1)
+    with pytest.raises(ValueError, match=r"^rho must be"):
+        sam.check_sam_arguments(float("nan"))
+    with pytest.raises(ValueError, match=r"^eps must be a finite number > 0"):
+        sam.check_sam_arguments(0.05, eps=0.0)
+    with pytest.raises(ValueError, match=r"^m must be None \(one perturbation"):
+        sam.check_sam_arguments(0.05, m=0)
+    with pytest.raises(ValueError, match=r"^m=5 must divide batch_size=16"):
+        sam.check_batch_split(16, m=5)
+    with pytest.raises(ValueError, match=r"^batch_size=12 is not divisible by the 8"):
+        sam.check_batch_split(12, num_devices=8)
+    sam.check_sam_arguments(0.05, m=4)  # valid: no error
+    sam.check_batch_split(16, m=4, num_devices=8)
+    sam.check_sam_arguments(jnp.float32(0.05))  # an array radius (data) is not checked
+    # No config needed: the functions name their own arguments.
     loss_fn, params, batch = _mlp_problem(batch_size=12)
-    with pytest.raises(ValueError, match=r"config\.sam\.m"):
+    with pytest.raises(ValueError, match=r"^rho must be a finite number >= 0 .*got -1$"):
+        sam.sam_gradient(loss_fn, params, batch, rho=-1)
+    with pytest.raises(ValueError, match=r"^m=5 must divide batch_size=12"):
         sam.sam_gradient(loss_fn, params, batch, rho=0.1, m=5)

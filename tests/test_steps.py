@@ -73,18 +73,18 @@ def test_optimizer_matches_pytorch_sgd_with_coupled_decay(nesterov):
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"learning_rate": float("nan")}, "config.lr"),
-        ({"learning_rate": float("inf")}, "config.lr"),
-        ({"learning_rate": 0.0}, "config.lr"),
-        ({"learning_rate": -0.1}, "config.lr"),
-        ({"restart_period": 0}, "config.restart_period"),
-        ({"restart_period": 2.5}, "config.restart_period"),
-        ({"num_steps": 0}, "config.num_steps"),
-        ({"momentum": 1.0}, "config.momentum"),
-        ({"weight_decay": -1e-4}, "config.weight_decay"),
+        ({"learning_rate": float("nan")}, "learning_rate must be"),
+        ({"learning_rate": float("inf")}, "learning_rate must be"),
+        ({"learning_rate": 0.0}, "learning_rate must be"),
+        ({"learning_rate": -0.1}, "learning_rate must be"),
+        ({"restart_period": 0}, "restart_period must be"),
+        ({"restart_period": 2.5}, "restart_period must be"),
+        ({"num_steps": 0}, "num_steps must be"),
+        ({"momentum": 1.0}, "momentum must be"),
+        ({"weight_decay": -1e-4}, "weight_decay must be"),
     ],
 )
-def test_optimizer_errors_name_the_config_key(kwargs, key):
+def test_optimizer_errors_name_the_argument(kwargs, key):
     args = {"learning_rate": 0.03, "restart_period": 10, "num_steps": 100} | kwargs
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         optim.make_optimizer(**args)
@@ -150,7 +150,7 @@ def test_train_step_matches_hand_written_step(rho):
 
 def test_lora_step_trains_only_adapters_and_head():
     model, tx, images, labels = _tiny_setup(lora_rank=2)
-    with pytest.raises(ValueError, match=r"config\.model\.lora_rank"):
+    with pytest.raises(ValueError, match=r"lora_rank > 0"):
         steps.create_train_state(
             _tiny_setup()[0], tx, jax.random.key(0), images[:2], train_lora=True
         )
@@ -173,19 +173,19 @@ def test_lora_step_trains_only_adapters_and_head():
     assert any(jax.tree.leaves(jax.tree.map(changed, state.batch_stats, new_state.batch_stats)))
 
 
-def test_compile_train_step_errors_name_the_config_key():
+def test_compile_train_step_errors_name_the_argument():
     model, tx, images, labels = _tiny_setup()
     mesh = steps.make_mesh(jax.devices()[:1])
-    with pytest.raises(ValueError, match=r"config\.sam\.rho"):
+    with pytest.raises(ValueError, match=r"^rho must be"):
         steps.compile_train_step(model, tx, mesh, rho=-0.05)
-    with pytest.raises(ValueError, match=r"config\.sam\.m"):
+    with pytest.raises(ValueError, match=r"^m=3 must divide"):
         steps.compile_train_step(model, tx, mesh, rho=0.05, m=3, batch_size=8)
-    with pytest.raises(ValueError, match=r"config\.label_smoothing"):
+    with pytest.raises(ValueError, match=r"^label_smoothing must be"):
         steps.compile_train_step(model, tx, mesh, rho=0.05, label_smoothing=1.0)
     # Without batch_size the batch is checked at the call, before tracing.
     step = steps.compile_train_step(model, tx, mesh, rho=0.05, m=3)
     state = steps.create_train_state(model, tx, jax.random.key(0), images[:2])
-    with pytest.raises(ValueError, match=r"config\.sam\.m=3 must divide config\.batch_size=8"):
+    with pytest.raises(ValueError, match=r"m=3 must divide batch_size=8"):
         step(state, {"images": images, "labels": labels}, jax.random.key(0))
 
 
@@ -259,7 +259,9 @@ def test_eight_devices_match_one_device():
     # m-sharpness changes the step (the comparison above is not vacuous for m).
     assert report["results"]["None"]["8"][0][0][1] != report["results"]["4"]["8"][0][0][1]
     assert len(report["errors"]) == 2
-    assert all("config.batch_size" in e for e in report["errors"]), report["errors"]
+    errors = report["errors"]
+    assert errors[0].startswith("batch_size=12 is not divisible by the 8 devices"), errors
+    assert errors[1].startswith("batch: this process's batch of (12,) examples"), errors
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.05])
