@@ -38,6 +38,11 @@ seen domain's validation episodes, averaged over domains (URL's criterion); the 
 checkpoint is kept. Training resumes exactly like ``train.py`` (Orbax
 ``CheckpointManager`` with the train state, every domain's input position and the
 best-so-far record).
+
+Why one module: the loss terms (CKA, KL, annealing), the jitted student step and the
+resumable loop share one state layout (trunk, per-domain heads and adaptors, two
+optimisers) that no other module uses; split, each part would import the others' private
+structure.
 """
 
 from __future__ import annotations

@@ -37,6 +37,10 @@ loss or its :class:`IterationSteps`, so a caller measuring many networks of one
 architecture (``measure_flatness`` keys the steps on the model) compiles them once.
 Random probes are drawn with numpy from an integer ``seed``, which costs no compilation.
 The measures therefore run eagerly; they are not meant to be wrapped in ``jax.jit``.
+
+Why one module: the four measures share the jitted iteration steps (``IterationSteps``),
+the parameter-direction helpers and the argument checks, and are read together; a module
+per measure would re-export the same helpers four times.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from optax import tree_utils as otu
+
+from flatfsc_jax.checks import check_int, check_number
 
 PyTree = Any
 LossFn = Callable[[PyTree], jax.Array]
@@ -133,14 +139,9 @@ def _unit_numpy(tree: PyTree) -> PyTree:
 
 def _check_positive(name: str, value, *, integer: bool = False, minimum=None) -> None:
     if integer:
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise ValueError(f"{name} must be an int, got {value!r}")
-        lo = 1 if minimum is None else minimum
-        if value < lo:
-            raise ValueError(f"{name} must be >= {lo}, got {value!r}")
+        check_int(name, value, minimum=1 if minimum is None else minimum)
     else:
-        if not (isinstance(value, int | float | np.number) and np.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        check_number(name, value, positive=True)
 
 
 def _check_same_structure(name: str, tree: PyTree, params: PyTree) -> None:

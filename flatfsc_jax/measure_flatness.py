@@ -43,6 +43,7 @@ from optax import tree_utils as otu
 
 from flatfsc_jax import flatness, report
 from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.checks import check_int, is_real
 from flatfsc_jax.data import benchmarks, sources
 
 log = logging.getLogger(__name__)
@@ -97,31 +98,22 @@ class FlatnessSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "alphas", tuple(float(a) for a in np.ravel(self.alphas)))
-        _check_int("examples", self.examples, 2)
-        if not (_is_real(self.rho) and math.isfinite(self.rho) and self.rho > 0):
+        check_int("examples", self.examples, minimum=2)
+        if not (is_real(self.rho) and math.isfinite(self.rho) and self.rho > 0):
             raise ValueError(f"rho must be a finite number > 0, got {self.rho!r}")
-        _check_int("sharpness_steps", self.sharpness_steps, 0)
-        _check_int("power_iters", self.power_iters, 1)
+        check_int("sharpness_steps", self.sharpness_steps, minimum=0)
+        check_int("power_iters", self.power_iters, minimum=1)
         if self.power_tol is not None and not (
-            _is_real(self.power_tol) and math.isfinite(self.power_tol) and self.power_tol > 0
+            is_real(self.power_tol) and math.isfinite(self.power_tol) and self.power_tol > 0
         ):
             raise ValueError(f"power_tol must be None or a number > 0, got {self.power_tol!r}")
-        _check_int("trace_samples", self.trace_samples, 2)
-        _check_int("grid_2d", self.grid_2d, 2)
-        _check_int("seed", self.seed, 0)
+        check_int("trace_samples", self.trace_samples, minimum=2)
+        check_int("grid_2d", self.grid_2d, minimum=2)
+        check_int("seed", self.seed, minimum=0)
         if not self.alphas or not all(math.isfinite(a) for a in self.alphas):
             raise ValueError(
                 f"alphas must be a non-empty list of finite numbers, got {self.alphas}"
             )
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,7 +173,7 @@ def training_batch(split: sources.SplitData, examples: int, seed: int):
     ``np.random.default_rng(seed)`` and sorted, so a domain's backbones all see the
     same images and any run can regenerate them.
     """
-    _check_int("examples", examples, 1)
+    check_int("examples", examples, minimum=1)
     n = min(examples, len(split))
     indices = np.sort(np.random.default_rng(seed).choice(len(split), size=n, replace=False))
     images = sources.preprocess(split.get_images(indices))

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from flatfsc_jax import evaluate
+from flatfsc_jax.checks import check_int, check_number
 
 DEFAULT_STEPS = 40
 # URL's rates (test_extractor_pa.py): by whether the domain is one the backbones saw.
@@ -143,12 +144,9 @@ def episode_accuracies(
     product, the support 80); ``bucket=False``: one width, one compilation. ``lr`` is a
     traced argument, so seen and unseen domains share the compilations.
     """
-    if not (isinstance(steps, int | np.integer) and steps >= 0):
-        raise ValueError(f"config.evaluation.pa_steps must be an int >= 0, got {steps!r}")
-    if not (isinstance(lr, int | float) and np.isfinite(lr) and lr > 0):
-        raise ValueError(f"PA learning rate must be a finite number > 0, got {lr!r}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk!r}")
+    check_int("steps", steps, minimum=0)
+    check_number("lr", lr, positive=True)
+    check_int("chunk", chunk)
     embeddings = jnp.asarray(embeddings, jnp.float32)
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be [N, D], got shape {embeddings.shape}")

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from flatfsc_jax import evaluate, pa
+from flatfsc_jax.checks import check_int, check_number
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.data import sources
 
@@ -153,11 +154,9 @@ def classify(
 
 
 def _check(steps, lr_alpha, lr_beta):
-    if not (isinstance(steps, int | np.integer) and steps >= 0):
-        raise ValueError(f"config.evaluation.tsa_steps must be an int >= 0, got {steps!r}")
-    for name, lr in (("lr_alpha", lr_alpha), ("lr_beta", lr_beta)):
-        if not (isinstance(lr, int | float) and np.isfinite(lr) and lr > 0):
-            raise ValueError(f"TSA {name} must be a finite number > 0, got {lr!r}")
+    check_int("steps", steps, minimum=0)
+    check_number("lr_alpha", lr_alpha, positive=True)
+    check_number("lr_beta", lr_beta, positive=True)
 
 
 def episode_accuracies(

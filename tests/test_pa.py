@@ -101,9 +101,9 @@ def test_pa_improves_support_accuracy_on_a_toy_task():
 def test_learning_rates_follow_url_and_bad_options_raise(task):
     emb, _, batch = task
     assert pa.learning_rate(seen=True) == 0.1 and pa.learning_rate(seen=False) == 1.0
-    with pytest.raises(ValueError, match="learning rate"):
+    with pytest.raises(ValueError, match="^lr must be a finite number > 0"):
         pa.episode_accuracies(emb, batch, lr=0.0)
-    with pytest.raises(ValueError, match="pa_steps"):
+    with pytest.raises(ValueError, match="^steps must be an integer >= 0"):
         pa.episode_accuracies(emb, batch, lr=0.1, steps=-1)
     with pytest.raises(ValueError, match="another split"):
         pa.episode_accuracies(emb[:5], batch, lr=0.1)

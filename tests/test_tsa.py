@@ -133,7 +133,7 @@ def test_learning_rates_and_bad_input(toy):
         tsa.adapt_task(model, variables, images, labels, mask, 4, lr_alpha=0.1, lr_beta=0.1)
     with pytest.raises(ValueError, match="lr_alpha"):
         tsa.episode_accuracies(model, variables, None, None, lr_alpha=0.0, lr_beta=0.1)
-    with pytest.raises(ValueError, match="tsa_steps"):
+    with pytest.raises(ValueError, match="^steps must be an integer >= 0"):
         tsa.episode_accuracies(model, variables, None, None, lr_alpha=0.1, lr_beta=0.1, steps=-2)
     other = models.build_model("conv4", 0, width=0.5)
     with pytest.raises(ValueError, match="parameter tree"):

@@ -61,6 +61,7 @@ from typing import Any
 
 import numpy as np
 
+from flatfsc_jax.checks import is_int
 from flatfsc_jax.data.sources import SplitData
 
 __all__ = [
@@ -83,10 +84,6 @@ __all__ = [
 ]
 
 MODES = ("variable", "fixed")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +174,7 @@ class EpisodeSpec:
                     )
         for name in positive:
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"EpisodeSpec.{name}={value!r} must be an integer >= 1")
         if self.max_ways < self.min_ways:
             raise ValueError(
@@ -652,7 +649,7 @@ class EpisodeSampler:
         class_hierarchy: Mapping[str, Any] | None = None,
         num_classes: int | None = None,
     ):
-        if not _is_int(seed) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ValueError(f"seed={seed!r} must be a non-negative integer")
         self.spec = spec
         self.seed = int(seed)
@@ -673,7 +670,7 @@ class EpisodeSampler:
 
     def sample(self, n: int, start: int = 0) -> list[Episode]:
         """Episodes ``start .. start + n - 1`` of this seed's stream."""
-        if not _is_int(n) or n < 0 or not _is_int(start) or start < 0:
+        if not is_int(n) or n < 0 or not is_int(start) or start < 0:
             raise ValueError(f"n={n!r} and start={start!r} must be non-negative integers")
         return [self.episode(i) for i in range(start, start + n)]
 
@@ -827,7 +824,7 @@ def pad_episodes(
         defaults.max_query if max_query is None else max_query,
     )
     for name, value in sizes.items():
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
     for i, ep in enumerate(episodes):
         for name, size in (
@@ -961,7 +958,7 @@ def show_episode(split_data: SplitData, episode: Episode, *, max_per_class: int 
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    if not _is_int(max_per_class) or max_per_class < 1:
+    if not is_int(max_per_class) or max_per_class < 1:
         raise ValueError(f"max_per_class={max_per_class!r} must be an integer >= 1")
     mosaic, cell_h = _episode_mosaic(split_data, episode, max_per_class)
     if ax is None:

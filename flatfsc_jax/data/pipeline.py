@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import sys
 from typing import Any
 
 import grain
 import numpy as np
 
+from flatfsc_jax.checks import is_int, is_real
 from flatfsc_jax.data.sources import SplitData, preprocess
 
 # Reflect padding of 8 px at 84 px in the paper; scaled with the image side elsewhere.
@@ -96,7 +96,7 @@ class AugmentConfig:
             object.__setattr__(self, "enabled", bool(self.enabled))
         else:
             raise ValueError(f"AugmentConfig.enabled={self.enabled!r} must be True or False")
-        if not _is_int(self.pad) or self.pad < 0:
+        if not is_int(self.pad) or self.pad < 0:
             raise ValueError(
                 f"AugmentConfig.pad={self.pad!r} must be a non-negative integer number of "
                 "pixels (8 at 84 px, 3 at 28 px)"
@@ -109,7 +109,7 @@ class AugmentConfig:
             ("brightness", 255.0, True),
         ):
             value = getattr(self, name)
-            ok = _is_real(value) and math.isfinite(value) and value >= 0
+            ok = is_real(value) and math.isfinite(value) and value >= 0
             ok = ok and (value <= high if closed else value < high)
             if not ok:
                 interval = f"[0, {high:g}]" if closed else f"[0, {high:g})"
@@ -122,18 +122,10 @@ class AugmentConfig:
     @classmethod
     def for_image_size(cls, image_size: int, **overrides) -> AugmentConfig:
         """The paper's recipe with the padding scaled to ``image_size`` (3 px at 28 px)."""
-        if not _is_int(image_size) or image_size < 2:
+        if not is_int(image_size) or image_size < 2:
             raise ValueError(f"image_size={image_size!r} must be an integer >= 2")
         pad = max(1, round(PAPER_PAD * image_size / PAPER_IMAGE_SIZE))
         return cls(**{"pad": pad, **overrides})
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 # ----------------------------------------------------------------------------------------
@@ -433,14 +425,14 @@ def _check_arguments(split_data, global_batch_size, seed, augment, process_index
             f"augment must be an AugmentConfig, got {type(augment).__name__}; "
             "build one with AugmentConfig(**config.augment)"
         )
-    if not _is_int(global_batch_size) or global_batch_size < 1:
+    if not is_int(global_batch_size) or global_batch_size < 1:
         raise ValueError(
             f"global_batch_size (config.batch_size)={global_batch_size!r} must be a positive "
             "integer"
         )
-    if not _is_int(process_count) or process_count < 1:
+    if not is_int(process_count) or process_count < 1:
         raise ValueError(f"process_count={process_count!r} must be a positive integer")
-    if not _is_int(process_index) or not 0 <= process_index < process_count:
+    if not is_int(process_index) or not 0 <= process_index < process_count:
         raise ValueError(
             f"process_index={process_index!r} must be in [0, process_count={process_count})"
         )
@@ -450,7 +442,7 @@ def _check_arguments(split_data, global_batch_size, seed, augment, process_index
             f"number of processes {process_count} (jax.process_count()): every process loads "
             "batch_size / process_count examples; choose a multiple of the process count"
         )
-    if not _is_int(seed) or not 0 <= seed < 2**32:
+    if not is_int(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32)")
     if augment.enabled and augment.pad:
         height, width = split_data.image_shape[:2]
@@ -545,7 +537,7 @@ class TrainIterator:
                     f"{key}={value}: it was saved by a different run (config or data changed)"
                 )
         next_batch = state["next_batch"]
-        if not _is_int(next_batch) or next_batch < 0:
+        if not is_int(next_batch) or next_batch < 0:
             raise ValueError(f"input pipeline state next_batch={next_batch!r} is invalid")
         self.close()
         self._next_batch = int(next_batch)
@@ -596,9 +588,9 @@ def make_train_iterator(
       A ``TrainIterator`` of ``dict(image=float32 [B/P, H, W, C] in [-1, 1],
       label=int32 [B/P])`` with ``get_state`` / ``set_state``.
     """
-    if not _is_int(worker_count) or worker_count < 0:
+    if not is_int(worker_count) or worker_count < 0:
         raise ValueError(f"worker_count={worker_count!r} must be a non-negative integer")
-    if not _is_int(prefetch) or prefetch < 0:
+    if not is_int(prefetch) or prefetch < 0:
         raise ValueError(f"prefetch={prefetch!r} must be a non-negative integer")
     dataset = make_train_dataset(
         split_data,
