@@ -37,20 +37,12 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from flatfsc_jax.checks import check_int, check_number
+from flatfsc_jax.data import meta_dataset_spec
 
 # Meta-Dataset's domains (the paper's per-domain recipe for the seen ones is
-# configs/meta_dataset_table.py).
-META_DATASET_SEEN = (
-    "ilsvrc_2012",
-    "omniglot",
-    "aircraft",
-    "cu_birds",
-    "dtd",
-    "quickdraw",
-    "fungi",
-    "vgg_flower",
-)
-META_DATASET_UNSEEN = ("traffic_sign", "mscoco", "mnist", "cifar10", "cifar100")
+# configs/meta_dataset_table.py); names only, no TFDS import.
+META_DATASET_SEEN = meta_dataset_spec.SEEN_SOURCES
+META_DATASET_UNSEEN = meta_dataset_spec.UNSEEN_SOURCES
 
 METHODS = ("erm", "sam")
 FUSION_MODES = ("full", "lora", "distill")

@@ -16,24 +16,17 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
+# The source names live in a TFDS-free module shared with config_lib; re-exported here.
+from flatfsc_jax.data.meta_dataset_spec import (  # noqa: F401
+    ALL_SOURCES,
+    SEEN_SOURCES,
+    UNSEEN_SOURCES,
+)
 from flatfsc_jax.data.sources import SPLITS
 
 BENCHMARK = "meta_dataset"
 BUILDER_NAME = "meta_dataset"  # <data_dir>/meta_dataset/<source>/<version>/
 IMAGE_SIZE = 84
-
-SEEN_SOURCES = (
-    "ilsvrc_2012",
-    "omniglot",
-    "aircraft",
-    "cu_birds",
-    "dtd",
-    "quickdraw",
-    "fungi",
-    "vgg_flower",
-)
-UNSEEN_SOURCES = ("traffic_sign", "mscoco", "mnist", "cifar10", "cifar100")
-ALL_SOURCES = SEEN_SOURCES + UNSEEN_SOURCES
 
 PREPARE_MODULE = "python -m flatfsc_jax.data.prepare"
 TF_INSTALL_HINT = "pip install -e .[prepare]  (tensorflow==2.21.0)"
