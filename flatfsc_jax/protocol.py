@@ -85,6 +85,7 @@ def parc_subsets(batch, max_support: int, seed: int):
 def parc_scores(embeddings: np.ndarray, subsets, *, chunk: int = 32) -> np.ndarray:
     """PARC score of every episode's (sub-sampled) support set: float [E]."""
     support_idx, support_labels, support_mask = subsets
+    embeddings = jnp.asarray(embeddings)  # to the device once, not once per chunk
     out = []
     n = len(support_idx)
     for start in range(0, n, chunk):
@@ -92,7 +93,7 @@ def parc_scores(embeddings: np.ndarray, subsets, *, chunk: int = 32) -> np.ndarr
         out.append(
             np.asarray(
                 _parc_batch(
-                    jnp.asarray(embeddings),
+                    embeddings,
                     support_idx[idx],
                     support_labels[idx],
                     support_mask[idx],
