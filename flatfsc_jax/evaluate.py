@@ -22,6 +22,7 @@ tables); :func:`summarize` and :func:`paired_difference` keep the units of their
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -236,6 +237,45 @@ def episode_accuracies(
         )
         out.append(np.asarray(acc)[:n])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def tasks_on_one_table(
+    embeddings: dict, episodes: EpisodeBatch, tasks
+) -> tuple[np.ndarray, EpisodeBatch]:
+    """Episodes to evaluate with different backbones, as one batch over one table.
+
+    ``embeddings``: backbone key -> [N, D] embeddings of one split; ``tasks``: a sequence
+    of ``(backbone key, episode position in episodes)``. Returns ``(table, task_batch)``:
+    ``table`` [U, D] holds the rows the tasks use, each from its own backbone's
+    embeddings, and ``task_batch`` has one entry per task (the same padded shapes) indexing
+    into it. An evaluator on embeddings (NCC, PA) then runs all the tasks of a domain in
+    one batched call, which compiles once for the domain instead of once per backbone and
+    task count; each task still sees exactly its own backbone's embeddings.
+    """
+    if not tasks:
+        raise ValueError("tasks is empty; pass [(backbone key, episode position), ...]")
+    keys = list(dict.fromkeys(key for key, _ in tasks))
+    dims = {key: np.shape(embeddings[key])[1:] for key in keys}
+    if len(set(dims.values())) != 1:
+        raise ValueError(f"tasks mix backbones with different embedding shapes: {dims}")
+    rows = max(len(embeddings[key]) for key in keys)
+    which = np.asarray([keys.index(key) for key, _ in tasks], np.int64)[:, None]
+    sub = episodes.take(np.asarray([e for _, e in tasks], np.int64))
+    # Global row of every slot (a padded slot keeps its valid, masked-out index into its
+    # own backbone's rows), then the table of the distinct rows in use.
+    support = which * rows + sub.support_idx
+    query = which * rows + sub.query_idx
+    used, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
+    table = np.concatenate(
+        [np.asarray(embeddings[key])[used[used // rows == k] % rows] for k, key in enumerate(keys)]
+    )
+    inverse = inverse.astype(np.int32)
+    task_batch = dataclasses.replace(
+        sub,
+        support_idx=inverse[: support.size].reshape(support.shape),
+        query_idx=inverse[support.size :].reshape(query.shape),
+    )
+    return table, task_batch
 
 
 # ----------------------------------------------------------------------------------------

@@ -33,8 +33,6 @@ import dataclasses
 import logging
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -50,11 +48,6 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------
 # PARC on padded episodes (vectorised over tasks).
 # ---------------------------------------------------------------------------------------
-
-
-@jax.jit
-def _parc_batch(embeddings, support_idx, support_labels, support_mask):
-    return jax.vmap(parc.parc_score_masked)(embeddings[support_idx], support_labels, support_mask)
 
 
 def parc_subsets(batch, max_support: int, seed: int):
@@ -82,25 +75,12 @@ def parc_subsets(batch, max_support: int, seed: int):
     return idx, lab, mask
 
 
-def parc_scores(embeddings: np.ndarray, subsets, *, chunk: int = 32) -> np.ndarray:
+def parc_scores(embeddings: np.ndarray, subsets, *, chunk: int = 64) -> np.ndarray:
     """PARC score of every episode's (sub-sampled) support set: float [E]."""
     support_idx, support_labels, support_mask = subsets
-    embeddings = jnp.asarray(embeddings)  # to the device once, not once per chunk
-    out = []
-    n = len(support_idx)
-    for start in range(0, n, chunk):
-        idx = np.arange(start, start + chunk) % n  # pad the last chunk: one compilation
-        out.append(
-            np.asarray(
-                _parc_batch(
-                    embeddings,
-                    support_idx[idx],
-                    support_labels[idx],
-                    support_mask[idx],
-                )
-            )[: min(chunk, n - start)]
-        )
-    return np.concatenate(out)
+    return parc.parc_scores_padded(
+        embeddings, support_idx, support_labels, support_mask, chunk=chunk
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,7 +117,8 @@ def evaluation_seed(config) -> int:
 
 
 # Adaptations that run the backbone per task (restricted by finetune_families).
-BACKBONE_ADAPTATIONS = ("finetune", "lora", "tsa")
+BACKBONE_ADAPTATIONS = ("finetune", "lora", "tsa")  # run the backbone per episode
+EMBEDDING_ADAPTATIONS = ("ncc", "pa")  # run on cached embeddings only
 
 
 def num_episodes(ev, adaptation: str, total: int) -> int:
@@ -205,6 +186,43 @@ def select_backbones(config, family: str, domain: str, parc_score, num: int) -> 
     return Selection(candidates, choice)
 
 
+def adapt_on_embeddings(config, domain, selections: dict, batch, embeddings, adapted) -> None:
+    """NCC and PA of every (backbone, episode) pair the given families select on a domain.
+
+    ``selections``: family -> :class:`Selection`; ``embeddings``: backbone -> embeddings of
+    the domain's test split. The pairs not yet in ``adapted`` (``(adaptation, backbone) ->
+    {episode: accuracy}``) are evaluated in one batched call per adaptation over
+    :func:`evaluate.tasks_on_one_table` and stored there. One call per domain instead of
+    one per (family, backbone) matters on unseen domains, where PARC spreads a family's
+    episodes over all its candidates: every small call compiled its own shapes.
+    """
+    ev = config.evaluation
+    for adaptation in ev.adaptations:
+        if adaptation not in EMBEDDING_ADAPTATIONS:
+            continue
+        n = num_episodes(ev, adaptation, len(batch))
+        tasks = []
+        for selection in selections.values():
+            for i, c in enumerate(selection.candidates):
+                done = adapted.setdefault((adaptation, c), {})
+                chosen = np.flatnonzero(selection.choice[:n] == i)
+                tasks += [(c, int(j)) for j in chosen if int(j) not in done]
+        tasks = list(dict.fromkeys(tasks))
+        if not tasks:
+            continue
+        table, task_batch = evaluate.tasks_on_one_table(embeddings, batch, tasks)
+        with PROFILE.section(f"evaluate/{adaptation}"):
+            if adaptation == "ncc":
+                acc = evaluate.episode_accuracies(table, task_batch, metric=ev.metric)
+            else:
+                seen = domain in tuple(config.domains)
+                acc = pa.episode_accuracies(
+                    table, task_batch, lr=pa.learning_rate(seen), steps=ev.pa_steps
+                )
+        for (c, j), a in zip(tasks, acc, strict=True):
+            adapted[(adaptation, c)][j] = a
+
+
 # ---------------------------------------------------------------------------------------
 # Family evaluation: the adaptations of one family on a domain, given its selection.
 # ---------------------------------------------------------------------------------------
@@ -242,6 +260,7 @@ def evaluate_family(
     ev = config.evaluation
     seen = domain in tuple(config.domains)
     adapted = {} if adapted is None else adapted
+    adapt_on_embeddings(config, domain, {family: selection}, batch, embeddings, adapted)
     accs = {}
     for adaptation in ev.adaptations:
         restricted = ev.finetune_families and family not in ev.finetune_families
@@ -256,17 +275,10 @@ def evaluate_family(
             idx = np.asarray([j for j in chosen if int(j) not in done], np.int64)
             if len(idx) == 0:
                 continue
+            # NCC and PA were all done above (adapt_on_embeddings); the backbone
+            # adaptations run per backbone, since each has its own weights.
             sub = batch.take(idx)
-            if adaptation == "ncc":
-                with PROFILE.section("evaluate/ncc"):
-                    acc[idx] = evaluate.episode_accuracies(embeddings[c], sub, metric=ev.metric)
-                continue
             with PROFILE.section(f"evaluate/{adaptation}"):
-                if adaptation == "pa":
-                    acc[idx] = pa.episode_accuracies(
-                        embeddings[c], sub, lr=pa.learning_rate(seen), steps=ev.pa_steps
-                    )
-                    continue
                 if adaptation == "tsa":
                     lr_alpha, lr_beta = tsa.learning_rates(seen)
                     acc[idx] = tsa.episode_accuracies(
@@ -384,17 +396,22 @@ def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dic
 
     seen = domain in tuple(config.domains)
     dom = {"seen": seen, "ways": batch.ways.tolist(), "families": {}, "selection": {}}
+    selections = {}
     for fam in fams:
-        bar.set_description(f"evaluate {domain} {fam}")
+        bar.set_description(f"evaluate {domain} {fam}: embed, select")
         for c in candidate_backbones(config, fam, domain):
             embed(c)
-        selection = select_backbones(config, fam, domain, parc_score, len(batch))
-        dom["selection"][fam] = selection.counts()
+        selections[fam] = select_backbones(config, fam, domain, parc_score, len(batch))
+        dom["selection"][fam] = selections[fam].counts()
+    # NCC and PA of every family in one batched call per adaptation.
+    adapt_on_embeddings(config, domain, selections, batch, embeds, adapted)
+    for fam in fams:
+        bar.set_description(f"evaluate {domain} {fam}")
         dom["families"][fam] = evaluate_family(
             config,
             fam,
             domain,
-            selection,
+            selections[fam],
             batch,
             split,
             embeddings=embeds,

@@ -185,3 +185,32 @@ def test_embed_split_and_evaluator_match_direct_embedding():
     assert result["mean"] == pytest.approx(np.mean(result["accuracies"]))
     with pytest.raises(ValueError, match="metric="):
         evaluate.FewShotEvaluator(split, episodes, metric="dot")
+
+
+def test_tasks_on_one_table_evaluates_each_task_with_its_own_backbone(table):
+    """Tasks of several backbones in one call give each task's per-backbone accuracy, and
+    the table holds only the rows the tasks use (one per distinct backbone and image)."""
+    rng, emb, labels = table
+    episodes = make_episodes(rng, len(emb), labels, 9, 6, 20, 14)
+    other = (emb[:, ::-1] + 0.5 * rng.normal(size=emb.shape)).astype(np.float32)
+    embeddings = {"a": emb, "b": other, "unused": np.zeros((len(emb), 3), np.float32)}
+    tasks = [("a", 0), ("b", 0), ("b", 4), ("a", 7), ("b", 8), ("a", 2)]
+    tab, task_batch = evaluate.tasks_on_one_table(embeddings, episodes, tasks)
+    got = evaluate.episode_accuracies(tab, task_batch)
+    for (key, e), acc in zip(tasks, got, strict=True):
+        want = reference_accuracies(embeddings[key], episodes.take([e]), "cosine")[0]
+        assert acc == pytest.approx(want, abs=1e-6), (key, e)
+    used = {
+        (key, int(i))
+        for key, e in tasks
+        for i in np.concatenate([episodes.support_idx[e], episodes.query_idx[e]])
+    }
+    assert len(tab) == len(used)  # padded slots too: valid rows of their own backbone
+    assert task_batch.support_idx.shape == (len(tasks), episodes.support_idx.shape[1])
+    np.testing.assert_array_equal(
+        task_batch.support_mask, episodes.support_mask[[0, 0, 4, 7, 8, 2]]
+    )
+    with pytest.raises(ValueError, match="different embedding shapes"):
+        evaluate.tasks_on_one_table(embeddings, episodes, [("a", 0), ("unused", 1)])
+    with pytest.raises(ValueError, match="tasks is empty"):
+        evaluate.tasks_on_one_table(embeddings, episodes, [])

@@ -171,3 +171,35 @@ def test_masked_parc_closed_form_label_ranks_equal_sorted_ranks_exactly():
     sorted_ = jax.jit(jax.vmap(_masked_parc_sorting_labels))(feats, labels, mask)
     np.testing.assert_array_equal(np.asarray(closed), np.asarray(sorted_))
     assert float(closed[3]) == 0.0
+
+
+def test_host_ranks_of_rows_equal_scipy_with_ties_and_padding():
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 6, (9, 50)).astype(np.float32)  # heavy ties in every row
+    x[2] = rng.normal(size=50)  # no ties
+    x[4, 30:] = np.inf  # padded pairs: tied +inf after every real pair
+    x[5] = 1.0  # one constant row
+    got = parc.average_ranks_rows(x)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, stats.rankdata(x, axis=1))
+    with pytest.raises(ValueError, match=r"\[rows, M\]"):
+        parc.average_ranks_rows(x[0])
+
+
+def test_batched_scores_with_host_ranks_equal_the_jitted_masked_score_exactly():
+    """parc_scores_padded (ranks on the host) is the same computation as
+    vmap(parc_score_masked): equal bit for bit, including ties and padding."""
+    rng = np.random.default_rng(9)
+    n, width, d = 200, 30, 12
+    emb = rng.normal(size=(n, d)).astype(np.float32)
+    emb[7] = 2.0  # a constant embedding: correlation 0, tied distances
+    emb[8:20] = np.round(emb[8:20])  # ties between pairs
+    idx = np.stack([rng.choice(n, width, replace=False) for _ in range(11)]).astype(np.int32)
+    idx[0, :3] = (7, 8, 9)
+    labels = rng.integers(0, 4, (11, width)).astype(np.int32)
+    mask = rng.random((11, width)) < 0.8
+    mask[1] = True
+    want = jax.jit(jax.vmap(parc.parc_score_masked))(emb[idx], labels, mask)
+    got = parc.parc_scores_padded(emb, idx, labels, mask, chunk=4)  # a padded last chunk
+    assert got.shape == (11,)
+    np.testing.assert_array_equal(got, np.asarray(want))

@@ -263,20 +263,24 @@ def test_evaluate_zoo_adapts_each_backbone_and_episode_once(tmp_path, monkeypatc
     ev.pa_steps, ev.pa_episodes = 3, 0
     experiment.check_data(c, ("evaluate",))
     monkeypatch.setattr(protocol, "families", lambda config, zoo: ["erm", "erm+ft"])
-    seen_pairs = []
+    seen_pairs, calls = [], []
     real_pa = pa.episode_accuracies
 
     def recording_pa(embeddings, episodes, *, lr, steps):
-        backbone = hashlib.sha1(np.asarray(embeddings).tobytes()).hexdigest()
+        # A task is its support embeddings: they name the backbone and the episode, in
+        # whichever table and call they arrive.
+        table = np.asarray(embeddings)
         for row in range(len(episodes.ways)):
-            task = episodes.support_idx[row][episodes.support_mask[row]].tobytes()
-            seen_pairs.append((backbone, task))
+            support = table[episodes.support_idx[row][episodes.support_mask[row]]]
+            seen_pairs.append(hashlib.sha1(support.tobytes()).hexdigest())
+        calls.append(len(episodes.ways))
         return real_pa(embeddings, episodes, lr=lr, steps=steps)
 
     monkeypatch.setattr(pa, "episode_accuracies", recording_pa)
     results = protocol.evaluate_zoo(c, _FakeZoo(), progress=False)
 
     assert len(seen_pairs) == len(set(seen_pairs))  # nothing adapted twice
+    assert len(calls) == len(results["domains"])  # one batched call per domain
     cjk = results["domains"]["cjk"]["families"]
     assert cjk["erm+ft"] == cjk["erm"]  # the same backbone, the same numbers
     # cjk's episodes were adapted for one family only; latin's for both (two backbones).
