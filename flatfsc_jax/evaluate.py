@@ -247,10 +247,11 @@ def tasks_on_one_table(
     ``embeddings``: backbone key -> [N, D] embeddings of one split; ``tasks``: a sequence
     of ``(backbone key, episode position in episodes)``. Returns ``(table, task_batch)``:
     ``table`` [U, D] holds the rows the tasks use, each from its own backbone's
-    embeddings, and ``task_batch`` has one entry per task (the same padded shapes) indexing
-    into it. An evaluator on embeddings (NCC, PA) then runs all the tasks of a domain in
-    one batched call, which compiles once for the domain instead of once per backbone and
-    task count; each task still sees exactly its own backbone's embeddings.
+    embeddings (then zero rows up to a power of two), and ``task_batch`` has one entry per
+    task (the same padded shapes) indexing into it. An evaluator on embeddings (NCC, PA)
+    then runs all the tasks of a domain in one batched call, which compiles once (per
+    table size) instead of once per backbone and task count; each task still sees exactly
+    its own backbone's embeddings.
     """
     if not tasks:
         raise ValueError("tasks is empty; pass [(backbone key, episode position), ...]")
@@ -269,6 +270,10 @@ def tasks_on_one_table(
     table = np.concatenate(
         [np.asarray(embeddings[key])[used[used // rows == k] % rows] for k, key in enumerate(keys)]
     )
+    # Zero rows up to a power of two: the evaluators compile per table shape, and the
+    # domains of a benchmark (same padded episode shapes) then share their programs.
+    padded = 1 << max(int(len(table)) - 1, 0).bit_length()
+    table = np.concatenate([table, np.zeros((padded - len(table), *table.shape[1:]), table.dtype)])
     inverse = inverse.astype(np.int32)
     task_batch = dataclasses.replace(
         sub,

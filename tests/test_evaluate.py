@@ -205,7 +205,11 @@ def test_tasks_on_one_table_evaluates_each_task_with_its_own_backbone(table):
         for key, e in tasks
         for i in np.concatenate([episodes.support_idx[e], episodes.query_idx[e]])
     }
-    assert len(tab) == len(used)  # padded slots too: valid rows of their own backbone
+    # The rows in use (padded slots too: valid rows of their own backbone), then zeros up
+    # to a power of two.
+    assert len(tab) == 1 << (len(used) - 1).bit_length()
+    np.testing.assert_array_equal(tab[len(used) :], 0.0)
+    assert task_batch.support_idx.max() < len(used) and task_batch.query_idx.max() < len(used)
     assert task_batch.support_idx.shape == (len(tasks), episodes.support_idx.shape[1])
     np.testing.assert_array_equal(
         task_batch.support_mask, episodes.support_mask[[0, 0, 4, 7, 8, 2]]
