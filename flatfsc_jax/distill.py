@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time
@@ -63,7 +62,7 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 from tqdm.auto import tqdm
 
-from flatfsc_jax import config_lib, models, optim, sam, steps, train
+from flatfsc_jax import config_lib, metrics_writer, models, optim, sam, steps, train
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, pipeline
 
@@ -488,12 +487,13 @@ def distill(
         adaptive=config.sam.adaptive,
     )
     evaluators = {d: train.validation_evaluator(config, valid_splits[d]) for d in domains}
-    metrics_file = (entry_dir / "metrics.jsonl").open("a") if process_index == 0 else None
+    start = int(jax.device_get(state.step))
+    # metrics.jsonl + TensorBoard, as for backbones: on resume it drops the records after
+    # `start`, which the resumed run writes again.
+    writer = metrics_writer.MetricsWriter(entry_dir, resume_step=start, enabled=process_index == 0)
 
-    def write_metrics(row):
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+    def write_metrics(record):
+        writer.write(record["step"], record)
 
     def save_checkpoint(step):
         manager.save(
@@ -532,7 +532,6 @@ def distill(
 
     num_steps = int(dc.num_steps)
     eval_every = int(dc.validation_every or dc.restart_period)
-    start = int(jax.device_get(state.step))
     bar = tqdm(
         total=num_steps,
         initial=start,
@@ -587,8 +586,7 @@ def distill(
     bar.close()
     for it in iterators.values():
         it.close()
-    if metrics_file is not None:
-        metrics_file.close()
+    writer.close()
 
     metadata = dict(
         config=config.to_dict(),

@@ -10,6 +10,7 @@ hit never changes a result. The cache lives in ``.pytest_cache/jax`` (git-ignore
 clone starts empty) or in ``$FLATFSC_TEST_JAX_CACHE``.
 """
 
+import collections
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -22,3 +23,11 @@ os.environ.setdefault(
 # Cache every compilation, however quick: the suite's are small and repeated.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with the most ``slow`` tests first (stable otherwise): ``--dist loadfile`` hands
+    files to the two workers in this order, and a long file started last would run alone at
+    the end while the other worker idles."""
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])

@@ -318,7 +318,8 @@ def test_tiny_distillation_writes_a_loadable_entry_and_resumes_exactly(tmp_path,
     assert [r["step"] for r in log if "val_accuracy" in r] == [2, 4]
     assert {"cka/cjk", "kl/latin", "kd_weight/cjk"} <= set(log[-1])
 
-    # Interrupted after the step-2 checkpoint, then rerun: identical final parameters.
+    # Interrupted in step 4 (the last checkpoint is step 2's; step 3 was already logged),
+    # then rerun: identical final parameters, and nothing logged twice.
     make = pipeline.make_train_iterator
     calls = {"n": 0}
 
@@ -328,7 +329,7 @@ def test_tiny_distillation_writes_a_loadable_entry_and_resumes_exactly(tmp_path,
 
         def __next__(self):
             calls["n"] += 1
-            if calls["n"] > 2 * len(c.domains):  # the third step's batches
+            if calls["n"] > 3 * len(c.domains):  # the fourth step's batches
                 raise _Stop
             return next(self.it)
 
@@ -350,6 +351,8 @@ def test_tiny_distillation_writes_a_loadable_entry_and_resumes_exactly(tmp_path,
     assert resumed.metadata["best_validation"] == meta["best_validation"]
     log2 = train.read_metrics(resumed.path)
     assert [r["step"] for r in log2 if "val_accuracy" in r] == [2, 4]
+    assert 3 in [r["step"] for r in log2]  # the record the interrupted run had written
+    assert [(r["step"], sorted(r)) for r in log2] == [(r["step"], sorted(r)) for r in log]
 
 
 def test_distilled_family_uses_the_one_student_for_every_domain():

@@ -29,7 +29,9 @@ def _main(*args, timeout=900, cwd=ROOT):
 @pytest.mark.slow
 def test_tiny_glyphs_run_end_to_end_and_rerun_reuses_the_zoo(tmp_path):
     work = tmp_path / "work"
-    cache = f"--compilation_cache={tmp_path / 'cache'}"
+    # The suite's shared cache (conftest.py), through main's flag: the notebooks' tiny run
+    # compiles the same programs.
+    cache = f"--compilation_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}"
     # A relative --workdir (like the default "work"), resolved against the current directory.
     first = _main(f"--config={ROOT}/configs/glyphs.py:tiny", "--workdir=work", cache, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-5000:]
