@@ -26,6 +26,18 @@ writes work/report/ (tables, headline.png, convergence.png, profile.json).
 sam+kd), and evaluates PA on all 600 episodes and test-time fine-tuning (40 steps) on
 600 episodes for every family.
 
+Expected cost and result of ":long" (estimates; it has not been run as a whole). The
+one accelerator measurement is of a shorter version of it: CJK 2000 and the other seen
+scripts 1000 steps, rho 0.05 everywhere, NCC only, on one NVIDIA H200 (jax 0.11.2): it
+trained the zoo in about 5 minutes (compilation included), evaluated NCC in under one,
+and gave SAM - ERM = +0.45 +- 0.09 on seen and +0.94 +- 0.18 on unseen scripts (one
+seed, 600 paired episodes; 5 of 7 unseen scripts better). ":long" trains 5x the default
+table (CJK 10,000, others 2,500 steps: ~2.5x that run's steps, so ~15 min), two
+distilled students (3,750 steps of ~20x an ERM step each: ~30 min) and fine-tunes ~29k
+(backbone, episode) tasks for 40 steps (~40 min at ~80 ms per task): about 1.5 hours on
+one H200. One seed of it says as little as one seed of the CPU default (README "Over
+training seeds"): run it for several seeds (scripts/run_seeds.sh takes the config).
+
 TSA (task-specific adapters + PA, tsa.py) is not in the default; add it with
 
   ./run.sh --config.evaluation.adaptations="('ncc','pa','tsa')"
