@@ -86,10 +86,10 @@ def plan(config: ml_collections.ConfigDict) -> list[Planned]:
         for d in config.domains
     ]
     if config.fusion.enabled:
-        fcfg = fusion.fusion_config(config)
         for mode in config_lib.fusion_modes(config):
             if mode == "distill":
                 continue  # one student per method; distill.py checks its own entry
+            fcfg = fusion.fusion_config(config, mode)
             for m in config.methods:
                 for d in fusion.fusion_targets(config):
                     name = fusion.fused_method(m, mode)

@@ -49,10 +49,18 @@ def fused_families(config) -> list[str]:
     ]
 
 
-def fusion_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config`` with the fusion learning rate / steps / restart period in every row."""
+def fusion_config(config: ml_collections.ConfigDict, mode: str | None = None):
+    """``config`` with the fusion learning rate / steps / restart period in every row.
+
+    With ``mode``, ``fusion.mode`` is that one mode: what a fused entry stores and is
+    compared on (``zoo.FUSED_KEYS``), so the ``+ft`` entries of ``"full"`` and of
+    ``"full,distill"`` are the same backbones and a zoo fused with one is reused by the
+    other.
+    """
     c = ml_collections.ConfigDict(config.to_dict())
     f = config.fusion
+    if mode is not None:
+        c.fusion.mode = mode
     for d in c.per_domain:
         row = c.per_domain[d]
         row.lr, row.num_steps, row.restart_period = f.lr, f.num_steps, f.restart_period
@@ -105,7 +113,7 @@ def _fine_tune(config, zoo, method: str, mode: str, *, progress) -> list[zoo_lib
     start = zoo.load(config.benchmark, source, method)
     source_sha = source_checksum(start.entry)
     target_method = fused_method(method, mode)
-    cfg = fusion_config(config)
+    cfg = fusion_config(config, mode)
     lora_rank = config.fusion.lora_rank if mode == "lora" else 0
     entries = []
     for domain in fusion_targets(config):

@@ -121,6 +121,11 @@ def config_changes(stored: dict, wanted: dict, *, fused: bool = False) -> list[s
     for k, unset in LEGACY_UNSET.items():
         if k in old and old[k] == unset:
             old[k] = None
+    # A fused entry depends on its own mode only; entries written before fused configs
+    # stored that one mode hold the run's whole list (e.g. "full,distill" for a +ft entry).
+    mode = new.get("fusion.mode")
+    if fused and mode and mode in str(old.get("fusion.mode", "")).replace(" ", "").split(","):
+        old["fusion.mode"] = mode
     patterns = BACKBONE_KEYS + (FUSED_KEYS if fused else ())
     keys = sorted(
         k

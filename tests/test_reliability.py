@@ -228,6 +228,31 @@ def test_retrained_source_invalidates_fused_entries(tmp_path, no_training, capsy
     assert "glyphs/cjk/sam was retrained; fusing again" in capsys.readouterr().out
 
 
+def test_fine_tuned_entries_are_shared_by_fusion_mode_lists(tmp_path):
+    """The +ft entries of fusion.mode "full" are the same backbones under "full,distill"
+    (adding distillation to a finished run) and the other way round; "lora" is not."""
+    c = _tiny(**{"evaluation.enabled": False})
+    zoo = zoo_lib.Zoo(tmp_path / "zoo")
+    for m in c.methods:
+        for d in c.domains:
+            _write(zoo, c, d, m)
+        _write(zoo, c, "latin", m, fused_from=zoo.get("glyphs", "cjk", m))  # mode "full"
+    both = _tiny(**{"evaluation.enabled": False, "fusion.mode": "full,distill"})
+    assert experiment.stale_entries(both, zoo) == []
+    stored = zoo.get("glyphs", "latin", "sam+ft").metadata["config"]
+    assert stored["fusion"]["mode"] == "full"
+    # An entry written by a "full,distill" run before entries stored their own mode.
+    legacy = json.loads(json.dumps(stored))
+    legacy["fusion"]["mode"] = "full,distill"
+    wanted = config_lib.domain_config(fusion.fusion_config(c, "full"), "latin", "sam")
+    assert zoo_lib.config_changes(legacy, wanted.to_dict(), fused=True) == []
+    assert zoo_lib.config_changes(stored, wanted.to_dict(), fused=True) == []
+    lora = config_lib.domain_config(fusion.fusion_config(c, "lora"), "latin", "sam")
+    assert zoo_lib.config_changes(stored, lora.to_dict(), fused=True) == [
+        "fusion.mode: 'full' -> 'lora'"
+    ]
+
+
 def test_evaluation_refuses_a_fused_entry_of_an_older_source(tmp_path):
     c = _tiny()
     zoo = zoo_lib.Zoo(tmp_path / "zoo")
