@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 from flatfsc_jax import config_lib, metrics_writer, models, optim, sam, steps, train
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, pipeline
+from flatfsc_jax.profiling import PROFILE
 
 log = logging.getLogger(__name__)
 
@@ -496,6 +497,7 @@ def distill(
         writer.write(record["step"], record)
 
     def save_checkpoint(step):
+        t_save = time.perf_counter()
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -506,8 +508,10 @@ def distill(
             force=True,
         )
         manager.wait_until_finished()
+        PROFILE.add("distill/checkpoint", time.perf_counter() - t_save)
 
     def validate_now(step):
+        t_val = time.perf_counter()
         variables = {"params": state.params["trunk"], "batch_stats": state.batch_stats}
         per_domain, cis = {}, []
         for d, ev in evaluators.items():
@@ -524,6 +528,7 @@ def distill(
             zoo_lib.save_variables(
                 entry_dir / "best", export_variables(state.params, state.batch_stats, source)
             )
+        PROFILE.add("distill/validation", time.perf_counter() - t_val)
         write_metrics(
             {"step": step, "val_accuracy": acc, "val_ci95": ci, "best": improved}
             | {f"val_accuracy/{d}": a for d, a in per_domain.items()}
@@ -543,13 +548,21 @@ def distill(
     last_val = record["best_accuracy"]
     images_per_step = sum(int(dc.batch_size[d]) for d in domains)
     t0, steps_done = time.perf_counter(), 0
+    t_steps = time.perf_counter()  # start of the current run of steps (profile)
     step = start
     while step < num_steps:
         host = {d: next(it) for d, it in iterators.items()}
         batch = steps.shard_batch(
             {d: {"images": b["image"], "labels": b["label"]} for d, b in host.items()}, mesh
         )
-        state, metrics = step_fn(state, batch, teacher_vars)
+        if step == start:  # the first call compiles: timed apart from the steps
+            t_compile = time.perf_counter()
+            state, metrics = step_fn(state, batch, teacher_vars)
+            jax.block_until_ready(metrics)
+            PROFILE.add("distill/compile", time.perf_counter() - t_compile)
+            t_steps = time.perf_counter()
+        else:
+            state, metrics = step_fn(state, batch, teacher_vars)
         step += 1
         steps_done += 1
         bar.update(1)
@@ -558,7 +571,8 @@ def distill(
         val_now = step % eval_every == 0 or step == num_steps
         if not (log_now or save_now or val_now):
             continue
-        m = steps.host_metrics(metrics)
+        m = steps.host_metrics(metrics)  # waits for the step: closes the steps section
+        PROFILE.add("distill/steps", time.perf_counter() - t_steps)
         train.check_finite_loss(
             m["loss"],
             step,
@@ -583,6 +597,7 @@ def distill(
             )
         if save_now:
             save_checkpoint(step)
+        t_steps = time.perf_counter()
     bar.close()
     for it in iterators.values():
         it.close()

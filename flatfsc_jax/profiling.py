@@ -2,7 +2,8 @@
 
 The job's stages add the seconds they spend to named sections of one process-wide
 :class:`Profile` (``PROFILE``): ``train/steps``, ``train/compile``, ``train/validation``,
-``train/checkpoint``, the same under ``fuse/``, ``evaluate/embed``, ``evaluate/parc``,
+``train/checkpoint``, the same under ``fuse/`` and ``distill/`` (the distilled
+student), ``evaluate/embed``, ``evaluate/parc``,
 ... ``experiment.run`` resets it at the start and prints the split at the end (and
 writes ``<workdir>/report/profile.json``), with the share of the job spent in training
 steps as the headline ratio. Sections are wall time; jitted work is dispatched
@@ -19,10 +20,10 @@ import time
 
 # Sections that count as "training steps" for the headline ratio, and the overheads of
 # the training stages (compilation, validation, checkpointing).
-STEP_SECTIONS = ("train/steps", "fuse/steps")
+STEP_SECTIONS = ("train/steps", "fuse/steps", "distill/steps")
 OVERHEAD_SECTIONS = tuple(
     f"{stage}/{part}"
-    for stage in ("train", "fuse")
+    for stage in ("train", "fuse", "distill")
     for part in ("compile", "validation", "checkpoint")
 )
 

@@ -301,8 +301,14 @@ def test_tiny_distillation_writes_a_loadable_entry_and_resumes_exactly(tmp_path,
                 metadata={},
             )
 
+    from flatfsc_jax.profiling import PROFILE
+
+    PROFILE.reset()
     (entry,) = fusion.fuse(c, zoo, "erm", progress=False)
     assert entry.key == "glyphs/cjk/erm+kd"
+    # The job's time split sees the student (compile, steps, validation, checkpoints).
+    for part in ("compile", "steps", "validation", "checkpoint"):
+        assert PROFILE.seconds[f"distill/{part}"] > 0, part
     meta = entry.metadata
     assert meta["fusion"]["mode"] == "distill" and meta["batch_size"] == {"cjk": 32, "latin": 16}
     assert set(meta["best_validation"]["per_domain"]) == {"cjk", "latin"}
