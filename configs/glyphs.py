@@ -33,7 +33,7 @@ trained the zoo in about 5 minutes (compilation included), evaluated NCC in unde
 and gave SAM - ERM = +0.45 +- 0.09 on seen and +0.94 +- 0.18 on unseen scripts (one
 seed, 600 paired episodes; 5 of 7 unseen scripts better). ":long" trains 5x the default
 table (CJK 10,000, others 2,500 steps: ~2.5x that run's steps, so ~15 min), two
-distilled students (3,750 steps of ~20x an ERM step each: ~30 min) and fine-tunes ~29k
+distilled students (5,000 steps of ~20x an ERM step each: ~30 min) and fine-tunes ~29k
 (backbone, episode) tasks for 40 steps (~40 min at ~80 ms per task): about 1.5 hours on
 one H200. One seed of it says as little as one seed of the CPU default (README "Over
 training seeds"): run it for several seeds (scripts/run_seeds.sh takes the config).
@@ -84,7 +84,7 @@ def with_distillation(c):
     from-scratch steps (240k vs 480k) with five restart periods, batch 7x the general
     domain's per-domain batch for it (448 = 7 x 64) and 1x for every other domain (64),
     and the general domain's learning rate (3e-2 on both in URL). With the default table:
-    750 steps, restart period 150, batches CJK 448 + 4 x 64, lr 5e-2 (``:long``: 3750 / 750).
+    1000 steps, restart period 200, batches CJK 448 + 4 x 64, lr 5e-2 (``:long``: 5000 / 1000).
     """
     src = c.fusion.source_domain
     row = c.per_domain[src]
