@@ -132,7 +132,7 @@ def get_config(arg=None):
     # take over an hour, so the default evaluates NCC and PA on cached embeddings and
     # leaves fine-tuning to ":long" (README "Evaluation that counts").
     c.evaluation.adaptations = ("ncc", "pa")
-    # PA trains a d x d map for 40 steps per task (~25 ms per CJK-sized episode on 2 cores,
+    # PA trains a d x d map for 40 steps per task (14-25 ms per episode on our 2-core machines,
     # x 4 families x 12 domains): the first 100 of the 600 episodes keep it within budget;
     # ":long" runs all 600.
     c.evaluation.pa_episodes = 100
