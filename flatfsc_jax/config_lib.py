@@ -224,7 +224,12 @@ def set_distill_recipe(
 
 def fusion_modes(config) -> tuple[str, ...]:
     """``config.fusion.mode`` as a tuple: ``"full,distill"`` -> ``("full", "distill")``."""
-    return tuple(m.strip() for m in str(config.fusion.mode).split(",") if m.strip())
+    return parse_fusion_modes(config.fusion.mode)
+
+
+def parse_fusion_modes(value) -> tuple[str, ...]:
+    """A ``fusion.mode`` value as a tuple of modes (also a stored entry's value)."""
+    return tuple(m.strip() for m in str(value).split(",") if m.strip())
 
 
 def parse_domain_arg(arg: str | None, table: dict, default: str) -> tuple[str, ...]:

@@ -260,7 +260,8 @@ def tasks_on_one_table(
     if len(set(dims.values())) != 1:
         raise ValueError(f"tasks mix backbones with different embedding shapes: {dims}")
     rows = max(len(embeddings[key]) for key in keys)
-    which = np.asarray([keys.index(key) for key, _ in tasks], np.int64)[:, None]
+    position = {key: k for k, key in enumerate(keys)}
+    which = np.asarray([position[key] for key, _ in tasks], np.int64)[:, None]
     sub = episodes.take(np.asarray([e for _, e in tasks], np.int64))
     # Global row of every slot (a padded slot keeps its valid, masked-out index into its
     # own backbone's rows), then the table of the distinct rows in use.

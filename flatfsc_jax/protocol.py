@@ -75,14 +75,6 @@ def parc_subsets(batch, max_support: int, seed: int):
     return idx, lab, mask
 
 
-def parc_scores(embeddings: np.ndarray, subsets, *, chunk: int = 64) -> np.ndarray:
-    """PARC score of every episode's (sub-sampled) support set: float [E]."""
-    support_idx, support_labels, support_mask = subsets
-    return parc.parc_scores_padded(
-        embeddings, support_idx, support_labels, support_mask, chunk=chunk
-    )
-
-
 # ---------------------------------------------------------------------------------------
 # The protocol.
 # ---------------------------------------------------------------------------------------
@@ -117,8 +109,9 @@ def evaluation_seed(config) -> int:
 
 
 # Adaptations that run the backbone per task (restricted by finetune_families).
-BACKBONE_ADAPTATIONS = ("finetune", "lora", "tsa")  # run the backbone per episode
-EMBEDDING_ADAPTATIONS = ("ncc", "pa")  # run on cached embeddings only
+BACKBONE_ADAPTATIONS = ("finetune", "lora", "tsa")
+# Adaptations on cached embeddings: one batched call per domain (adapt_on_embeddings).
+EMBEDDING_ADAPTATIONS = ("ncc", "pa")
 
 
 def num_episodes(ev, adaptation: str, total: int) -> int:
@@ -391,7 +384,7 @@ def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dic
     def parc_score(c):
         if c not in parc_cache:
             with PROFILE.section("evaluate/parc"):
-                parc_cache[c] = parc_scores(embeds[c], parc_support_sets)
+                parc_cache[c] = parc.parc_scores_padded(embeds[c], *parc_support_sets)
         return parc_cache[c]
 
     seen = domain in tuple(config.domains)

@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flatfsc_jax import models
+from flatfsc_jax import config_lib, models
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def config_changes(stored: dict, wanted: dict, *, fused: bool = False) -> list[s
     # A fused entry depends on its own mode only; entries written before fused configs
     # stored that one mode hold the run's whole list (e.g. "full,distill" for a +ft entry).
     mode = new.get("fusion.mode")
-    if fused and mode and mode in str(old.get("fusion.mode", "")).replace(" ", "").split(","):
+    if fused and mode and mode in config_lib.parse_fusion_modes(old.get("fusion.mode", "")):
         old["fusion.mode"] = mode
     patterns = BACKBONE_KEYS + (FUSED_KEYS if fused else ())
     keys = sorted(

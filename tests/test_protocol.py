@@ -38,7 +38,7 @@ def test_parc_subsets_are_random_subsets_of_the_support():
 def test_parc_scores_on_padded_episodes_equal_unpadded_parc():
     labels, eps, batch = _batch(n=6)
     emb = np.random.default_rng(1).normal(size=(len(labels), 8)).astype(np.float32)
-    scores = protocol.parc_scores(emb, protocol.parc_subsets(batch, 0, seed=0), chunk=4)
+    scores = parc.parc_scores_padded(emb, *protocol.parc_subsets(batch, 0, seed=0), chunk=4)
     for e, ep in enumerate(eps):
         ref = parc.parc_score(emb[ep.support_idx], ep.support_labels)
         np.testing.assert_allclose(scores[e], ref, atol=1e-5)
@@ -101,7 +101,7 @@ def test_backbone_selection_maps_fused_families_and_picks_the_parc_best():
 
     def parc_score(key):
         scored.append(key)
-        return protocol.parc_scores(zoo[key], subsets)
+        return parc.parc_scores_padded(zoo[key], *subsets)
 
     # Seen domains: the family's own backbone (the general domain: the un-fused one), no PARC.
     for domain, want in (("cjk", ("cjk", "sam")), ("latin", ("latin", "sam+ft"))):
