@@ -4,7 +4,7 @@ The pipeline (flatfsc_jax/data/pipeline.py) must never be the bottleneck: on the
 CPU machines it shares the cores with the training step. This prints images/s of the
 augmented pipeline (batch 64, synthetic uint8 data, 28x28x1 and 84x84x3) in its three
 modes - synchronous, one prefetch thread (the default), grain worker processes - and,
-where ``flatfsc_jax.steps`` is importable, of the ERM training step alone (one fixed
+where ``flatfsc_jax.training.step`` is importable, of the ERM training step alone (one fixed
 batch) and fed by the pipeline.
 
     .venv/bin/python bench/data.py                 # everything, a few minutes
@@ -77,24 +77,26 @@ def bench_step(shape, arch: str, width: float, num_steps: int) -> None:
     try:
         import jax
 
-        from flatfsc_jax import models, optim, steps
+        from flatfsc_jax import models
+        from flatfsc_jax.training import optim
+        from flatfsc_jax.training import step as step_lib
     except ImportError as e:  # the step module is built separately from the pipeline
         print(f"train step: skipped ({e})")
         return
     split = synthetic_split(shape)
     model = models.build_model(arch, split.num_classes, width=width)
     tx = optim.make_optimizer(learning_rate=0.01, restart_period=1000, num_steps=1000)
-    mesh = steps.make_mesh()
-    step = steps.compile_train_step(model, tx, mesh, rho=0.0, batch_size=BATCH)
-    state = steps.replicate(
-        steps.create_train_state(model, tx, jax.random.key(0), split.images[:2]), mesh
+    mesh = step_lib.make_mesh()
+    step = step_lib.compile_train_step(model, tx, mesh, rho=0.0, batch_size=BATCH)
+    state = step_lib.replicate(
+        step_lib.create_train_state(model, tx, jax.random.key(0), split.images[:2]), mesh
     )
-    rng = steps.replicate(jax.random.key(1), mesh)
+    rng = step_lib.replicate(jax.random.key(1), mesh)
     augment = pipeline.AugmentConfig.for_image_size(shape[0])
     with pipeline.make_train_iterator(
         split, global_batch_size=BATCH, seed=0, augment=augment
     ) as iterator:
-        fixed = steps.shard_batch(as_step_batch(next(iterator)), mesh)
+        fixed = step_lib.shard_batch(as_step_batch(next(iterator)), mesh)
 
         def run(feed) -> float:
             nonlocal state
@@ -107,7 +109,7 @@ def bench_step(shape, arch: str, width: float, num_steps: int) -> None:
             return num_steps * BATCH / (time.perf_counter() - start)
 
         alone = run(lambda: fixed)
-        fed = run(lambda: steps.shard_batch(as_step_batch(next(iterator)), mesh))
+        fed = run(lambda: step_lib.shard_batch(as_step_batch(next(iterator)), mesh))
     label = f"train step {arch} x{width:g} ERM {'x'.join(map(str, shape))} batch {BATCH}"
     print(f"{label}, one fixed batch: {alone:10.1f} img/s")
     print(f"{label}, fed by the pipeline: {fed:10.1f} img/s")

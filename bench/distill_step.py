@@ -27,7 +27,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import glyphs as glyphs_config  # noqa: E402
-from flatfsc_jax import distill, models, optim, steps  # noqa: E402
+from flatfsc_jax import models  # noqa: E402
+from flatfsc_jax.fusion import distill  # noqa: E402
+from flatfsc_jax.training import optim  # noqa: E402
+from flatfsc_jax.training import step as step_lib  # noqa: E402
 
 # Train classes of the five seen Glyphs scripts (the zoo's metadata).
 CLASSES = {"cjk": 280, "latin": 36, "greek": 34, "cyrillic": 45, "kana": 101}
@@ -51,7 +54,7 @@ def main(argv=None):
     c = glyphs_config.get_config("kd")
     domains = tuple(c.domains)
     sizes = {d: int(c.fusion.distill.batch_size[d]) for d in domains}
-    mesh = steps.make_mesh()
+    mesh = step_lib.make_mesh()
     rs = np.random.RandomState(0)
     sample = jnp.zeros((1, 28, 28, 1))
 
@@ -61,24 +64,24 @@ def main(argv=None):
     # ERM: exactly bench/step.py's cpu18 step (64 classes, batch 64).
     erm_model = models.build_model("resnet18", 64, width=0.25)
     erm_tx = optim.make_optimizer(learning_rate=0.03, restart_period=1000, num_steps=1000)
-    erm_batch = steps.shard_batch(
+    erm_batch = step_lib.shard_batch(
         {"images": images(64), "labels": rs.randint(0, 64, 64).astype(np.int32)}, mesh
     )
-    rng = steps.replicate(jax.random.key(1), mesh)
-    erm_state = steps.replicate(
-        steps.create_train_state(erm_model, erm_tx, jax.random.key(0), sample), mesh
+    rng = step_lib.replicate(jax.random.key(1), mesh)
+    erm_state = step_lib.replicate(
+        step_lib.create_train_state(erm_model, erm_tx, jax.random.key(0), sample), mesh
     )
-    erm_step = steps.compile_train_step(erm_model, erm_tx, mesh, rho=0.0)
+    erm_step = step_lib.compile_train_step(erm_model, erm_tx, mesh, rho=0.0)
     erm_compiled = erm_step.jitted.lower(erm_state, erm_batch, rng).compile()
 
     # The student of configs/glyphs.py:kd.
     student = models.build_model("resnet18", 0, width=0.25)
     teacher_models = {d: models.build_model("resnet18", CLASSES[d], width=0.25) for d in domains}
-    teachers = steps.replicate(
+    teachers = step_lib.replicate(
         {d: teacher_models[d].init(jax.random.key(i), sample) for i, d in enumerate(domains)},
         mesh,
     )
-    kd_batch = steps.shard_batch(
+    kd_batch = step_lib.shard_batch(
         {
             d: {
                 "images": images(sizes[d]),
@@ -91,11 +94,11 @@ def main(argv=None):
     recipe = distill.Recipe.from_config(c)
     tx = distill.make_optimizer(c)
     params, bs = distill.init_params(student, CLASSES, jax.random.key(0), sample)
-    init = steps.TrainState(jnp.zeros((), jnp.int32), params, bs, tx.init(params))
+    init = step_lib.TrainState(jnp.zeros((), jnp.int32), params, bs, tx.init(params))
     runs = {"ERM cpu18": [erm_compiled, erm_state, (erm_batch, rng), [], _flops(erm_compiled)]}
     for name, rho in (("erm+kd", 0.0), ("sam+kd", args.rho)):
         fn = distill.compile_distill_step(student, teacher_models, recipe, tx, mesh, rho=rho)
-        state = steps.replicate(init, mesh)
+        state = step_lib.replicate(init, mesh)
         compiled = fn.lower(state, kd_batch, teachers).compile()
         runs[name] = [compiled, state, (kd_batch, teachers), [], _flops(compiled)]
     for run in runs.values():  # warm-up

@@ -37,9 +37,10 @@ import time
 import jax
 import numpy as np
 
-from flatfsc_jax import evaluate, models
+from flatfsc_jax import models
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.data import sources
+from flatfsc_jax.evaluation import ncc
 
 SCALES = {
     # name: (arch, width, image shape, classes, images per class)
@@ -57,11 +58,11 @@ def sample_batch(labels: np.ndarray, num_episodes: int, seed: int = 0):
 
 
 def time_cached(embeddings: np.ndarray, batch, repeats: int = 3) -> float:
-    evaluate.episode_accuracies(embeddings, batch)  # compile
+    ncc.episode_accuracies(embeddings, batch)  # compile
     best = np.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        evaluate.episode_accuracies(embeddings, batch)
+        ncc.episode_accuracies(embeddings, batch)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -71,11 +72,11 @@ def seconds_per_image(model, variables, image_shape, batch, num_images: int) -> 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, *image_shape), dtype=np.uint8)
     split = sources.SplitData("bench/x", "test", images, np.zeros(batch, np.int32), ["0"])
-    evaluate.embed_split(model, variables, split, batch_size=batch)  # compile
+    ncc.embed_split(model, variables, split, batch_size=batch)  # compile
     rounds = max(1, -(-num_images // batch))
     start = time.perf_counter()
     for _ in range(rounds):
-        evaluate.embed_split(model, variables, split, batch_size=batch)
+        ncc.embed_split(model, variables, split, batch_size=batch)
     return (time.perf_counter() - start) / (rounds * batch)
 
 

@@ -31,19 +31,21 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import glyphs as glyphs_config  # noqa: E402
-from flatfsc_jax import config_lib, models, steps, train  # noqa: E402
+from flatfsc_jax import config_lib, models  # noqa: E402
 from flatfsc_jax import zoo as zoo_lib  # noqa: E402
 from flatfsc_jax.data import benchmarks, glyphs  # noqa: E402
 from flatfsc_jax.profiling import PROFILE  # noqa: E402
+from flatfsc_jax.training import loop as loop_lib  # noqa: E402
+from flatfsc_jax.training import step as step_lib  # noqa: E402
 
 
 def bare_seconds_per_step(cfg, model, mesh, batch, n: int) -> float:
-    step = train._compiled_step(model, cfg, mesh, train_lora=False)
-    tx = train.optim.make_direction(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    state = steps.create_train_state(model, tx, jax.random.key(0), batch["images"][:1])
-    state = steps.replicate(
+    step = loop_lib._compiled_step(model, cfg, mesh, train_lora=False)
+    tx = loop_lib.optim.make_direction(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    state = step_lib.create_train_state(model, tx, jax.random.key(0), batch["images"][:1])
+    state = step_lib.replicate(
         state.replace(
-            hparams=steps.make_hparams(
+            hparams=step_lib.make_hparams(
                 learning_rate=cfg.lr,
                 restart_period=cfg.restart_period,
                 rho=cfg.sam.rho,
@@ -52,8 +54,8 @@ def bare_seconds_per_step(cfg, model, mesh, batch, n: int) -> float:
         ),
         mesh,
     )
-    sharded = steps.shard_batch(batch, mesh)
-    rng = steps.replicate(jax.random.key(1), mesh)
+    sharded = step_lib.shard_batch(batch, mesh)
+    rng = step_lib.replicate(jax.random.key(1), mesh)
     state, metrics = step(state, sharded, rng)  # compiles (or reuses the loop's program)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -78,7 +80,7 @@ def main(argv=None) -> None:
     row.num_steps = row.restart_period = args.steps
     config.validation.every = config.checkpoint_every = args.steps
     config.log_every = 50
-    mesh = steps.make_mesh()
+    mesh = step_lib.make_mesh()
     split = benchmarks.load_split(config.benchmark, args.domain, "train", config.data_dir)
     images = split.get_images(np.arange(row.batch_size) % len(split))
     labels = np.arange(row.batch_size, dtype=np.int32) % split.num_classes
@@ -91,12 +93,12 @@ def main(argv=None) -> None:
     for method in ("erm", "sam"):
         cfg = config_lib.domain_config(config, args.domain, method)
         model = models.build_model_from_config(
-            cfg.model, train.head_width(cfg, split.num_classes), lora_rank=0
+            cfg.model, loop_lib.head_width(cfg, split.num_classes), lora_rank=0
         )
         before = bare_seconds_per_step(cfg, model, mesh, batch, args.steps // 2)
         PROFILE.reset()
         zoo = zoo_lib.Zoo(os.path.join(work, "zoo"))
-        train.train_and_evaluate(config, zoo, args.domain, method, progress=False)
+        loop_lib.train_and_evaluate(config, zoo, args.domain, method, progress=False)
         loop = PROFILE.seconds["train/steps"] / (args.steps - 1)  # first step: compile
         after = bare_seconds_per_step(cfg, model, mesh, batch, args.steps // 2)
         bare = 0.5 * (before + after)

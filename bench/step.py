@@ -38,7 +38,9 @@ import jax
 import numpy as np
 from jax.extend import core as jax_core
 
-from flatfsc_jax import models, optim, steps
+from flatfsc_jax import models
+from flatfsc_jax.training import optim
+from flatfsc_jax.training import step as step_lib
 
 PRESETS = {
     "paper": "resnet18:1:84:3:16",
@@ -134,19 +136,19 @@ def matmul_flops(fn, *args) -> float:
 def bench_model(spec: dict, *, repeats: int, rho: float, dtype: str) -> dict:
     model = models.build_model(spec["arch"], NUM_CLASSES, width=spec["width"], dtype=dtype)
     tx = optim.make_optimizer(learning_rate=0.03, restart_period=1000, num_steps=1000)
-    mesh = steps.make_mesh()
+    mesh = step_lib.make_mesh()
     rs = np.random.RandomState(0)
     shape = (spec["batch"], spec["size"], spec["size"], spec["channels"])
     images = rs.randint(0, 256, size=shape).astype(np.uint8)
     labels = rs.randint(0, NUM_CLASSES, size=spec["batch"]).astype(np.int32)
-    batch = steps.shard_batch({"images": images, "labels": labels}, mesh)
-    rng = steps.replicate(jax.random.key(1), mesh)
-    init = steps.create_train_state(model, tx, jax.random.key(0), images[:2])
+    batch = step_lib.shard_batch({"images": images, "labels": labels}, mesh)
+    rng = step_lib.replicate(jax.random.key(1), mesh)
+    init = step_lib.create_train_state(model, tx, jax.random.key(0), images[:2])
 
     runs = {}
     for name, r in (("erm", 0.0), ("sam", rho)):
-        step = steps.compile_train_step(model, tx, mesh, rho=r, batch_size=spec["batch"])
-        state = steps.replicate(init, mesh)  # a fresh copy: each run donates its own
+        step = step_lib.compile_train_step(model, tx, mesh, rho=r, batch_size=spec["batch"])
+        state = step_lib.replicate(init, mesh)  # a fresh copy: each run donates its own
         start = time.perf_counter()
         compiled = step.jitted.lower(state, batch, rng).compile()
         compile_s = time.perf_counter() - start

@@ -20,8 +20,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import glyphs as glyphs_config  # noqa: E402
-from flatfsc_jax import train  # noqa: E402
 from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.training import loop  # noqa: E402
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
                 entry = (
                     zoo.get("glyphs", domain, method)
                     if zoo.is_complete("glyphs", domain, method)
-                    else train.train_and_evaluate(c, zoo, domain, method, progress=False)
+                    else loop.train_and_evaluate(c, zoo, domain, method, progress=False)
                 )
                 best = entry.metadata["best_validation"]
                 results.append(

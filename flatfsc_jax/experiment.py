@@ -29,10 +29,14 @@ import time
 import jax
 import ml_collections
 
-from flatfsc_jax import config_lib, convergence, fusion, profiling, protocol, report, train
+from flatfsc_jax import config_lib, families, profiling
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks
+from flatfsc_jax.evaluation import protocol
+from flatfsc_jax.fusion import finetune
 from flatfsc_jax.profiling import PROFILE
+from flatfsc_jax.reporting import convergence, tables
+from flatfsc_jax.training import loop
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +93,10 @@ def plan(config: ml_collections.ConfigDict) -> list[Planned]:
         for mode in config_lib.fusion_modes(config):
             if mode == "distill":
                 continue  # one student per method; distill.py checks its own entry
-            fcfg = fusion.fusion_config(config, mode)
+            fcfg = finetune.fusion_config(config, mode)
             for m in config.methods:
-                for d in fusion.fusion_targets(config):
-                    name = fusion.fused_method(m, mode)
+                for d in finetune.fusion_targets(config):
+                    name = families.fused_method(m, mode)
                     out.append(Planned(d, m, name, config_lib.domain_config(fcfg, d, m), True))
     return out
 
@@ -171,7 +175,7 @@ def check_fused_sources(config, zoo: zoo_lib.Zoo) -> None:
         entry = zoo.get(config.benchmark, p.domain, p.entry_method)
         source = zoo.get(config.benchmark, config.fusion.source_domain, p.method)
         recorded = entry.metadata.get("fusion", {}).get("source_sha256")
-        if recorded is not None and recorded != fusion.source_checksum(source):
+        if recorded is not None and recorded != finetune.source_checksum(source):
             raise zoo_lib.StaleEntryError(
                 f"zoo entry {entry.key} was fine-tuned from an earlier {source.key} backbone "
                 f"(retrained since); run the fuse stage again (--stages=fuse,evaluate)"
@@ -246,7 +250,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
                     discard=config.retrain or state == "damaged",
                     stage="train",
                 )
-                entry = train.train_and_evaluate(config, zoo, domain, method, progress=progress)
+                entry = loop.train_and_evaluate(config, zoo, domain, method, progress=progress)
                 _print(
                     f"[train] {entry.key}: best validation accuracy "
                     f"{100 * entry.best_accuracy:.2f}%"
@@ -254,7 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
 
     if "fuse" in stages and config.fusion.enabled:
         for method in config.methods:
-            for entry in fusion.fuse(config, zoo, method, progress=progress):
+            for entry in finetune.fuse(config, zoo, method, progress=progress):
                 _print(
                     f"[fuse] {entry.key}: best validation accuracy {100 * entry.best_accuracy:.2f}%"
                 )
@@ -274,8 +278,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
             results["wall_seconds"] = time.perf_counter() - t_start + setup_seconds
             results["profile"] = PROFILE.summary(results["wall_seconds"])
             if jax.process_index() == 0:
-                paths = report.write_report(results, os.path.join(workdir, "report"))
-                _print("\n" + report.to_markdown(results))
+                paths = tables.write_report(results, os.path.join(workdir, "report"))
+                _print("\n" + tables.to_markdown(results))
                 _print("report written: " + ", ".join(paths.values()))
     total = time.perf_counter() - t_start + setup_seconds
     summary = PROFILE.summary(total)

@@ -69,12 +69,12 @@ def setup_jax() -> None:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Failures a user can fix from the message alone (no traceback shown)."""
-    from flatfsc_jax import train
     from flatfsc_jax import zoo as zoo_lib
+    from flatfsc_jax.training import loop
 
     # ConfigError, ZooError, IncompatibleCheckpointError and WorkdirError are ValueErrors;
     # missing data is a FileNotFoundError (sources.MissingDataError).
-    return (ValueError, OSError, train.NonFiniteError, zoo_lib.ZooError)
+    return (ValueError, OSError, loop.NonFiniteError, zoo_lib.ZooError)
 
 
 def dry_run(config, workdir: str, stages) -> None:

@@ -17,7 +17,7 @@
 # The paper's argument is that SAM backbones sit in flatter minima of their training
 # loss and that this flatness is what transfers to unseen few-shot domains. This
 # notebook measures it for the ERM and SAM backbones of one domain of the zoo, with
-# `flatfsc_jax.measure_flatness` (the library behind
+# `flatfsc_jax.flatness.zoo` (the library behind
 # `python -m flatfsc_jax.cli.flatness`, which does the same for the whole zoo):
 #
 # * **rho-sharpness**: the largest loss increase within L2 distance rho of the weights
@@ -41,12 +41,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from flatfsc_jax import measure_flatness, report
 from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.flatness import report as flatness_report
+from flatfsc_jax.flatness import zoo as flatness_zoo
 
 WORKDIR = os.environ.get("FLATFSC_WORKDIR", "../work")
 DOMAIN = "latin"  # a seen domain with ERM and SAM backbones
-SETTINGS = measure_flatness.FlatnessSettings(examples=256, rho=0.05, grid_2d=9, seed=0)
+SETTINGS = flatness_zoo.FlatnessSettings(examples=256, rho=0.05, grid_2d=9, seed=0)
 
 zoo_root = os.path.join(WORKDIR, "zoo")
 if not zoo_lib.Zoo(zoo_root).list():
@@ -62,7 +63,7 @@ if not zoo_lib.Zoo(zoo_root).list():
 # direction comes from the same Gaussian draw, scaled to its own filters.
 
 # %%
-results = measure_flatness.measure_zoo(
+results = flatness_zoo.measure_zoo(
     zoo_root,
     os.path.join(WORKDIR, "data"),
     domains=[DOMAIN],
@@ -71,7 +72,7 @@ results = measure_flatness.measure_zoo(
     progress=print,
 )
 by_method = {r["method"]: r for r in results["entries"]}
-display(Markdown(report.flatness_markdown(results)))
+display(Markdown(flatness_report.flatness_markdown(results)))
 
 # %% [markdown]
 # ## 1-D landscape

@@ -29,9 +29,9 @@ import os
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from flatfsc_jax import evaluate
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, episodes
+from flatfsc_jax.evaluation import ncc
 
 WORKDIR = os.environ.get("FLATFSC_WORKDIR", "../work")
 DOMAIN = "latin"  # a seen domain: it has its own ERM and SAM backbones
@@ -80,11 +80,11 @@ batch = sampler.sample_batch(EPISODES)
 accuracies = {}
 for method in ("erm", "sam"):
     backbone = zoo.load(benchmark, DOMAIN, method)
-    embeddings = evaluate.embed_split(backbone.model, backbone.variables, test_split)
-    accuracies[method] = evaluate.episode_accuracies(embeddings, batch)
-    summary = evaluate.summarize(100 * accuracies[method])
+    embeddings = ncc.embed_split(backbone.model, backbone.variables, test_split)
+    accuracies[method] = ncc.episode_accuracies(embeddings, batch)
+    summary = ncc.summarize(100 * accuracies[method])
     print(f"{method}: {summary['mean']:.2f} ± {summary['ci95']:.2f} % over {summary['n']} episodes")
-difference = evaluate.paired_difference(100 * accuracies["sam"], 100 * accuracies["erm"])
+difference = ncc.paired_difference(100 * accuracies["sam"], 100 * accuracies["erm"])
 print(f"SAM - ERM (paired): {difference['mean']:+.2f} ± {difference['ci95']:.2f} points")
 
 # %%

@@ -18,7 +18,7 @@
 # about backbones, zoos or episodes. This notebook uses it on a model of our own, a small
 # flax MLP classifying two noisy spirals, trains it with plain ERM and with SAM, and
 # compares the training curves and the flatness of the two solutions with
-# `flatfsc_jax.flatness`. Nothing here needs the zoo.
+# `flatfsc_jax.flatness.measures`. Nothing here needs the zoo.
 #
 # The contract: `loss_fn(params, batch) -> (loss, aux)`, any optax optimiser `tx`, and
 #
@@ -40,7 +40,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
-from flatfsc_jax import flatness, sam
+from flatfsc_jax import sam
+from flatfsc_jax.flatness import measures as measures_lib
 
 RHO = 0.1
 STEPS = 1500
@@ -171,16 +172,16 @@ key = jax.random.key(0)
 alphas = np.linspace(-1.0, 1.0, 41)
 curves = {}
 for name, (params, _) in runs.items():
-    sharpness = flatness.rho_sharpness(full_training_loss, params, rho=RHO, steps=10)
-    top = flatness.top_hessian_eigenvalue(full_training_loss, params, iters=50, seed=0)
-    trace = flatness.hessian_trace(full_training_loss, params, samples=50, seed=0)
+    sharpness = measures_lib.rho_sharpness(full_training_loss, params, rho=RHO, steps=10)
+    top = measures_lib.top_hessian_eigenvalue(full_training_loss, params, iters=50, seed=0)
+    trace = measures_lib.hessian_trace(full_training_loss, params, samples=50, seed=0)
     print(
         f"{name:14s} rho-sharpness {float(sharpness['sharpness']):.4f}  top eigenvalue "
         f"{float(top['eigenvalue']):8.2f}  trace {float(trace['trace']):8.1f} ± "
         f"{1.96 * float(trace['std_error']):.1f}"
     )
-    direction = flatness.random_direction(params, key)
-    curves[name] = flatness.loss_landscape_1d(full_training_loss, params, direction, alphas)
+    direction = measures_lib.random_direction(params, key)
+    curves[name] = measures_lib.loss_landscape_1d(full_training_loss, params, direction, alphas)
 
 # %%
 fig, axes = plt.subplots(1, 1 + len(runs), figsize=(14, 3.8))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates notebooks/*.ipynb from their jupytext "percent" sources notebooks/*.py.
 # The .py files are what we edit and review; the .ipynb files are committed without
-# outputs for readers who open them in Jupyter. tests/test_notebooks.py checks that the
+# outputs for readers who open them in Jupyter. tests/system/test_notebooks.py checks that the
 # two agree, so run this after editing a notebook source.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -66,20 +66,24 @@ def test_dot_flops_and_nested_jaxprs():
 
 
 def test_training_step_count_agrees_with_xla_cpu_and_sam_is_two_passes():
-    from flatfsc_jax import models, optim, steps
+    from flatfsc_jax import models
+    from flatfsc_jax.training import optim
+    from flatfsc_jax.training import step as step_lib
 
     model = models.build_model("resnet18", 10, width=0.25)
     tx = optim.make_optimizer(learning_rate=0.1, restart_period=10, num_steps=10)
-    mesh = steps.make_mesh()
+    mesh = step_lib.make_mesh()
     rs = np.random.RandomState(0)
     images = rs.randint(0, 256, size=(8, 28, 28, 1)).astype(np.uint8)
     labels = rs.randint(0, 10, size=8).astype(np.int32)
-    batch = steps.shard_batch({"images": images, "labels": labels}, mesh)
-    state = steps.replicate(steps.create_train_state(model, tx, jax.random.key(0), images), mesh)
-    rng = steps.replicate(jax.random.key(1), mesh)
+    batch = step_lib.shard_batch({"images": images, "labels": labels}, mesh)
+    state = step_lib.replicate(
+        step_lib.create_train_state(model, tx, jax.random.key(0), images), mesh
+    )
+    rng = step_lib.replicate(jax.random.key(1), mesh)
     counts = {}
     for name, rho in (("erm", 0.0), ("sam", 0.05)):
-        jitted = steps.compile_train_step(model, tx, mesh, rho=rho).jitted
+        jitted = step_lib.compile_train_step(model, tx, mesh, rho=rho).jitted
         counts[name] = bench_step.matmul_flops(jitted, state, batch, rng)
         if name == "erm":
             cost = jitted.lower(state, batch, rng).compile().cost_analysis()

@@ -14,8 +14,8 @@ import os
 
 from absl import app, flags
 
-from flatfsc_jax import convergence
 from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.reporting import convergence
 
 _ZOO = flags.DEFINE_string("zoo", "work/zoo", "Zoo root (default work/zoo).")
 _OUT = flags.DEFINE_string("out", "convergence.png", "Where the PNG goes.")

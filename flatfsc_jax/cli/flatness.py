@@ -20,9 +20,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from flatfsc_jax import measure_flatness as mf
-from flatfsc_jax import report
 from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.flatness import report as flatness_report
+from flatfsc_jax.flatness import zoo as mf
 
 _DEFAULTS = mf.FlatnessSettings()
 
@@ -118,9 +118,9 @@ def main(argv) -> None:
         settings=settings,
         progress=lambda line: print(line, flush=True),
     )
-    paths = report.write_flatness_report(results, out)
+    paths = flatness_report.write_flatness_report(results, out)
     print()
-    print(report.flatness_markdown(results))
+    print(flatness_report.flatness_markdown(results))
     print(f"measured {len(results['entries'])} backbones in {results['seconds']:.1f} s; written:")
     for name in ("json", "markdown", "csv"):
         print("  " + paths[name])

@@ -17,7 +17,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "work", "The run's workdir (report in 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
-    from flatfsc_jax import report
+    from flatfsc_jax.reporting import tables
 
     out = os.path.join(_WORKDIR.value, "report")
     path = os.path.join(out, "results.json")
@@ -25,8 +25,8 @@ def main(argv) -> None:
         raise SystemExit(f"{path} does not exist: run ./run.sh (its evaluate stage) first")
     with open(path) as f:
         results = json.load(f)
-    paths = report.write_report(results, out)
-    print(report.to_markdown(results))
+    paths = tables.write_report(results, out)
+    print(tables.to_markdown(results))
     print("written:", ", ".join(paths.values()))
 
 

@@ -15,7 +15,7 @@ import os
 
 from absl import app, flags
 
-from flatfsc_jax import seeds
+from flatfsc_jax.reporting import seeds
 
 _OUT = flags.DEFINE_string("out", "work/seeds", "Directory for seeds.md and seeds.json.")
 

@@ -12,8 +12,8 @@ Protocol (mirrors Meta-Dataset): seen domains (``SEEN_DOMAINS``; cjk is the larg
 "ImageNet-like" one) split their classes 70/15/15 into train/valid/test; unseen domains
 (``UNSEEN_DOMAINS``) are test-only.
 
-    python -m flatfsc_jax.data.glyphs --describe          # the data card
-    python -m flatfsc_jax.data.glyphs --prepare --data_dir=DIR [--domains=latin,thai]
+    python -m flatfsc_jax.cli.glyphs --describe          # the data card
+    python -m flatfsc_jax.cli.glyphs --prepare --data_dir=DIR [--domains=latin,thai]
 
     from flatfsc_jax.data import glyphs
     split = glyphs.load_split("latin", "train", data_dir)   # prepares on first use
@@ -24,16 +24,14 @@ The shipped npz is verified against the checksums of its data card before anythi
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import io
 import json
 import os
 import shutil
-import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import importlib_resources
 import numpy as np
@@ -343,7 +341,7 @@ def load_split(
             state = "not prepared" if recorded is None else "prepared from another render"
             raise sources.MissingDataError(
                 f"glyphs/{domain} is {state} in data_dir={os.fspath(data_dir)!r}: run "
-                f"`python -m flatfsc_jax.data.glyphs --prepare --data_dir={os.fspath(data_dir)}`"
+                f"`python -m flatfsc_jax.cli.glyphs --prepare --data_dir={os.fspath(data_dir)}`"
                 " or pass prepare_if_missing=True"
             )
         prepare(data_dir, [domain], assets_dir=assets_dir)
@@ -416,38 +414,3 @@ def describe(card: dict, *, faces: bool = False) -> str:
                 for f in entry["faces"]
             ]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="The embedded Glyphs benchmark.")
-    parser.add_argument("--describe", action="store_true", help="print the data card")
-    parser.add_argument("--faces", action="store_true", help="with --describe: list every face")
-    parser.add_argument("--prepare", action="store_true", help="write the TFDS sources")
-    parser.add_argument("--data_dir", help="TFDS data directory (with --prepare)")
-    parser.add_argument("--domains", help="comma-separated domains (default: all)")
-    parser.add_argument(
-        "--assets_dir", help=f"another rendered copy (default ${ASSETS_ENV} or the shipped one)"
-    )
-    args = parser.parse_args(argv)
-    if not (args.describe or args.prepare):
-        parser.error("nothing to do: pass --describe and/or --prepare --data_dir=DIR")
-    if args.describe:
-        print(describe(data_card(args.assets_dir), faces=args.faces))
-    if args.prepare:
-        if not args.data_dir:
-            parser.error("--prepare needs --data_dir=DIR")
-        domains = args.domains.split(",") if args.domains else None
-        try:
-            start = time.perf_counter()
-            prepare(args.data_dir, domains, assets_dir=args.assets_dir)
-            print(f"done in {time.perf_counter() - start:.1f} s")
-        except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    # TFDS locates a builder by its module's package, which `python -m` hides (``__main__``):
-    # run the CLI from the imported module instead.
-    from flatfsc_jax.data import glyphs
-
-    glyphs.main()

@@ -1,0 +1,641 @@
+"""Fusion by distillation (URL: Li, Liu & Bilen, ICCV 2021): the ``erm+kd`` / ``sam+kd`` students.
+
+One ResNet (the zoo's ``config.model``) is trained from scratch on every seen domain at
+once and distilled from the zoo's per-domain backbones of one family (ERM teachers for
+``erm+kd``, SAM teachers for ``sam+kd``). Each step:
+
+* the domain batches are concatenated and the student runs **once** on the mixed batch
+  (its BatchNorm normalises over all domains together); the features ``z`` are split
+  back per domain and head ``d`` (linear, with bias) classifies domain ``d``'s slice;
+* each frozen teacher runs on its own domain's batch only, BatchNorm in eval mode,
+  under ``stop_gradient``, giving features ``t_d`` and logits;
+* the loss, summed over domains, is
+
+      CE(head_d(z_d), y_d)
+        + lambda_f_d * w_d(t) * (1 - CKA_rbf(normalize(A_d z_d), normalize(t_d)))
+        + lambda_p_d * w_d(t) * KL_T(teacher_d || student_d)
+
+  with ``A_d`` a per-domain bias-free linear adaptor (dim -> dim, Xavier-normal init) on
+  the student side only, ``w_d(t) = max(0, 1 - t / (P * k_d))`` (P the restart period,
+  ``k_d`` ``config.fusion.distill.anneal``) and ``KL_T`` the temperature-T KL divergence
+  of the softened logits times T^2 divided by the batch size;
+* the student (trunk + heads) steps with SGD 0.9 + coupled weight decay and the
+  warm-restart cosine schedule (optim.py), the adaptors with Adam (coupled L2 decay) on
+  the same schedule. For ``sam+kd`` the gradient is SAM's (``sam.sam_gradient`` on the
+  total loss, rho of the general domain; perturbation over everything trained,
+  adaptors included; BN statistics from the clean pass); the teachers run once.
+
+CKA follows URL's ``models/cka.py``: RBF kernels with bandwidth
+``sqrt(median of the non-zero squared distances)`` computed for each side separately
+(the *lower* median, as ``torch.median``; clamped at 1e-12) with no gradient through it,
+HSIC with the centring ``H = I - 11^T / n``, and the HSIC self-terms clamped at 1e-12
+before the square root.
+
+The stored zoo entry ``<benchmark>/<source_domain>/<method>+kd`` is a plain backbone:
+the student's trunk with the *general domain's* head (so ``Zoo.load`` builds it with the
+general domain's class count). Evaluation uses only the trunk. Validation is NCC on each
+seen domain's validation episodes, averaged over domains (URL's criterion); the best
+checkpoint is kept. Training resumes exactly like ``train.py`` (Orbax
+``CheckpointManager`` with the train state, every domain's input position and the
+best-so-far record).
+
+Why one module: the loss terms (CKA, KL, annealing), the jitted student step and the
+resumable loop share one state layout (trunk, per-domain heads and adaptors, two
+optimisers) that no other module uses; split, each part would import the others' private
+structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import linen as nn
+from tqdm.auto import tqdm
+
+from flatfsc_jax import config_lib, models, sam
+from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.data import benchmarks, pipeline
+from flatfsc_jax.profiling import PROFILE
+from flatfsc_jax.training import loop as loop_lib
+from flatfsc_jax.training import metrics_writer, optim
+from flatfsc_jax.training import step as step_lib
+
+log = logging.getLogger(__name__)
+
+# URL's clamps (models/cka.py): the squared bandwidth and the HSIC self-terms.
+_CLAMP = 1e-12
+
+
+# ----------------------------------------------------------------------------------------
+# The distillation losses (pure jnp)
+# ----------------------------------------------------------------------------------------
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Rows divided by ``max(||row||, eps)`` (``torch.nn.functional.normalize``)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def squared_distances(x: jax.Array) -> jax.Array:
+    """``[n, n]`` squared Euclidean distances from the Gram matrix (exact zero diagonal)."""
+    gram = x @ x.T
+    half = jnp.diag(gram)[None, :] - gram  # [i, j] = |x_j|^2 - <x_i, x_j>
+    return half + half.T
+
+
+def median_bandwidth(sq_dists: jax.Array) -> jax.Array:
+    """``sqrt(lower median of the non-zero entries)``, clamped, without gradient.
+
+    Every pair appears twice in the symmetric matrix and the diagonal is zero, so this
+    is the lower median over pairs. No non-zero entry (all rows equal): the clamp.
+    """
+    sq_dists = jax.lax.stop_gradient(sq_dists)
+    flat = sq_dists.reshape(-1)
+    nonzero = flat != 0
+    count = jnp.sum(nonzero)
+    ordered = jnp.sort(jnp.where(nonzero, flat, jnp.inf))
+    median = jnp.where(count > 0, ordered[jnp.maximum(count - 1, 0) // 2], 0.0)
+    return jnp.sqrt(jnp.maximum(median, _CLAMP))
+
+
+def rbf_kernel(x: jax.Array) -> jax.Array:
+    """RBF kernel matrix of the rows of ``x`` with the median-heuristic bandwidth."""
+    sq = squared_distances(x)
+    sigma = median_bandwidth(sq)
+    return jnp.exp(sq * (-0.5 / (sigma * sigma)))
+
+
+def center(k: jax.Array) -> jax.Array:
+    """``H K H`` with ``H = I - 11^T / n``, as row/column mean subtraction."""
+    k = k - jnp.mean(k, axis=0, keepdims=True)
+    return k - jnp.mean(k, axis=1, keepdims=True)
+
+
+def cka_rbf(x: jax.Array, y: jax.Array) -> jax.Array:
+    """RBF-kernel CKA of two sets of features of the same ``n`` examples, in [0, 1]."""
+    kx, ky = center(rbf_kernel(x)), center(rbf_kernel(y))
+    hsic_xy = jnp.sum(kx * ky)
+    var_x = jnp.sqrt(jnp.maximum(jnp.sum(kx * kx), _CLAMP))
+    var_y = jnp.sqrt(jnp.maximum(jnp.sum(ky * ky), _CLAMP))
+    return hsic_xy / (var_x * var_y)
+
+
+def kl_distillation(
+    student_logits: jax.Array, teacher_logits: jax.Array, temperature: float
+) -> jax.Array:
+    """``sum KL(softmax(t / T) || softmax(s / T)) * T^2 / batch`` (URL's ``DistillKL``)."""
+    log_p_s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    log_p_t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s))
+    return kl * temperature**2 / student_logits.shape[0]
+
+
+def annealing_weight(step, restart_period: int, k: float) -> jax.Array:
+    """``max(0, 1 - step / (restart_period * k))``: KD fades out after ``k`` periods."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.maximum(0.0, 1.0 - step / (restart_period * k))
+
+
+# ----------------------------------------------------------------------------------------
+# The student step
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The static per-domain part of the distillation loss (``config.fusion.distill``)."""
+
+    domains: tuple[str, ...]
+    lambda_f: tuple[float, ...]
+    lambda_p: tuple[float, ...]
+    anneal: tuple[float, ...]
+    restart_period: int
+    temperature: float
+
+    @classmethod
+    def from_config(cls, config) -> Recipe:
+        d = config.fusion.distill
+        domains = tuple(config.domains)
+        return cls(
+            domains=domains,
+            lambda_f=tuple(float(d.lambda_f[x]) for x in domains),
+            lambda_p=tuple(float(d.lambda_p[x]) for x in domains),
+            anneal=tuple(float(d.anneal[x]) for x in domains),
+            restart_period=int(d.restart_period),
+            temperature=float(d.temperature),
+        )
+
+
+def init_params(student: models.Model, num_classes: dict[str, int], rng, sample) -> tuple:
+    """``({"trunk", "heads", "adaptors"}, batch_stats)`` of a fresh student.
+
+    Heads are initialised like the zoo backbones' ``nn.Dense`` head (LeCun normal, zero
+    bias); adaptors are ``[dim, dim]`` Xavier-normal matrices (URL: a bias-free 1x1
+    convolution, ``nn.init.xavier_normal_``), applied as ``z @ A``.
+    """
+    trunk_rng, rng = jax.random.split(rng)
+    variables = jax.jit(student.init)(trunk_rng, sample)
+    dim = student.embedding_dim
+    heads, adaptors = {}, {}
+    xavier = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+    for i, (domain, n) in enumerate(num_classes.items()):
+        head_rng, ad_rng = jax.random.split(jax.random.fold_in(rng, i))
+        heads[domain] = {
+            "kernel": nn.initializers.lecun_normal()(head_rng, (dim, n), jnp.float32),
+            "bias": jnp.zeros((n,), jnp.float32),
+        }
+        adaptors[domain] = xavier(ad_rng, (dim, dim), jnp.float32)
+    params = {"trunk": variables["params"], "heads": heads, "adaptors": adaptors}
+    return params, variables.get("batch_stats", {})
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """SGD (trunk + heads, optim.py) and Adam (adaptors), same warm-restart schedule."""
+    d = config.fusion.distill
+    student_tx = optim.make_optimizer(
+        learning_rate=d.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        restart_period=d.restart_period,
+        num_steps=d.num_steps,
+    )
+    adaptor_schedule = optim.make_schedule(
+        learning_rate=d.adaptor_lr, restart_period=d.restart_period
+    )
+    # torch.optim.Adam(weight_decay=) adds the decay to the gradient (coupled L2).
+    adaptor_tx = optax.chain(
+        optax.add_decayed_weights(d.adaptor_weight_decay),
+        optax.scale_by_adam(),
+        optax.scale_by_learning_rate(adaptor_schedule),
+    )
+
+    def labels(params):
+        return {
+            k: jax.tree.map(lambda _, group=("adaptor" if k == "adaptors" else "student"): group, v)
+            for k, v in params.items()
+        }
+
+    return optax.multi_transform({"student": student_tx, "adaptor": adaptor_tx}, labels)
+
+
+def distill_step(
+    state: step_lib.TrainState,
+    batch: dict,
+    teachers: dict,
+    *,
+    student: models.Model,
+    teacher_models: dict,
+    recipe: Recipe,
+    tx: optax.GradientTransformation,
+    rho: float,
+    eps: float = 1e-12,
+    adaptive: bool = False,
+) -> tuple[step_lib.TrainState, dict]:
+    """One student step. ``batch[d] = {"images", "labels"}`` per domain, in recipe order.
+
+    ``state.params`` is ``{"trunk", "heads", "adaptors"}``; ``teachers[d]`` the frozen
+    variables of domain ``d``'s teacher (``teacher_models[d]``).
+    """
+    domains = recipe.domains
+    images = {d: step_lib._as_float_images(batch[d]["images"]) for d in domains}
+    labels = {d: batch[d]["labels"] for d in domains}
+    targets = {}
+    for d in domains:
+        (t_logits, t_feats), _ = teacher_models[d].apply(teachers[d], images[d], train=False)
+        targets[d] = jax.lax.stop_gradient(
+            (t_logits.astype(jnp.float32), l2_normalize(t_feats.astype(jnp.float32)))
+        )
+    weights = {
+        d: annealing_weight(state.step, recipe.restart_period, k)
+        for d, k in zip(domains, recipe.anneal, strict=True)
+    }
+    sizes = [images[d].shape[0] for d in domains]
+
+    def loss_fn(trained, data):
+        x = jnp.concatenate([data["images"][d] for d in domains], axis=0)
+        variables = {"params": trained["trunk"], "batch_stats": state.batch_stats}
+        (_, z), new_batch_stats = student.apply(variables, x, train=True)
+        z = z.astype(jnp.float32)
+        total, aux = jnp.zeros((), jnp.float32), {"batch_stats": new_batch_stats}
+        start = 0
+        for d, n, lf, lp in zip(domains, sizes, recipe.lambda_f, recipe.lambda_p, strict=True):
+            z_d = z[start : start + n]
+            start += n
+            head = trained["heads"][d]
+            logits = z_d @ head["kernel"] + head["bias"]
+            ce = jnp.mean(
+                optax.softmax_cross_entropy_with_integer_labels(logits, data["labels"][d])
+            )
+            t_logits, t_feats = targets[d]
+            cka = cka_rbf(l2_normalize(z_d @ trained["adaptors"][d]), t_feats)
+            kl = kl_distillation(logits, t_logits, recipe.temperature)
+            total = total + ce + weights[d] * (lf * (1.0 - cka) + lp * kl)
+            aux[f"ce/{d}"], aux[f"cka/{d}"], aux[f"kl/{d}"] = ce, cka, kl
+            aux[f"accuracy/{d}"] = jnp.mean(
+                (jnp.argmax(logits, -1) == data["labels"][d]).astype(jnp.float32)
+            )
+        return total, aux
+
+    trained = state.params
+    grads, aux, diag = sam.sam_gradient(
+        loss_fn, trained, {"images": images, "labels": labels}, rho=rho, eps=eps, adaptive=adaptive
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, trained)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(trained, updates),
+        batch_stats=aux.pop("batch_stats"),
+        opt_state=opt_state,
+    )
+    metrics = dict(
+        aux,
+        loss=diag.loss,
+        perturbed_loss=diag.perturbed_loss,
+        sharpness=diag.sharpness,
+        grad_norm=diag.grad_norm,
+        **{f"kd_weight/{d}": w for d, w in weights.items()},
+    )
+    return new_state, metrics
+
+
+def compile_distill_step(
+    student: models.Model,
+    teacher_models: dict,
+    recipe: Recipe,
+    tx: optax.GradientTransformation,
+    mesh,
+    *,
+    rho: float,
+    eps: float = 1e-12,
+    adaptive: bool = False,
+):
+    """``distill_step`` jitted over ``mesh``: ``step(state, batch, teachers)``.
+
+    ``state`` and ``teachers`` replicated (``steps.replicate``), ``state`` donated;
+    ``batch`` sharded per domain (``steps.shard_batch`` of the ``{domain: batch}`` dict), so
+    every domain's global batch is the concatenation of the processes' slices.
+    """
+    sam.check_sam_arguments(rho, eps)
+    fn = functools.partial(
+        distill_step,
+        student=student,
+        teacher_models=teacher_models,
+        recipe=recipe,
+        tx=tx,
+        rho=float(rho),
+        eps=float(eps),
+        adaptive=bool(adaptive),
+    )
+    whole, split = step_lib.replicated(mesh), step_lib.batch_sharding(mesh)
+    return jax.jit(
+        fn,
+        in_shardings=(whole, split, whole),
+        out_shardings=(whole, whole),
+        donate_argnums=(0,),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Training one student (a zoo entry)
+# ----------------------------------------------------------------------------------------
+
+
+def entry_method(method: str) -> str:
+    """Zoo method name of a student: ``sam`` -> ``sam+kd``."""
+    return f"{method}+kd"
+
+
+def export_variables(params: dict, batch_stats, source: str) -> dict:
+    """The plain backbone to store: the trunk with the general domain's head."""
+    out = dict(params["trunk"])
+    out["head"] = params["heads"][source]
+    return jax.device_get({"params": out, "batch_stats": batch_stats})
+
+
+def _load_teachers(config, zoo: zoo_lib.Zoo, method: str) -> dict:
+    missing = [d for d in config.domains if not zoo.is_complete(config.benchmark, d, method)]
+    if missing:
+        raise FileNotFoundError(
+            f"distillation ({entry_method(method)}) needs the {method} teacher of every seen "
+            f"domain; missing or incomplete in {str(zoo.root)!r}: "
+            f"{[f'{config.benchmark}/{d}/{method}' for d in missing]}. Train them first "
+            f"(the train stage: --stages=train,fuse)"
+        )
+    teachers = {d: zoo.load(config.benchmark, d, method) for d in config.domains}
+    for t in teachers.values():
+        m = t.entry.metadata["model"]
+        if (m["arch"], float(m["width"])) != (config.model.arch, float(config.model.width)):
+            raise zoo_lib.IncompatibleCheckpointError(
+                f"teacher {t.entry.key} is {m['arch']} x{m['width']} but the student is "
+                f"config.model {config.model.arch} x{config.model.width}: distillation "
+                f"needs teachers of the student's architecture (same trunk width)"
+            )
+    return teachers
+
+
+def distill(
+    config: ml_collections.ConfigDict,
+    zoo: zoo_lib.Zoo,
+    method: str,
+    *,
+    progress: bool = True,
+) -> zoo_lib.ZooEntry:
+    """Trains (or resumes) the ``<method>+kd`` student and returns its zoo entry."""
+    mesh = step_lib.make_mesh()
+    config_lib.validate(config, num_devices=mesh.size)
+    config_lib.validate_distill(config, num_devices=mesh.size)
+    if method not in config_lib.METHODS:
+        raise ValueError(f"method {method!r} must be one of {config_lib.METHODS}")
+    dc = config.fusion.distill
+    source = config.fusion.source_domain
+    name = entry_method(method)
+    domains = tuple(config.domains)
+    entry_dir = zoo.entry_dir(config.benchmark, source, name)
+    desc = f"{config.benchmark}/{source}/{name}"
+
+    teachers = _load_teachers(config, zoo, method)
+    train_splits = {
+        d: benchmarks.load_split(config.benchmark, d, "train", config.data_dir) for d in domains
+    }
+    valid_splits = {
+        d: benchmarks.load_split(config.benchmark, d, "valid", config.data_dir) for d in domains
+    }
+    num_classes = {d: train_splits[d].num_classes for d in domains}
+    for d in domains:
+        t_classes = teachers[d].entry.metadata["model"]["num_classes"]
+        if t_classes != num_classes[d]:
+            raise zoo_lib.IncompatibleCheckpointError(
+                f"teacher {teachers[d].entry.key} has {t_classes} classes but the {d} "
+                f"train split has {num_classes[d]}: the zoo and the data disagree"
+            )
+    image_shape = train_splits[source].image_shape
+    # The general domain's rho for sam+kd (its per-domain row, or config.sam.rho).
+    rho = config_lib.domain_config(config, source, method).sam.rho
+
+    student = models.build_model_from_config(config.model, 0, lora_rank=0)
+    recipe = Recipe.from_config(config)
+    tx = make_optimizer(config)
+    schedule = optim.make_schedule(learning_rate=dc.lr, restart_period=dc.restart_period)
+    sample = jnp.zeros((1, *image_shape), jnp.float32)
+
+    def fresh_state():
+        params, batch_stats = init_params(student, num_classes, jax.random.key(config.seed), sample)
+        return step_lib.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=tx.init(params),
+        )
+
+    process_index, process_count = jax.process_index(), jax.process_count()
+    augment = pipeline.AugmentConfig(**config.augment.to_dict())
+    iterators = {
+        d: pipeline.make_train_iterator(
+            train_splits[d],
+            global_batch_size=int(dc.batch_size[d]),
+            seed=config.seed + i,  # distinct augmentation streams per domain
+            augment=augment,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        for i, d in enumerate(domains)
+    }
+    manager = ocp.CheckpointManager(
+        entry_dir / "train",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False
+        ),
+    )
+    record = {"best_accuracy": -1.0, "best_step": -1, "best_ci95": 0.0, "best_per_domain": {}}
+    latest = manager.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step_lib.replicated(mesh)),
+            jax.eval_shape(fresh_state),
+        )
+        restored = manager.restore(
+            latest,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=ocp.args.JsonRestore(),
+                progress=ocp.args.JsonRestore(),
+            ),
+        )
+        state = restored.state
+        for d in domains:
+            iterators[d].set_state(restored.data[d])
+        record = dict(restored.progress)
+        log.info("resumed %s at step %d", desc, latest)
+    else:
+        state = jax.device_put(fresh_state(), step_lib.replicated(mesh))
+    teacher_vars = step_lib.replicate({d: t.variables for d, t in teachers.items()}, mesh)
+    teacher_models = {d: t.model for d, t in teachers.items()}
+    step_fn = compile_distill_step(
+        student,
+        teacher_models,
+        recipe,
+        tx,
+        mesh,
+        rho=rho,
+        eps=config.sam.eps,
+        adaptive=config.sam.adaptive,
+    )
+    evaluators = {d: loop_lib.validation_evaluator(config, valid_splits[d]) for d in domains}
+    start = int(jax.device_get(state.step))
+    # metrics.jsonl + TensorBoard, as for backbones: on resume it drops the records after
+    # `start`, which the resumed run writes again.
+    writer = metrics_writer.MetricsWriter(entry_dir, resume_step=start, enabled=process_index == 0)
+
+    def write_metrics(record):
+        writer.write(record["step"], record)
+
+    def save_checkpoint(step):
+        t_save = time.perf_counter()
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave({d: it.get_state() for d, it in iterators.items()}),
+                progress=ocp.args.JsonSave(record),
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
+        PROFILE.add("distill/checkpoint", time.perf_counter() - t_save)
+
+    def validate_now(step):
+        t_val = time.perf_counter()
+        variables = {"params": state.params["trunk"], "batch_stats": state.batch_stats}
+        per_domain, cis = {}, []
+        for d, ev in evaluators.items():
+            result = ev.run(student, variables)
+            per_domain[d] = float(result["mean"])
+            cis.append(float(result["ci95"]))
+        acc = float(np.mean(list(per_domain.values())))
+        # The domains' episodes are independent: the mean's CI adds their variances.
+        ci = float(math.sqrt(sum(c * c for c in cis)) / len(cis))
+        improved = acc > record["best_accuracy"]
+        if improved:
+            record.update(best_accuracy=acc, best_step=step, best_ci95=ci)
+            record["best_per_domain"] = per_domain
+            zoo_lib.save_variables(
+                entry_dir / "best", export_variables(state.params, state.batch_stats, source)
+            )
+        PROFILE.add("distill/validation", time.perf_counter() - t_val)
+        write_metrics(
+            {"step": step, "val_accuracy": acc, "val_ci95": ci, "best": improved}
+            | {f"val_accuracy/{d}": a for d, a in per_domain.items()}
+        )
+        return acc
+
+    num_steps = int(dc.num_steps)
+    eval_every = int(dc.validation_every or dc.restart_period)
+    bar = tqdm(
+        total=num_steps,
+        initial=start,
+        desc=desc,
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    last_val = record["best_accuracy"]
+    images_per_step = sum(int(dc.batch_size[d]) for d in domains)
+    t0, steps_done = time.perf_counter(), 0
+    t_steps = time.perf_counter()  # start of the current run of steps (profile)
+    step = start
+    while step < num_steps:
+        host = {d: next(it) for d, it in iterators.items()}
+        batch = step_lib.shard_batch(
+            {d: {"images": b["image"], "labels": b["label"]} for d, b in host.items()}, mesh
+        )
+        if step == start:  # the first call compiles: timed apart from the steps
+            t_compile = time.perf_counter()
+            state, metrics = step_fn(state, batch, teacher_vars)
+            jax.block_until_ready(metrics)
+            PROFILE.add("distill/compile", time.perf_counter() - t_compile)
+            t_steps = time.perf_counter()
+        else:
+            state, metrics = step_fn(state, batch, teacher_vars)
+        step += 1
+        steps_done += 1
+        bar.update(1)
+        log_now = step % config.log_every == 0 or step == num_steps
+        save_now = step % config.checkpoint_every == 0 or step == num_steps
+        val_now = step % eval_every == 0 or step == num_steps
+        if not (log_now or save_now or val_now):
+            continue
+        m = step_lib.host_metrics(metrics)  # waits for the step: closes the steps section
+        PROFILE.add("distill/steps", time.perf_counter() - t_steps)
+        loop_lib.check_finite_loss(
+            m["loss"],
+            step,
+            desc,
+            lambda: (
+                f"The last good checkpoint (step {manager.latest_step()}) is kept in "
+                f"{str(entry_dir / 'train')!r}. Lower config.fusion.distill.lr (now {dc.lr}) "
+                f"or config.fusion.distill.adaptor_lr (now {dc.adaptor_lr}) and rerun."
+            ),
+            bar=bar,
+        )
+        m.update(step=step, learning_rate=float(schedule(step - 1)))
+        if val_now:
+            last_val = validate_now(step)
+        if log_now:
+            m["images_per_s"] = steps_done * images_per_step / max(time.perf_counter() - t0, 1e-9)
+            write_metrics(m)
+            bar.set_postfix(
+                loss=f"{m['loss']:.3f}",
+                val=f"{100 * last_val:.1f}%" if last_val >= 0 else "-",
+                refresh=False,
+            )
+        if save_now:
+            save_checkpoint(step)
+        t_steps = time.perf_counter()
+    bar.close()
+    for it in iterators.values():
+        it.close()
+    writer.close()
+
+    metadata = dict(
+        config=config.to_dict(),
+        rho=float(rho),
+        num_steps=num_steps,
+        batch_size={d: int(dc.batch_size[d]) for d in domains},
+        train_classes=int(num_classes[source]),
+        best_validation=dict(
+            accuracy=record["best_accuracy"],
+            ci95=record["best_ci95"],
+            step=record["best_step"],
+            episodes=int(config.validation.episodes),
+            per_domain=record["best_per_domain"],
+            criterion="mean NCC accuracy over the seen domains' validation episodes",
+        ),
+        devices=mesh.size,
+        fusion=dict(
+            mode="distill",
+            source=f"{config.benchmark}/{source}",
+            teachers=[f"{config.benchmark}/{d}/{method}" for d in domains],
+            head=f"the {source} head of the student (evaluation uses only the trunk)",
+        ),
+    )
+    if process_index == 0:
+        zoo.finalize(
+            config.benchmark,
+            source,
+            name,
+            variables=export_variables(state.params, state.batch_stats, source),
+            model_config=models.model_metadata(config, num_classes[source]),
+            image_shape=image_shape,
+            metadata=metadata,
+        )
+    return zoo.get(config.benchmark, source, name)

@@ -1,0 +1,147 @@
+"""Information fusion by fine-tuning (the paper's "+FT" backbones).
+
+The baseline (URL) distils all domain backbones into one network; the paper instead
+takes the backbone trained on the large, general domain (ImageNet; CJK ideographs on
+Glyphs) and fine-tunes it on each other seen domain, with SAM for the SAM variant. Each
+result is its own zoo entry ``<domain>/<method>+ft`` (full fine-tuning) or
+``<domain>/<method>+lora`` (only low-rank adapters and a new head are trained; the
+adapters are merged into the stored kernels). For the general domain itself the fused
+backbone *is* its own backbone, so no entry is written for it.
+
+Hyper-parameters (``config.fusion``; the paper did not publish them): the target
+domain's batch size and rho, SGD with momentum and coupled weight decay as in backbone
+training, a learning rate 10x below the from-scratch rate (the trunk is already good;
+a large rate would erase what the general domain taught), and one cosine cycle of
+``config.fusion.num_steps`` steps. LoRA trains far fewer weights and so uses a higher
+rate. Validation and best-checkpoint selection are as in backbone training.
+
+``config.fusion.mode`` may name several modes, comma-separated: ``"full,distill"`` fuses
+by fine-tuning *and* trains the distillation students (``flatfsc_jax/distill.py``: one
+``<source_domain>/<method>+kd`` entry per method, from the per-domain teachers).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ml_collections
+
+from flatfsc_jax import config_lib, families
+from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.fusion import distill
+from flatfsc_jax.training import loop
+
+log = logging.getLogger(__name__)
+
+
+def fusion_config(config: ml_collections.ConfigDict, mode: str | None = None):
+    """``config`` with the fusion learning rate / steps / restart period in every row.
+
+    With ``mode``, ``fusion.mode`` is that one mode: what a fused entry stores and is
+    compared on (``zoo.FUSED_KEYS``), so the ``+ft`` entries of ``"full"`` and of
+    ``"full,distill"`` are the same backbones and a zoo fused with one is reused by the
+    other.
+    """
+    c = ml_collections.ConfigDict(config.to_dict())
+    f = config.fusion
+    if mode is not None:
+        c.fusion.mode = mode
+    for d in c.per_domain:
+        row = c.per_domain[d]
+        row.lr, row.num_steps, row.restart_period = f.lr, f.num_steps, f.restart_period
+    return c
+
+
+def fusion_targets(config) -> tuple[str, ...]:
+    return tuple(d for d in config.domains if d != config.fusion.source_domain)
+
+
+def source_checksum(entry: zoo_lib.ZooEntry) -> str:
+    """What identifies a source backbone: the sha256 of its ``best/`` checkpoint."""
+    return entry.metadata.get("best_sha256") or zoo_lib.checksum(entry.path / "best")
+
+
+def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_lib.ZooEntry]:
+    """Runs every mode of ``config.fusion.mode`` for ``method``; returns the entries.
+
+    A complete fine-tuned entry is reused only if it was fine-tuned from the current source
+    backbone (same ``best/`` sha256, recorded in its metadata); otherwise it is retrained.
+    """
+    source = config.fusion.source_domain
+    if source not in config.domains:  # config_lib.validate says so before any training
+        raise config_lib.ConfigError(
+            f"config.fusion.source_domain={source!r} is not one of config.domains "
+            f"{tuple(config.domains)}"
+        )
+    entries = []
+    for mode in config_lib.fusion_modes(config):
+        if mode == "distill":
+            entries.append(_distill(config, zoo, method, progress=progress))
+        else:
+            entries += _fine_tune(config, zoo, method, mode, progress=progress)
+    return entries
+
+
+def _distill(config, zoo: zoo_lib.Zoo, method: str, *, progress) -> zoo_lib.ZooEntry:
+    source, name = config.fusion.source_domain, families.fused_method(method, "distill")
+    if zoo.is_complete(config.benchmark, source, name) and not config.retrain:
+        log.info("fusion: %s/%s/%s is complete, reusing it", config.benchmark, source, name)
+        return zoo.get(config.benchmark, source, name)
+    if config.retrain:
+        zoo.invalidate(config.benchmark, source, name)
+    return distill.distill(config, zoo, method, progress=progress)
+
+
+def _fine_tune(config, zoo, method: str, mode: str, *, progress) -> list[zoo_lib.ZooEntry]:
+    """Fine-tunes the general domain's ``method`` backbone on every other seen domain."""
+    source = config.fusion.source_domain
+    start = zoo.load(config.benchmark, source, method)
+    source_sha = source_checksum(start.entry)
+    target_method = families.fused_method(method, mode)
+    cfg = fusion_config(config, mode)
+    lora_rank = config.fusion.lora_rank if mode == "lora" else 0
+    entries = []
+    for domain in fusion_targets(config):
+        key = f"{config.benchmark}/{domain}/{target_method}"
+        state, problem = zoo.status(config.benchmark, domain, target_method)
+        if state == "complete" and not config.retrain:
+            entry = zoo.get(config.benchmark, domain, target_method)
+            recorded = entry.metadata.get("fusion", {}).get("source_sha256")
+            if recorded is None or recorded == source_sha:  # None: written before it was
+                log.info("fusion: %s is complete, reusing it", key)
+                entries.append(entry)
+                continue
+            print(f"[fuse] {key}: its source {start.entry.key} was retrained; fusing again")
+        if state == "damaged":
+            print(f"[fuse] {key}: damaged ({problem}), retraining it")
+        entry_cfg = config_lib.domain_config(cfg, domain, method)
+        zoo.begin_run(
+            config.benchmark,
+            domain,
+            target_method,
+            {"config": entry_cfg.to_dict(), "source_sha256": source_sha},
+            discard=config.retrain or state != "incomplete",  # complete (stale), damaged
+            stage="fuse",
+        )
+        entries.append(
+            loop.train_and_evaluate(
+                cfg,
+                zoo,
+                domain,
+                method,
+                init_variables=start.variables,
+                lora_rank=lora_rank,
+                entry_method=target_method,
+                extra_metadata=dict(
+                    fusion=dict(
+                        source=f"{config.benchmark}/{source}/{method}",
+                        source_sha256=source_sha,
+                        mode=mode,
+                        lora_rank=lora_rank,
+                    )
+                ),
+                progress=progress,
+                stage="fuse",
+            )
+        )
+    return entries
