@@ -268,7 +268,9 @@ def partial_tau(
     tau_xy.z = (t_xy - t_xz t_yz) / sqrt((1 - t_xz^2)(1 - t_yz^2)), each t a tau_b.
     NaN when |t_xz| or |t_yz| is 1 (x or y is a monotone function of z: nothing is left).
 
-    CI: BCa over backbones resampled as (x, y, z) triples, as in :func:`kendall_tau`.
+    CI: BCa over backbones resampled as (x, y, z) triples, as in :func:`kendall_tau`; NaN
+    bounds when some resample makes x or y a monotone function of z, which happens once
+    |t_xz| or |t_yz| is close to 1 (then the partial tau itself is unstable).
 
     p: the null is "x and y are unrelated once z is known", so the permutations must keep
     x's relation to z (a free permutation would break it too and test plain
