@@ -336,7 +336,12 @@ def test_table_rows_and_markdown():
     rng = np.random.default_rng(0)
     grid = list(itertools.product(["erm", "sam"], [0.1, 0.05], [0, 1, 2]))
     n = len(grid)
-    factors = {"opt": [g[0] for g in grid], "lr": [g[1] for g in grid]}
+    factors = {
+        "opt": [g[0] for g in grid],
+        "lr": [g[1] for g in grid],
+        "seed": [g[2] for g in grid],
+    }
+    axes = ["opt", "lr"]
     val_acc = rng.normal(size=n)
     outcomes = {"target_a": val_acc + 0.5 * rng.normal(size=n), "target_b": rng.normal(size=n)}
     measures = {"trace": -val_acc + rng.normal(size=n), "val_acc": val_acc}
@@ -347,6 +352,7 @@ def test_table_rows_and_markdown():
         measures,
         outcomes,
         factors=factors,
+        axes=axes,
         covariate=val_acc,
         groups=groups,
         episode_outcomes=episodes,
@@ -363,15 +369,17 @@ def test_table_rows_and_markdown():
     for r in rows:
         m, o = measures[r["measure"]], outcomes[r["outcome"]]
         assert r["tau"] == pytest.approx(stats.kendalltau(m, o).statistic)
-        assert r["psi"] == pytest.approx(corr.granulated_tau(m, o, factors)["psi"])
+        assert r["psi"] == pytest.approx(corr.granulated_tau(m, o, factors, axes=axes)["psi"])
         se = corr.sign_error(
             m,
             o,
             factors,
             direction=-1 if r["measure"] == "trace" else 1,
+            axes=axes,
             episode_outcomes=episodes[r["outcome"]],
         )
         assert r["sign_error"] == se["error"] and r["sign_error_robust"] == se["robust"]
+        assert not math.isnan(r["psi"]) and not math.isnan(r["sign_error"])
         gt = corr.group_taus(m, o, groups, n_perm=200)
         assert r["tau_within"] == gt["pooled_within"]["tau"]
         assert r["tau_across"] == gt["across"]["tau"]

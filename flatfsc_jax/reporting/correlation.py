@@ -507,6 +507,7 @@ def correlation_table(
     outcomes: Mapping[str, Sequence],
     *,
     factors: Mapping[str, Sequence] | None = None,
+    axes: Sequence[str] | None = None,
     covariate=None,
     groups=None,
     outcome_se: Mapping[str, Sequence] | None = None,
@@ -527,7 +528,7 @@ def correlation_table(
     - ``factors``: granulated ``psi`` (:func:`granulated_tau`), and with ``directions``
       {measure: +1/-1} and either ``episode_outcomes`` {outcome: backbones x episodes}
       (preferred: paired SEs) or ``outcome_se`` {outcome: SE per backbone}, the
-      sign-error and its worst axis (:func:`sign_error`).
+      sign-error and its worst axis (:func:`sign_error`); ``axes`` as there.
     Every row uses the same ``seed``, so the bootstrap resamples the same backbones for
     every measure.
     """
@@ -564,10 +565,12 @@ def correlation_table(
             row["tau_within"], row["p_within"] = (gt["pooled_within"][k] for k in ("tau", "p"))
             row["tau_across"] = gt["across"]["tau"]
         if fac is not None:
-            row["psi"] = granulated_tau(m, o, fac)["psi"]
+            row["psi"] = granulated_tau(m, o, fac, axes=axes)["psi"]
         if noise is not None:
             key = "episode_outcomes" if episode_outcomes is not None else "outcome_se"
-            se = sign_error(m, o, fac, direction=directions[mname], **{key: noise[oname]})
+            se = sign_error(
+                m, o, fac, direction=directions[mname], axes=axes, **{key: noise[oname]}
+            )
             row["sign_error"], row["sign_error_robust"] = se["error"], se["robust"]
         rows.append(row)
     for row, adj in zip(rows, holm([r["p"] for r in rows]), strict=True):
