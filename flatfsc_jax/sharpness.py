@@ -38,6 +38,10 @@ Like ``flatness.measures``, the iterative measures drive jitted single steps fro
 numbers with NumPy from an integer ``seed``; :class:`AdaptiveSteps` holds the jitted steps
 so that :func:`measure_backbone`, which keys them on the model, compiles them once per
 architecture and batch shape.
+
+Why one module: the measures are the columns of one table and are read together;
+:func:`measure_backbone` is their one driver and needs the model-keyed twins of the
+adaptive steps, which would otherwise be exported only to be imported once.
 """
 
 from __future__ import annotations
@@ -154,14 +158,15 @@ def adaptive_steps(loss_fn: LossFn, norm: str = "linf") -> AdaptiveSteps:
     )
 
 
-def _steps_of(loss_fn: LossFn | AdaptiveSteps, norm: str = "linf") -> AdaptiveSteps:
+def _steps_of(loss_fn: LossFn | AdaptiveSteps, norm: str | None = None) -> AdaptiveSteps:
+    """``loss_fn``'s steps; ``norm=None`` (only ``loss_at`` is used) accepts any ball."""
     if isinstance(loss_fn, AdaptiveSteps):
-        if loss_fn.norm != norm:
+        if norm is not None and loss_fn.norm != norm:
             raise ValueError(
                 f"the AdaptiveSteps were built for norm={loss_fn.norm!r}, not {norm!r}"
             )
         return loss_fn
-    return adaptive_steps(loss_fn, norm)
+    return adaptive_steps(loss_fn, norm or "linf")
 
 
 def _gaussian_like(rng: np.random.Generator, like: PyTree) -> PyTree:
@@ -251,10 +256,12 @@ def adaptive_worst_sharpness(
 
     Simplifications against their APGD: one run (no restarts); the step-size rule
     restarts the iterate itself from the best point (their code reloads the best weights
-    for one gradient only); ``l2`` projects onto the ball in ``gamma`` (their ``l2``
-    projects ``delta`` onto the ellipsoid ``||delta / |w| || <= rho`` in ``delta``
-    coordinates, a different point when weights differ in size). ``linf`` is exact:
-    sign steps and clipping act element-wise, so both coordinate systems agree.
+    for one gradient only); ``l2`` is plain projected gradient ascent in ``gamma`` (their
+    ``l2`` steps along the weight gradient and projects ``delta`` onto the ellipsoid
+    ``||delta / |w| ||_2 <= rho`` in ``delta`` coordinates, which reaches a different
+    point when weights differ in size). The ball and the objective are theirs in both
+    cases, and for ``linf`` the iteration is too: sign steps and clipping act
+    element-wise, so both coordinate systems agree.
 
     One ``loss_fn`` is one batch: their ``E_S max`` over batches of ``m`` examples is
     the mean of this over batches (:func:`measure_backbone` does that).
@@ -538,7 +545,7 @@ class SharpnessSettings:
     common_rho: float = 0.05
     relative_flatness_samples: int = 100
     relative_flatness_exact_max: int = 4096
-    trace_samples: int = 20
+    trace_samples: int = 10
     power_iters: int = 20
     seed: int = 0
 

@@ -112,6 +112,9 @@ def test_worst_case_is_monotone_in_steps_and_rejects_bad_arguments():
         sh.adaptive_worst_sharpness(steps, params, rho=0.05, norm="l2")  # built for linf
     with pytest.raises(ValueError, match="norm"):
         sh.adaptive_steps(lambda p: 0.0, norm="l1")
+    # The average case only evaluates losses: steps built for either ball serve it.
+    l2_steps = sh.adaptive_steps(_quadratic(jnp.asarray(h), jnp.asarray(b)), norm="l2")
+    assert sh.adaptive_average_sharpness(l2_steps, params, rho=0.05)["sharpness"] > 0
     with pytest.raises(ValueError, match="rho"):
         sh.adaptive_average_sharpness(steps, params, rho=-1.0)
     with pytest.raises(ValueError, match="momentum"):
