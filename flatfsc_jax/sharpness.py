@@ -193,7 +193,8 @@ def adaptive_average_sharpness(
     ``0.5 rho^2 sum_i H_ii w_i^2``.
 
     Returns ``dict(sharpness, std_error, loss)``: ``std_error`` is the standard error of
-    the mean over the ``samples`` (pair) differences, ``loss`` is ``L(w)``.
+    the mean over the ``samples`` (pair) differences, ``loss`` is ``L(w)``. Away from a
+    minimum the value can be negative (the loss may curve down on average).
     """
     check_number("rho", rho, positive=True)
     check_int("samples", samples, minimum=2)
@@ -309,7 +310,7 @@ def sam_gap(
 # ---------------------------------------------------------------------- relative flatness
 
 
-def linear_head_loss(features, labels, bias=None, *, normalize_logits: bool = False) -> LossFn:
+def linear_head_loss(features, labels, bias=None) -> LossFn:
     """``kernel -> mean cross-entropy of features @ kernel + bias``: the loss of a head.
 
     With the network frozen below the head, its features do not depend on the head's
@@ -323,8 +324,6 @@ def linear_head_loss(features, labels, bias=None, *, normalize_logits: bool = Fa
         logits = features @ kernel
         if bias is not None:
             logits = logits + bias
-        if normalize_logits:
-            logits = _normalize_logits(logits)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
     return loss_fn
