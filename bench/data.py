@@ -87,7 +87,7 @@ def bench_step(shape, arch: str, width: float, num_steps: int) -> None:
     model = models.build_model(arch, split.num_classes, width=width)
     tx = optim.make_optimizer(learning_rate=0.01, restart_period=1000, num_steps=1000)
     mesh = step_lib.make_mesh()
-    step = step_lib.compile_train_step(model, tx, mesh, rho=0.0, batch_size=BATCH)
+    step = step_lib.compile_train_step(model, tx, mesh, use_sam=False, batch_size=BATCH)
     state = step_lib.replicate(
         step_lib.create_train_state(model, tx, jax.random.key(0), split.images[:2]), mesh
     )

@@ -71,7 +71,7 @@ def main(argv=None):
     erm_state = step_lib.replicate(
         step_lib.create_train_state(erm_model, erm_tx, jax.random.key(0), sample), mesh
     )
-    erm_step = step_lib.compile_train_step(erm_model, erm_tx, mesh, rho=0.0)
+    erm_step = step_lib.compile_train_step(erm_model, erm_tx, mesh, use_sam=False)
     erm_compiled = erm_step.jitted.lower(erm_state, erm_batch, rng).compile()
 
     # The student of configs/glyphs.py:kd.

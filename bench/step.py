@@ -147,7 +147,9 @@ def bench_model(spec: dict, *, repeats: int, rho: float, dtype: str) -> dict:
 
     runs = {}
     for name, r in (("erm", 0.0), ("sam", rho)):
-        step = step_lib.compile_train_step(model, tx, mesh, rho=r, batch_size=spec["batch"])
+        step = step_lib.compile_train_step(
+            model, tx, mesh, use_sam=r > 0, rho=r or None, batch_size=spec["batch"]
+        )
         state = step_lib.replicate(init, mesh)  # a fresh copy: each run donates its own
         start = time.perf_counter()
         compiled = step.jitted.lower(state, batch, rng).compile()

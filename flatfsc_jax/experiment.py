@@ -33,7 +33,7 @@ from flatfsc_jax import config_lib, families, profiling
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks
 from flatfsc_jax.evaluation import protocol
-from flatfsc_jax.fusion import finetune
+from flatfsc_jax.fusion import distill, finetune
 from flatfsc_jax.profiling import PROFILE
 from flatfsc_jax.reporting import convergence, tables
 from flatfsc_jax.training import loop
@@ -77,9 +77,22 @@ class Planned:
 
     domain: str
     method: str  # training method: erm / sam
-    entry_method: str  # zoo name: erm, sam, sam+ft, ...
+    entry_method: str  # zoo name: erm, sam, sam+ft, sam+kd, ...
     cfg: ml_collections.ConfigDict
     fused: bool
+
+    @property
+    def kind(self) -> str:
+        return zoo_lib.entry_kind(self.entry_method)
+
+    def stored_config(self) -> dict:
+        """The config recorded in (and compared with) the entry's metadata."""
+        return distill.student_config(self.cfg) if self.kind == "student" else self.cfg.to_dict()
+
+    def describe(self) -> str:
+        if self.kind == "student":
+            return distill.describe_student(self.cfg)
+        return config_lib.describe_entry(self.cfg)
 
 
 def plan(config: ml_collections.ConfigDict) -> list[Planned]:
@@ -91,8 +104,12 @@ def plan(config: ml_collections.ConfigDict) -> list[Planned]:
     ]
     if config.fusion.enabled:
         for mode in config_lib.fusion_modes(config):
-            if mode == "distill":
-                continue  # one student per method; distill.py checks its own entry
+            if mode == "distill":  # one student per method, under the general domain
+                source = config.fusion.source_domain
+                for m in config.methods:
+                    name = families.fused_method(m, mode)
+                    out.append(Planned(source, m, name, config, True))
+                continue
             fcfg = finetune.fusion_config(config, mode)
             for m in config.methods:
                 for d in finetune.fusion_targets(config):
@@ -111,7 +128,12 @@ def stale_entries(config, zoo: zoo_lib.Zoo) -> list[tuple[Planned, list[str]]]:
         if not isinstance(stored, dict):
             changes = ["config: not recorded in metadata.json"]
         else:
-            changes = zoo_lib.config_changes(stored, p.cfg.to_dict(), fused=p.fused)
+            changes = zoo_lib.config_changes(
+                stored,
+                p.stored_config(),
+                fused=p.kind == "fused",
+                student=p.kind == "student",
+            )
         if changes:
             out.append((p, changes))
     return out
@@ -149,9 +171,7 @@ def describe_plan(config, zoo: zoo_lib.Zoo | None = None) -> str:
     lines = ["entries (effective batch size, lr, steps, restart period, rho):"]
     stale = {(p.domain, p.entry_method): c for p, c in stale_entries(config, zoo)} if zoo else {}
     for p in plan(config):
-        line = (
-            f"  {config.benchmark}/{p.domain}/{p.entry_method}: {config_lib.describe_entry(p.cfg)}"
-        )
+        line = f"  {config.benchmark}/{p.domain}/{p.entry_method}: {p.describe()}"
         if zoo is not None:
             state, problem = zoo.status(config.benchmark, p.domain, p.entry_method)
             if (p.domain, p.entry_method) in stale:
@@ -173,9 +193,19 @@ def check_fused_sources(config, zoo: zoo_lib.Zoo) -> None:
         if not p.fused:
             continue
         entry = zoo.get(config.benchmark, p.domain, p.entry_method)
+        if p.kind == "student":
+            reason = distill.teachers_retrained(
+                distill.teacher_checksums(config, zoo, p.method), entry
+            )
+            if reason:
+                raise zoo_lib.StaleEntryError(
+                    f"zoo entry {entry.key}: {reason} since it was distilled; run the fuse "
+                    "stage again (--stages=fuse,evaluate)"
+                )
+            continue
         source = zoo.get(config.benchmark, config.fusion.source_domain, p.method)
         recorded = entry.metadata.get("fusion", {}).get("source_sha256")
-        if recorded is not None and recorded != finetune.source_checksum(source):
+        if recorded is not None and recorded != source.best_sha256:
             raise zoo_lib.StaleEntryError(
                 f"zoo entry {entry.key} was fine-tuned from an earlier {source.key} backbone "
                 f"(retrained since); run the fuse stage again (--stages=fuse,evaluate)"
@@ -234,22 +264,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
     if "train" in stages:
         for method in config.methods:
             for domain in config.domains:
-                key = f"{config.benchmark}/{domain}/{method}"
-                state, problem = zoo.status(config.benchmark, domain, method)
-                if state == "complete" and not config.retrain:
-                    _print(f"[train] {key}: complete, reusing it")
-                    continue
-                if state == "damaged":
-                    _print(f"[train] {key}: damaged ({problem}), retraining it")
                 cfg = config_lib.domain_config(config, domain, method)
-                zoo.begin_run(
+                reused = zoo.reuse_or_begin(
                     config.benchmark,
                     domain,
                     method,
                     {"config": cfg.to_dict()},
-                    discard=config.retrain or state == "damaged",
+                    retrain=config.retrain,
                     stage="train",
                 )
+                if reused is not None:
+                    continue
                 entry = loop.train_and_evaluate(config, zoo, domain, method, progress=progress)
                 _print(
                     f"[train] {entry.key}: best validation accuracy "

@@ -70,11 +70,11 @@ def setup_jax() -> None:
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Failures a user can fix from the message alone (no traceback shown)."""
     from flatfsc_jax import zoo as zoo_lib
-    from flatfsc_jax.training import loop
+    from flatfsc_jax.training import resumable
 
     # ConfigError, ZooError, IncompatibleCheckpointError and WorkdirError are ValueErrors;
     # missing data is a FileNotFoundError (sources.MissingDataError).
-    return (ValueError, OSError, loop.NonFiniteError, zoo_lib.ZooError)
+    return (ValueError, OSError, resumable.NonFiniteError, zoo_lib.ZooError)
 
 
 def dry_run(config, workdir: str, stages) -> None:

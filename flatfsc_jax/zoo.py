@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -95,6 +96,28 @@ BACKBONE_KEYS = (
 )
 # Also compared for fused entries (``<domain>/<method>+ft`` / ``+lora``).
 FUSED_KEYS = ("fusion.source_domain", "fusion.mode", "fusion.lora_rank")
+# What defines a distilled student (``<source>/<method>+kd``): its own recipe, the seen
+# domains, and every teacher's row (a teacher's rho or lr changes the teacher). The
+# student's config (``distill.student_config``) holds exactly these keys. The teachers'
+# checksums are compared besides (``Zoo.begin``, ``experiment.check_fused_sources``).
+STUDENT_KEYS = (
+    "benchmark",
+    "domains",
+    "seed",
+    "model.arch",
+    "model.width",
+    "model.dtype",
+    "momentum",
+    "weight_decay",
+    "sam.adaptive",
+    "sam.eps",
+    "augment.",
+    "validation.episodes",
+    "validation.metric",
+    "fusion.source_domain",
+    "fusion.distill.",
+    "per_domain.",
+)
 # Keys whose "unset" was stored as 0 before configs used None (config_lib): an entry
 # written then with 0 was trained exactly as one with None is, so it is not stale.
 LEGACY_UNSET = {"sam.m": 0, "validation.every": 0}
@@ -110,8 +133,18 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(stored: dict, wanted: dict, *, fused: bool = False) -> list[str]:
+def entry_kind(method: str) -> str:
+    """``backbone`` (erm, sam), ``student`` (``+kd``) or ``fused`` (``+ft``, ``+lora``)."""
+    if method.endswith("+kd"):
+        return "student"
+    return "fused" if "+" in method else "backbone"
+
+
+def config_changes(stored: dict, wanted: dict, *, fused: bool = False, student=False) -> list[str]:
     """``"key: old -> new"`` for every backbone-defining key that differs.
+
+    The keys are ``BACKBONE_KEYS`` (plus ``FUSED_KEYS`` for a fused entry), or
+    ``STUDENT_KEYS`` for a distilled student.
 
     A key missing from ``stored`` (an entry written before the key existed) is not
     compared: the entry was trained without it. A stored legacy 0 of ``LEGACY_UNSET``
@@ -126,13 +159,15 @@ def config_changes(stored: dict, wanted: dict, *, fused: bool = False) -> list[s
     mode = new.get("fusion.mode")
     if fused and mode and mode in config_lib.parse_fusion_modes(old.get("fusion.mode", "")):
         old["fusion.mode"] = mode
-    patterns = BACKBONE_KEYS + (FUSED_KEYS if fused else ())
+    patterns = STUDENT_KEYS if student else BACKBONE_KEYS + (FUSED_KEYS if fused else ())
     keys = sorted(
         k
         for k in set(old) | set(new)
         if any(k == p or (p.endswith(".") and k.startswith(p)) for p in patterns)
     )
-    return [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in keys if k in old and old[k] != new.get(k)]
+    # A student's stored config may hold rows of domains it never saw (written whole).
+    keys = [k for k in keys if k in old and (k in new or not student)]
+    return [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in keys if old[k] != new.get(k)]
 
 
 def checksum(path) -> str:
@@ -234,6 +269,11 @@ class ZooEntry:
     @property
     def best_accuracy(self) -> float | None:
         return self.metadata.get("best_validation", {}).get("accuracy")
+
+    @property
+    def best_sha256(self) -> str:
+        """What identifies the stored backbone (a fusion source, a teacher)."""
+        return self.metadata.get("best_sha256") or checksum(self.path / "best")
 
 
 @dataclasses.dataclass
@@ -446,10 +486,17 @@ class Zoo:
             if not isinstance(old, dict):
                 changes = ["started.json: unreadable"]
             else:
-                fused = "+" in method
-                changes = config_changes(old.get("config", {}), record["config"], fused=fused)
+                kind = entry_kind(method)
+                changes = config_changes(
+                    old.get("config", {}),
+                    record["config"],
+                    fused=kind == "fused",
+                    student=kind == "student",
+                )
                 if old.get("source_sha256") != record.get("source_sha256"):
                     changes.append("fusion source backbone: retrained")
+                if old.get("teachers_sha256") != record.get("teachers_sha256"):
+                    changes.append("teachers: retrained")
         if jax.process_index() == 0:
             if discard or changes:
                 self.invalidate(benchmark, domain, method)
@@ -462,6 +509,47 @@ class Zoo:
 
             multihost_utils.sync_global_devices(f"zoo.begin {benchmark}/{domain}/{method}")
         return changes
+
+    def reuse_or_begin(
+        self,
+        benchmark: str,
+        domain: str,
+        method: str,
+        record: dict,
+        *,
+        retrain: bool,
+        stage: str,
+        outdated: Callable[[ZooEntry], str | None] | None = None,
+    ) -> ZooEntry | None:
+        """The reuse policy of every stage that writes entries (train, fuse, distill).
+
+        Returns the complete entry when it is reused. Otherwise records the run that
+        will (re)train it (:meth:`begin_run`) and returns None: a damaged entry, one that
+        ``outdated(entry)`` explains (its fusion source or teachers were retrained) and,
+        with ``retrain``, a complete one are discarded; an unfinished run resumes only
+        under the same ``record``.
+        """
+        key = f"{benchmark}/{domain}/{method}"
+        state, problem = self.status(benchmark, domain, method)
+        say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+        if state == "complete" and not retrain:
+            entry = self.get(benchmark, domain, method)
+            reason = outdated(entry) if outdated else None
+            if reason is None:
+                say(f"[{stage}] {key}: complete, reusing it", flush=True)
+                return entry
+            say(f"[{stage}] {key}: {reason}; training it again", flush=True)
+        if state == "damaged":
+            say(f"[{stage}] {key}: damaged ({problem}), retraining it", flush=True)
+        self.begin_run(
+            benchmark,
+            domain,
+            method,
+            record,
+            discard=retrain or state in ("complete", "damaged"),
+            stage=stage,
+        )
+        return None
 
     def begin_run(
         self, benchmark, domain, method, record: dict, *, discard: bool, stage: str

@@ -83,7 +83,9 @@ def test_training_step_count_agrees_with_xla_cpu_and_sam_is_two_passes():
     rng = step_lib.replicate(jax.random.key(1), mesh)
     counts = {}
     for name, rho in (("erm", 0.0), ("sam", 0.05)):
-        jitted = step_lib.compile_train_step(model, tx, mesh, rho=rho).jitted
+        jitted = step_lib.compile_train_step(
+            model, tx, mesh, use_sam=rho > 0, rho=rho or None
+        ).jitted
         counts[name] = bench_step.matmul_flops(jitted, state, batch, rng)
         if name == "erm":
             cost = jitted.lower(state, batch, rng).compile().cost_analysis()

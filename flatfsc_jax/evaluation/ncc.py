@@ -220,6 +220,22 @@ def episode_accuracies(
         arrays[4].astype(np.int32),
         arrays[5].astype(bool),
     )
+    return map_episode_chunks(
+        lambda part: _chunk_accuracies(
+            embeddings, part, max_ways=int(episodes.max_ways), metric=metric, scale=float(scale)
+        ),
+        arrays,
+        chunk,
+    )
+
+
+def map_episode_chunks(fn, arrays, chunk: int) -> np.ndarray:
+    """``fn`` over ``chunk`` episodes at a time: one compiled shape for every call.
+
+    ``arrays`` are per-episode arrays (episodes first); the last chunk is padded by
+    repeating its first episode and the padded results are dropped. ``fn(part)`` takes the
+    tuple of chunked arrays and returns one value per episode.
+    """
     num_episodes = arrays[0].shape[0]
     chunk = min(chunk, num_episodes)
     out = []
@@ -228,14 +244,7 @@ def episode_accuracies(
         n = part[0].shape[0]
         if n < chunk:
             part = [np.concatenate([a, np.repeat(a[:1], chunk - n, axis=0)]) for a in part]
-        acc = _chunk_accuracies(
-            embeddings,
-            tuple(part),
-            max_ways=int(episodes.max_ways),
-            metric=metric,
-            scale=float(scale),
-        )
-        out.append(np.asarray(acc)[:n])
+        out.append(np.asarray(fn(tuple(part)))[:n])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

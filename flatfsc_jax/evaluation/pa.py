@@ -174,16 +174,10 @@ def episode_accuracies(
 
 def _accuracies(embeddings, arrays, lr, max_ways, steps, chunk) -> np.ndarray:
     """``chunk`` episodes per jitted call, the last chunk padded by repeating one."""
-    num_episodes = arrays[0].shape[0]
-    chunk = min(chunk, num_episodes)
-    out = []
-    for start in range(0, num_episodes, chunk):
-        part = [a[start : start + chunk] for a in arrays]
-        n = part[0].shape[0]
-        if n < chunk:
-            part = [np.concatenate([a, np.repeat(a[:1], chunk - n, axis=0)]) for a in part]
-        acc = _chunk_accuracies(
-            embeddings, tuple(part), jnp.float32(lr), max_ways=max_ways, steps=int(steps)
-        )
-        out.append(np.asarray(acc)[:n])
-    return np.concatenate(out)
+    return ncc.map_episode_chunks(
+        lambda part: _chunk_accuracies(
+            embeddings, part, jnp.float32(lr), max_ways=max_ways, steps=int(steps)
+        ),
+        arrays,
+        chunk,
+    )

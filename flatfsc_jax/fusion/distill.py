@@ -51,24 +51,21 @@ import dataclasses
 import functools
 import logging
 import math
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import linen as nn
-from tqdm.auto import tqdm
 
 from flatfsc_jax import config_lib, models, sam
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, pipeline
-from flatfsc_jax.profiling import PROFILE
 from flatfsc_jax.training import loop as loop_lib
-from flatfsc_jax.training import metrics_writer, optim
+from flatfsc_jax.training import optim
 from flatfsc_jax.training import step as step_lib
+from flatfsc_jax.training.resumable import Cadence, ResumableRun, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -362,15 +359,72 @@ def export_variables(params: dict, batch_stats, source: str) -> dict:
     return jax.device_get({"params": out, "batch_stats": batch_stats})
 
 
-def _load_teachers(config, zoo: zoo_lib.Zoo, method: str) -> dict:
-    missing = [d for d in config.domains if not zoo.is_complete(config.benchmark, d, method)]
-    if missing:
-        raise FileNotFoundError(
+def student_config(config) -> dict:
+    """The keys that define a student (``zoo.STUDENT_KEYS``), as stored and compared: its
+    recipe, the seen domains and every teacher's row (a teacher trained otherwise is
+    another teacher)."""
+    c = config.to_dict()
+    out = {k: c[k] for k in ("benchmark", "domains", "seed", "momentum", "weight_decay")}
+    out.update(model=c["model"], augment=c["augment"], validation=c["validation"])
+    out["sam"] = {k: c["sam"][k] for k in ("adaptive", "eps")}
+    out["fusion"] = {
+        "source_domain": c["fusion"]["source_domain"],
+        "distill": c["fusion"]["distill"],
+    }
+    out["per_domain"] = {d: c["per_domain"][d] for d in config.domains if d in c["per_domain"]}
+    return out
+
+
+def describe_student(config) -> str:
+    """One line of a student's effective hyper-parameters (``--dry_run``)."""
+    dc = config.fusion.distill
+    batch = "+".join(str(dc.batch_size[d]) for d in config.domains)
+    rho = config_lib.domain_config(config, config.fusion.source_domain, "sam").sam.rho
+    return (
+        f"batch {batch}, lr {dc.lr:g}, steps {dc.num_steps}, restart period "
+        f"{dc.restart_period}, rho {rho:g} (sam+kd), teachers {', '.join(config.domains)}"
+    )
+
+
+def _teacher_entries(config, zoo: zoo_lib.Zoo, method: str) -> dict[str, zoo_lib.ZooEntry]:
+    """The complete teacher of every seen domain; names the missing and damaged ones."""
+    missing, damaged = [], []
+    for d in config.domains:
+        state, problem = zoo.status(config.benchmark, d, method)
+        if state == "damaged":
+            damaged.append(f"{config.benchmark}/{d}/{method} ({problem})")
+        elif state != "complete":
+            missing.append(f"{config.benchmark}/{d}/{method}")
+    if missing or damaged:
+        what = []
+        if missing:
+            what.append(f"missing or unfinished: {missing}")
+        if damaged:
+            what.append(f"damaged: {damaged}")
+        raise zoo_lib.ZooError(
             f"distillation ({entry_method(method)}) needs the {method} teacher of every seen "
-            f"domain; missing or incomplete in {str(zoo.root)!r}: "
-            f"{[f'{config.benchmark}/{d}/{method}' for d in missing]}. Train them first "
-            f"(the train stage: --stages=train,fuse)"
+            f"domain in {str(zoo.root)!r}; {'; '.join(what)}. Train them first with the "
+            f"train stage (--stages=train,fuse; a damaged teacher is retrained by it)"
         )
+    return {d: zoo.get(config.benchmark, d, method) for d in config.domains}
+
+
+def teacher_checksums(config, zoo: zoo_lib.Zoo, method: str) -> dict[str, str]:
+    """``{domain: sha256 of the teacher's best/}``: what the student was distilled from."""
+    return {d: e.best_sha256 for d, e in _teacher_entries(config, zoo, method).items()}
+
+
+def teachers_retrained(current: dict[str, str], entry: zoo_lib.ZooEntry) -> str | None:
+    """Why a complete student no longer matches its teachers, or None."""
+    recorded = entry.metadata.get("fusion", {}).get("teachers_sha256")
+    if recorded is None or recorded == current:  # None: written before it was recorded
+        return None
+    changed = sorted(d for d in current if recorded.get(d) != current[d])
+    return f"its teachers were retrained ({', '.join(changed)})"
+
+
+def _load_teachers(config, zoo: zoo_lib.Zoo, method: str) -> dict:
+    _teacher_entries(config, zoo, method)
     teachers = {d: zoo.load(config.benchmark, d, method) for d in config.domains}
     for t in teachers.values():
         m = t.entry.metadata["model"]
@@ -381,6 +435,20 @@ def _load_teachers(config, zoo: zoo_lib.Zoo, method: str) -> dict:
                 f"needs teachers of the student's architecture (same trunk width)"
             )
     return teachers
+
+
+def _divergence_advice(dc, entry_dir, last_good: int | None) -> str:
+    kept = (
+        f"The last good checkpoint (step {last_good}; every saved one is finite) is kept in "
+        f"{str(entry_dir / 'train')!r}"
+        if last_good is not None
+        else "No checkpoint was saved"
+    )
+    return (
+        f"{kept} and nothing was marked complete. Lower config.fusion.distill.lr (now "
+        f"{dc.lr}) or config.fusion.distill.adaptor_lr (now {dc.adaptor_lr}) and re-run (an "
+        "unfinished student with other settings is restarted)."
+    )
 
 
 def distill(
@@ -450,34 +518,16 @@ def distill(
         )
         for i, d in enumerate(domains)
     }
-    manager = ocp.CheckpointManager(
-        entry_dir / "train",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False
-        ),
+    run = ResumableRun(
+        entry_dir,
+        desc=desc,
+        stage="distill",
+        mesh=mesh,
+        fresh_state=fresh_state,
+        iterators=iterators,
+        record={"best_accuracy": -1.0, "best_step": -1, "best_ci95": 0.0, "best_per_domain": {}},
+        advice=lambda last_good: _divergence_advice(dc, entry_dir, last_good),
     )
-    record = {"best_accuracy": -1.0, "best_step": -1, "best_ci95": 0.0, "best_per_domain": {}}
-    latest = manager.latest_step()
-    if latest is not None:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step_lib.replicated(mesh)),
-            jax.eval_shape(fresh_state),
-        )
-        restored = manager.restore(
-            latest,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=ocp.args.JsonRestore(),
-                progress=ocp.args.JsonRestore(),
-            ),
-        )
-        state = restored.state
-        for d in domains:
-            iterators[d].set_state(restored.data[d])
-        record = dict(restored.progress)
-        log.info("resumed %s at step %d", desc, latest)
-    else:
-        state = jax.device_put(fresh_state(), step_lib.replicated(mesh))
     teacher_vars = step_lib.replicate({d: t.variables for d, t in teachers.items()}, mesh)
     teacher_models = {d: t.model for d, t in teachers.items()}
     step_fn = compile_distill_step(
@@ -491,30 +541,15 @@ def distill(
         adaptive=config.sam.adaptive,
     )
     evaluators = {d: loop_lib.validation_evaluator(config, valid_splits[d]) for d in domains}
-    start = int(jax.device_get(state.step))
-    # metrics.jsonl + TensorBoard, as for backbones: on resume it drops the records after
-    # `start`, which the resumed run writes again.
-    writer = metrics_writer.MetricsWriter(entry_dir, resume_step=start, enabled=process_index == 0)
 
-    def write_metrics(record):
-        writer.write(record["step"], record)
-
-    def save_checkpoint(step):
-        t_save = time.perf_counter()
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave({d: it.get_state() for d, it in iterators.items()}),
-                progress=ocp.args.JsonSave(record),
-            ),
-            force=True,
+    def next_batch():
+        host = {d: next(it) for d, it in iterators.items()}
+        return step_lib.shard_batch(
+            {d: {"images": b["image"], "labels": b["label"]} for d, b in host.items()}, mesh
         )
-        manager.wait_until_finished()
-        PROFILE.add("distill/checkpoint", time.perf_counter() - t_save)
 
-    def validate_now(step):
-        t_val = time.perf_counter()
+    def validate(step):
+        state = run.state
         variables = {"params": state.params["trunk"], "batch_stats": state.batch_stats}
         per_domain, cis = {}, []
         for d, ev in evaluators.items():
@@ -524,99 +559,50 @@ def distill(
         acc = float(np.mean(list(per_domain.values())))
         # The domains' episodes are independent: the mean's CI adds their variances.
         ci = float(math.sqrt(sum(c * c for c in cis)) / len(cis))
-        improved = acc > record["best_accuracy"]
-        if improved:
-            record.update(best_accuracy=acc, best_step=step, best_ci95=ci)
-            record["best_per_domain"] = per_domain
-            zoo_lib.save_variables(
-                entry_dir / "best", export_variables(state.params, state.batch_stats, source)
-            )
-        PROFILE.add("distill/validation", time.perf_counter() - t_val)
-        write_metrics(
-            {"step": step, "val_accuracy": acc, "val_ci95": ci, "best": improved}
+        best = run.keep_if_best(
+            step,
+            acc,
+            ci,
+            export_variables(state.params, state.batch_stats, source),
+            best_per_domain=per_domain,
+        )
+        run.write_metrics(
+            {"step": step, "val_accuracy": acc, "val_ci95": ci, "best": best}
             | {f"val_accuracy/{d}": a for d, a in per_domain.items()}
         )
         return acc
 
     num_steps = int(dc.num_steps)
-    eval_every = int(dc.validation_every or dc.restart_period)
-    bar = tqdm(
-        total=num_steps,
-        initial=start,
-        desc=desc,
-        disable=not progress,
-        dynamic_ncols=True,
-        mininterval=1.0,
+    run_steps(
+        run,
+        Cadence(
+            num_steps,
+            config.log_every,
+            config.checkpoint_every,
+            int(dc.validation_every or dc.restart_period),
+        ),
+        next_batch=next_batch,
+        train_step=lambda state, step, batch: step_fn(state, batch, teacher_vars),
+        validate=validate,
+        schedule=schedule,
+        images_per_step=sum(int(dc.batch_size[d]) for d in domains),
+        first_call_compiles=True,
+        progress=progress,
     )
-    last_val = record["best_accuracy"]
-    images_per_step = sum(int(dc.batch_size[d]) for d in domains)
-    t0, steps_done = time.perf_counter(), 0
-    t_steps = time.perf_counter()  # start of the current run of steps (profile)
-    step = start
-    while step < num_steps:
-        host = {d: next(it) for d, it in iterators.items()}
-        batch = step_lib.shard_batch(
-            {d: {"images": b["image"], "labels": b["label"]} for d, b in host.items()}, mesh
-        )
-        if step == start:  # the first call compiles: timed apart from the steps
-            t_compile = time.perf_counter()
-            state, metrics = step_fn(state, batch, teacher_vars)
-            jax.block_until_ready(metrics)
-            PROFILE.add("distill/compile", time.perf_counter() - t_compile)
-            t_steps = time.perf_counter()
-        else:
-            state, metrics = step_fn(state, batch, teacher_vars)
-        step += 1
-        steps_done += 1
-        bar.update(1)
-        log_now = step % config.log_every == 0 or step == num_steps
-        save_now = step % config.checkpoint_every == 0 or step == num_steps
-        val_now = step % eval_every == 0 or step == num_steps
-        if not (log_now or save_now or val_now):
-            continue
-        m = step_lib.host_metrics(metrics)  # waits for the step: closes the steps section
-        PROFILE.add("distill/steps", time.perf_counter() - t_steps)
-        loop_lib.check_finite_loss(
-            m["loss"],
-            step,
-            desc,
-            lambda: (
-                f"The last good checkpoint (step {manager.latest_step()}) is kept in "
-                f"{str(entry_dir / 'train')!r}. Lower config.fusion.distill.lr (now {dc.lr}) "
-                f"or config.fusion.distill.adaptor_lr (now {dc.adaptor_lr}) and rerun."
-            ),
-            bar=bar,
-        )
-        m.update(step=step, learning_rate=float(schedule(step - 1)))
-        if val_now:
-            last_val = validate_now(step)
-        if log_now:
-            m["images_per_s"] = steps_done * images_per_step / max(time.perf_counter() - t0, 1e-9)
-            write_metrics(m)
-            bar.set_postfix(
-                loss=f"{m['loss']:.3f}",
-                val=f"{100 * last_val:.1f}%" if last_val >= 0 else "-",
-                refresh=False,
-            )
-        if save_now:
-            save_checkpoint(step)
-        t_steps = time.perf_counter()
-    bar.close()
     for it in iterators.values():
         it.close()
-    writer.close()
+    run.close()
+    state = run.state
+    record = run.record
 
     metadata = dict(
-        config=config.to_dict(),
+        config=student_config(config),
         rho=float(rho),
         num_steps=num_steps,
         batch_size={d: int(dc.batch_size[d]) for d in domains},
         train_classes=int(num_classes[source]),
-        best_validation=dict(
-            accuracy=record["best_accuracy"],
-            ci95=record["best_ci95"],
-            step=record["best_step"],
-            episodes=int(config.validation.episodes),
+        best_validation=run.best_validation(config.validation.episodes)
+        | dict(
             per_domain=record["best_per_domain"],
             criterion="mean NCC accuracy over the seen domains' validation episodes",
         ),
@@ -625,9 +611,11 @@ def distill(
             mode="distill",
             source=f"{config.benchmark}/{source}",
             teachers=[f"{config.benchmark}/{d}/{method}" for d in domains],
+            teachers_sha256={d: t.entry.best_sha256 for d, t in teachers.items()},
             head=f"the {source} head of the student (evaluation uses only the trunk)",
         ),
     )
+    run.check_state("final state")
     if process_index == 0:
         zoo.finalize(
             config.benchmark,

@@ -22,6 +22,7 @@ by fine-tuning *and* trains the distillation students (``flatfsc_jax/distill.py`
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import ml_collections
@@ -56,11 +57,6 @@ def fusion_targets(config) -> tuple[str, ...]:
     return tuple(d for d in config.domains if d != config.fusion.source_domain)
 
 
-def source_checksum(entry: zoo_lib.ZooEntry) -> str:
-    """What identifies a source backbone: the sha256 of its ``best/`` checkpoint."""
-    return entry.metadata.get("best_sha256") or zoo_lib.checksum(entry.path / "best")
-
-
 def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_lib.ZooEntry]:
     """Runs every mode of ``config.fusion.mode`` for ``method``; returns the entries.
 
@@ -84,45 +80,51 @@ def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_li
 
 def _distill(config, zoo: zoo_lib.Zoo, method: str, *, progress) -> zoo_lib.ZooEntry:
     source, name = config.fusion.source_domain, families.fused_method(method, "distill")
-    if zoo.is_complete(config.benchmark, source, name) and not config.retrain:
-        log.info("fusion: %s/%s/%s is complete, reusing it", config.benchmark, source, name)
-        return zoo.get(config.benchmark, source, name)
-    if config.retrain:
-        zoo.invalidate(config.benchmark, source, name)
+    teachers_sha = distill.teacher_checksums(config, zoo, method)
+    reused = zoo.reuse_or_begin(
+        config.benchmark,
+        source,
+        name,
+        {"config": distill.student_config(config), "teachers_sha256": teachers_sha},
+        retrain=config.retrain,
+        stage="fuse",
+        outdated=functools.partial(distill.teachers_retrained, teachers_sha),
+    )
+    if reused is not None:
+        return reused
     return distill.distill(config, zoo, method, progress=progress)
+
+
+def _source_retrained(source_sha: str, source_key: str, entry: zoo_lib.ZooEntry) -> str | None:
+    recorded = entry.metadata.get("fusion", {}).get("source_sha256")
+    if recorded is None or recorded == source_sha:  # None: written before it was recorded
+        return None
+    return f"its source {source_key} was retrained"
 
 
 def _fine_tune(config, zoo, method: str, mode: str, *, progress) -> list[zoo_lib.ZooEntry]:
     """Fine-tunes the general domain's ``method`` backbone on every other seen domain."""
     source = config.fusion.source_domain
     start = zoo.load(config.benchmark, source, method)
-    source_sha = source_checksum(start.entry)
+    source_sha = start.entry.best_sha256
     target_method = families.fused_method(method, mode)
     cfg = fusion_config(config, mode)
     lora_rank = config.fusion.lora_rank if mode == "lora" else 0
     entries = []
     for domain in fusion_targets(config):
-        key = f"{config.benchmark}/{domain}/{target_method}"
-        state, problem = zoo.status(config.benchmark, domain, target_method)
-        if state == "complete" and not config.retrain:
-            entry = zoo.get(config.benchmark, domain, target_method)
-            recorded = entry.metadata.get("fusion", {}).get("source_sha256")
-            if recorded is None or recorded == source_sha:  # None: written before it was
-                log.info("fusion: %s is complete, reusing it", key)
-                entries.append(entry)
-                continue
-            print(f"[fuse] {key}: its source {start.entry.key} was retrained; fusing again")
-        if state == "damaged":
-            print(f"[fuse] {key}: damaged ({problem}), retraining it")
         entry_cfg = config_lib.domain_config(cfg, domain, method)
-        zoo.begin_run(
+        reused = zoo.reuse_or_begin(
             config.benchmark,
             domain,
             target_method,
             {"config": entry_cfg.to_dict(), "source_sha256": source_sha},
-            discard=config.retrain or state != "incomplete",  # complete (stale), damaged
+            retrain=config.retrain,
             stage="fuse",
+            outdated=functools.partial(_source_retrained, source_sha, start.entry.key),
         )
+        if reused is not None:
+            entries.append(reused)
+            continue
         entries.append(
             loop.train_and_evaluate(
                 cfg,

@@ -22,82 +22,40 @@ command ends with exactly the parameters of an uninterrupted run (tests/training
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
 
 from flatfsc_jax import config_lib, models
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, pipeline, sources
 from flatfsc_jax.data.episodes import EpisodeBatch
 from flatfsc_jax.evaluation.ncc import FewShotEvaluator
-from flatfsc_jax.profiling import PROFILE
-from flatfsc_jax.training import metrics_writer, optim
+from flatfsc_jax.training import optim
 from flatfsc_jax.training import step as step_lib
+from flatfsc_jax.training.resumable import Cadence, ResumableRun, run_steps
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced a NaN/inf loss, parameter or BatchNorm statistic.
-
-    Nothing non-finite is ever saved: the state is checked before every checkpoint,
-    every ``best/`` save and completion, so the last checkpoint kept is finite.
-    """
-
-
-def non_finite_leaves(state) -> list[str]:
-    """Paths of the float arrays of ``state`` (params, BN stats, LoRA, optimizer) with a
-    NaN or inf. Under BatchNorm the loss, computed before the update, can stay finite
-    while the updated weights are not: checking the loss alone is not enough."""
-    tree = {
-        "params": state.params,
-        "batch_stats": state.batch_stats,
-        "lora": state.lora,
-        "opt_state": state.opt_state,
-    }
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    floats = [(k, v) for k, v in flat if jnp.issubdtype(v.dtype, jnp.inexact)]
-    finite = jax.device_get([jnp.all(jnp.isfinite(v)) for _, v in floats])
-    return [jax.tree_util.keystr(k) for (k, _), ok in zip(floats, finite, strict=True) if not ok]
-
-
-def check_finite_loss(loss: float, step: int, desc: str, advice, *, bar=None) -> None:
-    """Raises ``NonFiniteError`` when a logged loss is NaN/inf (the check of every log).
-
-    ``advice()`` (called only then) says what to do; ``bar``, the run's progress bar, is
-    closed first so that the message is not interleaved with it.
-    """
-    if not math.isfinite(loss):
-        if bar is not None:
-            bar.close()
-        raise NonFiniteError(f"{desc}: non-finite loss {loss} at step {step}. {advice()}")
-
-
-def _check_finite(state, where: str, advice: str) -> None:
-    bad = non_finite_leaves(state)
-    if bad:
-        raise NonFiniteError(
-            f"{where}: {len(bad)} arrays of the train state are NaN/inf (e.g. "
-            f"{', '.join(bad[:3])}). {advice}"
-        )
-
-
-def _divergence_advice(cfg, domain: str, fused: bool, manager, entry_dir) -> str:
+def _divergence_advice(cfg, domain: str, fused: bool, entry_dir, last_good: int | None) -> str:
     lr_key = "config.fusion.lr" if fused else f"config.per_domain.{domain}.lr"
+    kept = (
+        f"The last good checkpoint (step {last_good}; every saved one is finite) is kept in "
+        f"{str(entry_dir / 'train')!r}"
+        if last_good is not None
+        else "No checkpoint was saved"
+    )
     return (
-        f"The last good checkpoint (step {manager.latest_step()}; every saved one is finite) "
-        f"is kept in {str(entry_dir / 'train')!r} and nothing was marked complete. Lower "
-        f"{lr_key} (now {cfg.lr}) or config.per_domain.{domain}.rho (now {cfg.sam.rho}) "
-        "and re-run (an unfinished run with other settings is restarted)."
+        f"{kept} and nothing was marked complete. Lower {lr_key} (now {cfg.lr}) or "
+        f"config.per_domain.{domain}.rho (now {cfg.sam.rho}) and re-run (an unfinished run "
+        "with other settings is restarted)."
     )
 
 
@@ -150,8 +108,7 @@ def _compiled_step(model, cfg, mesh, *, train_lora: bool):
             model,
             optim.make_direction(momentum=cfg.momentum, weight_decay=cfg.weight_decay),
             mesh,
-            # The static rho only selects ERM (one pass) or SAM; the radius is data.
-            rho=1.0 if cfg.sam.rho > 0 else 0.0,
+            use_sam=cfg.sam.rho > 0,  # the radius is data: TrainState.hparams["rho"]
             adaptive=cfg.sam.adaptive,
             m=cfg.sam.m,
             eps=cfg.sam.eps,
@@ -242,150 +199,58 @@ def train_and_evaluate(
         process_count=process_count,
     )
 
-    manager = ocp.CheckpointManager(
-        entry_dir / "train",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False
+    desc = f"{cfg.benchmark}/{domain}/{entry_method}"
+    run = ResumableRun(
+        entry_dir,
+        desc=desc,
+        stage=stage,
+        mesh=mesh,
+        fresh_state=fresh_state,
+        iterators={"train": iterator},
+        record={"best_accuracy": -1.0, "best_step": -1, "best_ci95": 0.0},
+        advice=functools.partial(
+            _divergence_advice, cfg, domain, entry_method != method, entry_dir
         ),
     )
-    progress_record = {"best_accuracy": -1.0, "best_step": -1, "best_ci95": 0.0}
-    latest = manager.latest_step()
-    if latest is not None:
-        abstract = jax.eval_shape(fresh_state)
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=step_lib.replicated(mesh)),
-            abstract,
-        )
-        restored = manager.restore(
-            latest,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=ocp.args.JsonRestore(),
-                progress=ocp.args.JsonRestore(),
-            ),
-        )
-        # The hyper-parameters are the config's, not the checkpoint's (as when the
-        # optimiser carried its schedule): the same command resumes the same run.
-        state = restored.state.replace(hparams=step_lib.replicate(hparams, mesh))
-        iterator.set_state(restored.data)
-        progress_record = dict(restored.progress)
-        _check_finite(
-            state,
-            f"{cfg.benchmark}/{domain}/{entry_method}: checkpoint step {latest} in "
-            f"{str(entry_dir / 'train')!r}",
-            f"Delete {str(entry_dir)!r} and re-run.",
-        )
-        log.info("resumed %s/%s/%s at step %d", cfg.benchmark, domain, entry_method, latest)
-    else:
-        state = jax.device_put(fresh_state(), step_lib.replicated(mesh))
-    start = int(jax.device_get(state.step))
-    # metrics.jsonl + TensorBoard events; on resume it drops the records after `start`.
-    writer = metrics_writer.MetricsWriter(entry_dir, resume_step=start, enabled=process_index == 0)
+    # The hyper-parameters are the config's, not the checkpoint's: the same command
+    # resumes the same run.
+    run.state = run.state.replace(hparams=step_lib.replicate(hparams, mesh))
 
-    def write_metrics(record):
-        writer.write(record["step"], record)
+    def next_batch():
+        host = next(iterator)
+        return step_lib.shard_batch({"images": host["image"], "labels": host["label"]}, mesh)
 
-    def save_checkpoint(step):
-        t0 = time.perf_counter()
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(iterator.get_state()),
-                progress=ocp.args.JsonSave(progress_record),
-            ),
-            force=True,
-        )
-        manager.wait_until_finished()
-        PROFILE.add(f"{stage}/checkpoint", time.perf_counter() - t0)
+    def one_step(state, step, batch):
+        return train_step(state, batch, jax.random.fold_in(step_rng, step))
 
-    def validate_now(step):
-        t0 = time.perf_counter()
+    def validate(step):
+        state = run.state
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         if state.lora:
             variables["lora"] = state.lora
         result = evaluator.run(model, variables)
         acc, ci = float(result["mean"]), float(result["ci95"])
-        improved = acc > progress_record["best_accuracy"]
-        t1 = time.perf_counter()
-        if improved:
-            progress_record.update(best_accuracy=acc, best_step=step, best_ci95=ci)
-            zoo_lib.save_variables(entry_dir / "best", export_variables(state, num_classes))
-        PROFILE.add(f"{stage}/validation", t1 - t0)
-        PROFILE.add(f"{stage}/checkpoint", time.perf_counter() - t1)
-        write_metrics({"step": step, "val_accuracy": acc, "val_ci95": ci, "best": improved})
+        best = run.keep_if_best(step, acc, ci, export_variables(state, num_classes))
+        run.write_metrics({"step": step, "val_accuracy": acc, "val_ci95": ci, "best": best})
         return acc
 
-    desc = f"{cfg.benchmark}/{domain}/{entry_method}"
-    bar = tqdm(
-        total=cfg.num_steps,
-        initial=start,
-        desc=desc,
-        disable=not progress,
-        dynamic_ncols=True,
-        leave=True,
-        mininterval=1.0,
+    taken = run_steps(
+        run,
+        Cadence(cfg.num_steps, cfg.log_every, cfg.checkpoint_every, eval_every),
+        next_batch=next_batch,
+        train_step=one_step,
+        validate=validate,
+        schedule=schedule,
+        images_per_step=cfg.batch_size,
+        first_call_compiles=getattr(train_step, "fresh", False),
+        postfix=("sharpness",),
+        progress=progress,
+        t_setup=t_setup,
     )
-    last_val = progress_record["best_accuracy"]
-    PROFILE.add(f"{stage}/setup", time.perf_counter() - t_setup)
-    t0, steps_done = time.perf_counter(), 0
-    t_steps = time.perf_counter()  # start of the current run of training steps
-    step = start
-    while step < cfg.num_steps:
-        host = next(iterator)
-        batch = step_lib.shard_batch({"images": host["image"], "labels": host["label"]}, mesh)
-        if getattr(train_step, "fresh", False):
-            # The first call of a program compiles it: time it apart from the steps.
-            t_compile = time.perf_counter()
-            state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
-            jax.block_until_ready(metrics)
-            PROFILE.add(f"{stage}/compile", time.perf_counter() - t_compile)
-            train_step.fresh = False
-            t_steps = time.perf_counter()
-        else:
-            state, metrics = train_step(state, batch, jax.random.fold_in(step_rng, step))
-        step += 1
-        steps_done += 1
-        bar.update(1)
-        log_now = step % cfg.log_every == 0 or step == cfg.num_steps
-        save_now = step % cfg.checkpoint_every == 0 or step == cfg.num_steps
-        val_now = step % eval_every == 0 or step == cfg.num_steps
-        if log_now or save_now or val_now:
-            m = step_lib.host_metrics(metrics)  # waits for the step: closes the steps section
-            PROFILE.add(f"{stage}/steps", time.perf_counter() - t_steps)
-            check_finite_loss(
-                m["loss"],
-                step,
-                desc,
-                lambda: _divergence_advice(cfg, domain, entry_method != method, manager, entry_dir),
-                bar=bar,
-            )
-            if save_now or val_now:  # never validate, save or finalize a non-finite state
-                if non_finite_leaves(state):
-                    bar.close()
-                    _check_finite(
-                        state,
-                        f"{desc} at step {step}",
-                        _divergence_advice(cfg, domain, entry_method != method, manager, entry_dir),
-                    )
-            m.update(step=step, learning_rate=float(schedule(step - 1)))
-            if val_now:
-                last_val = validate_now(step)
-            if log_now:
-                elapsed = time.perf_counter() - t0
-                m["images_per_s"] = steps_done * cfg.batch_size / max(elapsed, 1e-9)
-                write_metrics(m)
-                bar.set_postfix(
-                    loss=f"{m['loss']:.3f}",
-                    sharp=f"{m.get('sharpness', 0.0):.3f}",
-                    val=f"{100 * last_val:.1f}%" if last_val >= 0 else "-",
-                    refresh=False,
-                )
-            if save_now:
-                save_checkpoint(step)
-            t_steps = time.perf_counter()
-    bar.close()
-    writer.close()
+    if taken:
+        train_step.fresh = False
+    run.close()
+    state = run.state
 
     metadata = dict(
         config=cfg.to_dict(),
@@ -393,16 +258,11 @@ def train_and_evaluate(
         num_steps=int(cfg.num_steps),
         batch_size=int(cfg.batch_size),
         train_classes=int(train_split.num_classes),
-        best_validation=dict(
-            accuracy=progress_record["best_accuracy"],
-            ci95=progress_record["best_ci95"],
-            step=progress_record["best_step"],
-            episodes=int(cfg.validation.episodes),
-        ),
+        best_validation=run.best_validation(cfg.validation.episodes),
         devices=mesh.size,
     )
     metadata.update(extra_metadata or {})
-    _check_finite(state, f"{desc}: final state", f"Delete {str(entry_dir)!r} and re-run.")
+    run.check_state("final state")
     if process_index == 0:
         zoo.finalize(
             cfg.benchmark,

@@ -46,7 +46,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flatfsc_jax import sam
-from flatfsc_jax.checks import check_number, is_real
+from flatfsc_jax.checks import check_number
 from flatfsc_jax.data.sources import preprocess
 from flatfsc_jax.models import Model
 from flatfsc_jax.training import optim
@@ -140,14 +140,19 @@ def train_step(
     *,
     model: Model,
     tx: optax.GradientTransformation,
-    rho: float,
+    use_sam: bool,
+    rho: float | None = None,
     adaptive: bool = False,
     m: int | None = None,
     eps: float = 1e-12,
     label_smoothing: float = 0.0,
     train_lora: bool = False,
 ) -> tuple[TrainState, dict]:
-    """One ERM (``rho=0``) or SAM step on mean softmax cross-entropy.
+    """One ERM (``use_sam=False``: one pass) or SAM step on mean softmax cross-entropy.
+
+    ``rho`` is SAM's radius. It is data, so one compiled SAM program serves every radius:
+    a state with ``hparams`` (zoo training) carries it in ``hparams["rho"]`` and ``rho``
+    must be None; a plain state takes it from ``rho``.
 
     ``rng`` is reserved for stochastic layers and on-device augmentation; the current
     models are deterministic in training mode and ignore it.
@@ -163,8 +168,7 @@ def train_step(
     hp = state.hparams
     if hp and set(hp) != set(HPARAM_KEYS):
         raise ValueError(f"TrainState.hparams must have keys {HPARAM_KEYS}, got {sorted(hp)}")
-    # The static rho selects the program (ERM: one pass); the state's value is the radius.
-    radius = hp["rho"] if hp and not (is_real(rho) and rho == 0) else rho
+    radius = _radius(use_sam, rho, hp)
 
     def loss_fn(trained, data):
         params, lora = _with_trained(state, trained, train_lora)
@@ -280,12 +284,27 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh), may_alias=False)
 
 
+def _radius(use_sam: bool, rho, hp):
+    if not use_sam:
+        if rho:
+            raise ValueError(f"rho={rho!r} with use_sam=False: ERM has no radius")
+        return 0.0
+    if hp:
+        if rho is not None:
+            raise ValueError("the state's hparams carry rho: pass rho=None")
+        return hp["rho"]
+    if rho is None:
+        raise ValueError("use_sam=True needs a radius: rho=..., or a state with hparams")
+    return rho
+
+
 def compile_train_step(
     model: Model,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     *,
-    rho: float,
+    use_sam: bool,
+    rho: float | None = None,
     adaptive: bool = False,
     m: int | None = None,
     eps: float = 1e-12,
@@ -302,7 +321,7 @@ def compile_train_step(
     the first call) raise ``ValueError`` before anything compiles. The jitted function is
     ``step.jitted`` (e.g. for ``.lower(...)``).
     """
-    sam.check_sam_arguments(rho, eps, m)
+    sam.check_sam_arguments(0.0 if rho is None else rho, eps, m)
     if batch_size is not None:
         sam.check_batch_split(batch_size, m=m, num_devices=mesh.size)
     check_number("label_smoothing", label_smoothing, below=1.0)
@@ -310,7 +329,8 @@ def compile_train_step(
         train_step,
         model=model,
         tx=tx,
-        rho=float(rho),
+        use_sam=bool(use_sam),
+        rho=None if rho is None else float(rho),
         adaptive=bool(adaptive),
         m=m,
         eps=float(eps),

@@ -44,7 +44,7 @@ WORKER = textwrap.dedent(
     tx = optim.make_optimizer(learning_rate=0.05, restart_period=10, num_steps=10)
     state = step_lib.replicate(
         step_lib.create_train_state(model, tx, jax.random.key(0), np.zeros((1, 16, 16, 1))), mesh)
-    step = step_lib.compile_train_step(model, tx, mesh, rho=0.05, batch_size=8)
+    step = step_lib.compile_train_step(model, tx, mesh, use_sam=True, rho=0.05, batch_size=8)
     it = pipeline.make_train_iterator(
         split, global_batch_size=8, seed=0, augment=pipeline.AugmentConfig(pad=2),
         process_index=jax.process_index(), process_count=jax.process_count())

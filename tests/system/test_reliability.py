@@ -22,7 +22,7 @@ from configs import glyphs as glyphs_config
 from flatfsc_jax import config_lib, experiment, families, models
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.fusion import finetune
-from flatfsc_jax.training import loop
+from flatfsc_jax.training import loop, resumable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE = (16, 16, 1)
@@ -71,7 +71,7 @@ def test_diverged_run_fails_leaves_nothing_non_finite_and_a_sane_rerun_works(tmp
     c.data_dir = str(tmp_path / "data")
     c.checkpoint_every = c.log_every = 1  # save early: any checkpoint kept must be finite
     c.per_domain.latin.lr = 1e6  # the command: the loss stays finite under BN
-    with pytest.raises(loop.NonFiniteError, match=r"NaN/inf|non-finite loss") as err:
+    with pytest.raises(resumable.NonFiniteError, match=r"NaN/inf|non-finite loss") as err:
         experiment.run(c, str(work), ("train",), progress=False)
     assert "config.per_domain.latin.lr" in str(err.value)
     zoo = zoo_lib.Zoo(work / "zoo")
@@ -124,12 +124,12 @@ def test_non_finite_leaves_names_params_and_batch_stats():
         jax.random.key(0),
         jnp.zeros((1, *SHAPE)),
     )
-    assert loop.non_finite_leaves(state) == []
+    assert resumable.non_finite_leaves(state) == []
     stats = jax.tree.map(lambda x: x.at[..., 0].set(jnp.inf), state.batch_stats)
-    bad = loop.non_finite_leaves(state.replace(batch_stats=stats))
+    bad = resumable.non_finite_leaves(state.replace(batch_stats=stats))
     assert bad and all(b.startswith("['batch_stats']") for b in bad)
     params = jax.tree.map(lambda x: x * jnp.nan, state.params)
-    bad = loop.non_finite_leaves(state.replace(params=params))
+    bad = resumable.non_finite_leaves(state.replace(params=params))
     assert len(bad) == len(jax.tree.leaves(state.params))
 
 
@@ -157,7 +157,7 @@ def _write(zoo, config, domain, method, *, seed=0, fused_from=None):
     if fused_from is None:
         return _write_raw(zoo, domain, method, config_lib.domain_config(config, domain, method))
     cfg = config_lib.domain_config(finetune.fusion_config(config), domain, method)
-    extra = dict(fusion=dict(source_sha256=finetune.source_checksum(fused_from)))
+    extra = dict(fusion=dict(source_sha256=fused_from.best_sha256))
     name = families.fused_method(method, config.fusion.mode)
     return _write_raw(zoo, domain, name, cfg, seed=seed, extra=extra)
 

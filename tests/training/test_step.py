@@ -110,7 +110,9 @@ def test_train_step_matches_hand_written_step(rho):
     model, tx, images, labels = _tiny_setup()
     state = step_lib.create_train_state(model, tx, jax.random.key(0), images[:2])
     step = jax.jit(
-        lambda s, b: step_lib.train_step(s, b, jax.random.key(1), model=model, tx=tx, rho=rho)
+        lambda s, b: step_lib.train_step(
+            s, b, jax.random.key(1), model=model, tx=tx, use_sam=rho > 0, rho=rho or None
+        )
     )
     new_state, metrics = step(state, {"images": images, "labels": labels})
 
@@ -159,7 +161,7 @@ def test_lora_step_trains_only_adapters_and_head():
     state = step_lib.create_train_state(model, tx, jax.random.key(0), images[:2], train_lora=True)
     step = jax.jit(
         lambda s, b: step_lib.train_step(
-            s, b, jax.random.key(1), model=model, tx=tx, rho=0.1, train_lora=True
+            s, b, jax.random.key(1), model=model, tx=tx, use_sam=True, rho=0.1, train_lora=True
         )
     )
     new_state, _ = step(state, {"images": images, "labels": labels})
@@ -179,13 +181,13 @@ def test_compile_train_step_errors_name_the_argument():
     model, tx, images, labels = _tiny_setup()
     mesh = step_lib.make_mesh(jax.devices()[:1])
     with pytest.raises(ValueError, match=r"^rho must be"):
-        step_lib.compile_train_step(model, tx, mesh, rho=-0.05)
+        step_lib.compile_train_step(model, tx, mesh, use_sam=True, rho=-0.05)
     with pytest.raises(ValueError, match=r"^m=3 must divide"):
-        step_lib.compile_train_step(model, tx, mesh, rho=0.05, m=3, batch_size=8)
+        step_lib.compile_train_step(model, tx, mesh, use_sam=True, rho=0.05, m=3, batch_size=8)
     with pytest.raises(ValueError, match=r"^label_smoothing must be"):
-        step_lib.compile_train_step(model, tx, mesh, rho=0.05, label_smoothing=1.0)
+        step_lib.compile_train_step(model, tx, mesh, use_sam=True, rho=0.05, label_smoothing=1.0)
     # Without batch_size the batch is checked at the call, before tracing.
-    step = step_lib.compile_train_step(model, tx, mesh, rho=0.05, m=3)
+    step = step_lib.compile_train_step(model, tx, mesh, use_sam=True, rho=0.05, m=3)
     state = step_lib.create_train_state(model, tx, jax.random.key(0), images[:2])
     with pytest.raises(ValueError, match=r"m=3 must divide batch_size=8"):
         step(state, {"images": images, "labels": labels}, jax.random.key(0))
@@ -210,7 +212,9 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
         mesh = step_lib.make_mesh(devices)
         state = step_lib.create_train_state(model, tx, jax.random.key(0), images[0, :2])
         state = step_lib.replicate(state, mesh)
-        step = step_lib.compile_train_step(model, tx, mesh, rho=0.05, m=m, batch_size=16)
+        step = step_lib.compile_train_step(
+            model, tx, mesh, use_sam=True, rho=0.05, m=m, batch_size=16
+        )
         losses = []
         for i in range(3):
             batch = step_lib.shard_batch({"images": images[i], "labels": labels[i]}, mesh)
@@ -227,7 +231,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
     errors = []
     mesh = step_lib.make_mesh()
     for attempt in (
-        lambda: step_lib.compile_train_step(model, tx, mesh, rho=0.05, batch_size=12),
+        lambda: step_lib.compile_train_step(model, tx, mesh, use_sam=True, rho=0.05, batch_size=12),
         lambda: step_lib.shard_batch({"labels": labels[0, :12]}, mesh),
     ):
         try:
@@ -294,9 +298,9 @@ def test_hparams_in_state_and_padded_head_match_the_classic_step_exactly(rho):
         params=jax.tree.map(jnp.copy, params),
         hparams=step_lib.make_hparams(learning_rate=0.1, restart_period=3, rho=rho, num_classes=10),
     )
-    step_a = step_lib.compile_train_step(small, tx, mesh, rho=rho)
-    # The static rho only selects the SAM program; the radius comes from the state.
-    step_b = step_lib.compile_train_step(padded, direction, mesh, rho=1.0 if rho else 0.0)
+    step_a = step_lib.compile_train_step(small, tx, mesh, use_sam=rho > 0, rho=rho or None)
+    # use_sam selects the program; the radius comes from the state's hparams.
+    step_b = step_lib.compile_train_step(padded, direction, mesh, use_sam=rho > 0)
     for i in range(5):
         a, ma = step_a(a, batch, jax.random.key(i))
         b, mb = step_b(b, batch, jax.random.key(i))
@@ -313,3 +317,26 @@ def test_hparams_in_state_and_padded_head_match_the_classic_step_exactly(rho):
     np.testing.assert_array_equal(
         np.asarray(a.params["head"]["kernel"]), np.asarray(b.params["head"]["kernel"][:, :10])
     )
+
+
+def test_use_sam_picks_the_program_and_rho_is_only_the_radius():
+    model, tx, images, labels = _tiny_setup()
+    state = step_lib.create_train_state(model, tx, jax.random.key(0), images[:2])
+    batch = {"images": images, "labels": labels}
+    call = lambda s, **kw: step_lib.train_step(  # noqa: E731
+        s, batch, jax.random.key(1), model=model, tx=tx, **kw
+    )
+    with pytest.raises(ValueError, match=r"use_sam=False: ERM has no radius"):
+        call(state, use_sam=False, rho=0.05)
+    with pytest.raises(ValueError, match=r"use_sam=True needs a radius"):
+        call(state, use_sam=True)
+    with_hp = state.replace(
+        hparams=step_lib.make_hparams(learning_rate=0.1, restart_period=3, rho=0.05, num_classes=10)
+    )
+    with pytest.raises(ValueError, match=r"hparams carry rho: pass rho=None"):
+        call(with_hp, use_sam=True, rho=0.05)
+    # ERM is one pass: the perturbed loss is the clean loss.
+    _, metrics = call(state, use_sam=False)
+    assert float(metrics["perturbed_loss"]) == float(metrics["loss"])
+    _, metrics = call(state, use_sam=True, rho=0.05)
+    assert float(metrics["perturbed_loss"]) > float(metrics["loss"])

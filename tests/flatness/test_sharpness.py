@@ -1,4 +1,4 @@
-"""Tests for flatfsc_jax.sharpness against independent references.
+"""Tests for flatfsc_jax.flatness.sharpness against independent references.
 
 * adaptive average-case sharpness of a quadratic: ``0.5 rho^2 sum_i H_ii w_i^2``;
 * adaptive worst-case sharpness of 2-D quadratics: brute force over a grid of the ball;
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from flatfsc_jax import models
-from flatfsc_jax import sharpness as sh
 from flatfsc_jax.data import sources
+from flatfsc_jax.flatness import sharpness as sh
 
 # ------------------------------------------------------------------------------ quadratics
 

@@ -1,6 +1,6 @@
 """Reparametrisation-aware sharpness and feature-geometry baselines for the flatness study.
 
-``flatfsc_jax.flatness.sharpness``: the measures of issue 25 that ``flatness.measures``
+``flatfsc_jax.flatness.sharpness``: the study measures that ``flatness.measures``
 (Hessian trace, top eigenvalue, rho-sharpness) does not have, and :func:`measure_backbone`,
 which scores one zoo backbone on all of them in BatchNorm eval mode for the study driver.
 
@@ -27,7 +27,7 @@ field's answers to that, each a pure function of a ``loss_fn(params) -> scalar``
   loss between columns ``s`` and ``s'``. Scaling ``W`` by ``a`` and the features by
   ``1/a`` leaves it unchanged.
 * :func:`sam_gap`: SAM's one-step loss gap ``L(w + rho g/||g||) - L(w)``, which is
-  ``flatness.rho_sharpness`` with ``steps=0``; named here so the study's tables say what
+  ``measures.rho_sharpness`` with ``steps=0``; named here so the study's tables say what
   they report.
 * :func:`weight_norms`: the weight norm Jiang et al. (2020) list beside sharpness.
 * Non-flatness baselines on embeddings: :func:`cdnv` (Galanti et al. 2022) and
@@ -61,9 +61,9 @@ import scipy.spatial.distance
 import scipy.stats
 from optax import tree_utils as otu
 
-from flatfsc_jax import flatness
-from flatfsc_jax import measure_flatness as zoo_flatness
 from flatfsc_jax.checks import check_int, check_number
+from flatfsc_jax.flatness import measures
+from flatfsc_jax.flatness import zoo as zoo_flatness
 
 PyTree = Any
 LossFn = Callable[[PyTree], jax.Array]
@@ -301,10 +301,10 @@ def adaptive_worst_sharpness(
 
 
 def sam_gap(
-    loss_fn: LossFn | flatness.IterationSteps, params: PyTree, *, rho: float
+    loss_fn: LossFn | measures.IterationSteps, params: PyTree, *, rho: float
 ) -> dict[str, float]:
-    """SAM's loss gap ``L(w + rho g / ||g||) - L(w)``: ``flatness.rho_sharpness(steps=0)``."""
-    return flatness.rho_sharpness(loss_fn, params, rho=rho, steps=0)
+    """SAM's loss gap ``L(w + rho g / ||g||) - L(w)``: ``measures.rho_sharpness(steps=0)``."""
+    return measures.rho_sharpness(loss_fn, params, rho=rho, steps=0)
 
 
 # ---------------------------------------------------------------------- relative flatness
@@ -365,7 +365,7 @@ def relative_flatness(
 
     # All probes in one vmapped call: the head's loss is small, a call per probe is not.
     probes = jax.jit(
-        jax.vmap(lambda z: jnp.vdot(z @ gram, flatness.hessian_vector_product(loss_fn, kernel, z)))
+        jax.vmap(lambda z: jnp.vdot(z @ gram, measures.hessian_vector_product(loss_fn, kernel, z)))
     )
     rng = np.random.default_rng(seed)
     z = 2.0 * rng.integers(0, 2, (samples, *kernel.shape)) - 1.0
@@ -661,9 +661,9 @@ def measure_backbone(
             else sam_gap(steps, params, rho=training_rho)["sharpness"]
         )
     if settings.trace_samples:
-        trace = flatness.hessian_trace(steps, params, samples=settings.trace_samples, seed=seeds[0])
+        trace = measures.hessian_trace(steps, params, samples=settings.trace_samples, seed=seeds[0])
         out["hessian_trace"], out["hessian_trace_se"] = trace["trace"], trace["std_error"]
-        out["top_eigenvalue"] = flatness.top_hessian_eigenvalue(
+        out["top_eigenvalue"] = measures.top_hessian_eigenvalue(
             steps, params, iters=settings.power_iters, tol=1e-3, seed=seeds[1]
         )["eigenvalue"]
 
