@@ -13,7 +13,7 @@ the mapped features ``x @ W``. Recipe (URL's ``pa``):
   The rate therefore uses one bit of knowledge a pure few-shot learner would not have.
 
 The backbone is never run: embeddings are cached once per (backbone, split) and episodes
-are index arrays into them (evaluate.py). All episodes of a padded ``EpisodeBatch`` share
+are index arrays into them (ncc.py). All episodes of a padded ``EpisodeBatch`` share
 fixed shapes, so one ``jax.vmap`` over episodes of one ``jax.jit`` holding the whole
 40-step loop (``lax.scan``; no convolutions, so XLA:CPU's slow loop path for
 convolutions does not apply) evaluates them all, ``chunk`` episodes per call. Padded

@@ -24,7 +24,8 @@ is evaluated on them, so families are compared with paired differences:
   ``config.domains``) or unseen.
 
 Results are plain data (``dict``): ``results["domains"][domain]["families"][family]
-[adaptation] = list of per-episode accuracies``; report.py renders them.
+[adaptation] = list of per-episode accuracies``; ``flatfsc_jax.reporting.tables`` renders
+them.
 """
 
 from __future__ import annotations

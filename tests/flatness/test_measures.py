@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from flatfsc_jax.flatness import landscape
 from flatfsc_jax.flatness import measures as measures_lib
 from flatfsc_jax.models import build_model
 
@@ -235,7 +236,7 @@ def _toy_params():
 
 def test_random_direction_matches_filter_norms_and_zeroes_1d_params():
     params = _toy_params()
-    d = measures_lib.random_direction(params, jax.random.key(0))
+    d = landscape.random_direction(params, jax.random.key(0))
     assert jax.tree.structure(d) == jax.tree.structure(params)
     for name in ("conv", "dense"):
         w, dk = np.asarray(params[name]["kernel"]), np.asarray(d[name]["kernel"])
@@ -250,13 +251,13 @@ def test_random_direction_matches_filter_norms_and_zeroes_1d_params():
     np.testing.assert_array_equal(d["dense"]["bias"], 0.0)
     np.testing.assert_array_equal(d["bn"]["scale"], 0.0)
 
-    other = measures_lib.random_direction(params, jax.random.key(1))
+    other = landscape.random_direction(params, jax.random.key(1))
     assert not np.allclose(other["conv"]["kernel"], d["conv"]["kernel"])
 
 
 def test_random_direction_with_1d_params_scales_them_to_the_weight_norm():
     params = _toy_params()
-    d = measures_lib.random_direction(params, jax.random.key(0), ignore_1d=False)
+    d = landscape.random_direction(params, jax.random.key(0), ignore_1d=False)
     for w, dv in (
         (params["dense"]["bias"], d["dense"]["bias"]),
         (params["bn"]["scale"], d["bn"]["scale"]),
@@ -267,7 +268,7 @@ def test_random_direction_with_1d_params_scales_them_to_the_weight_norm():
 
 def test_random_direction_zero_weight_filter_gives_zero_direction():
     kernel = jnp.ones((4, 3)).at[:, 1].set(0.0)
-    d = measures_lib.random_direction({"kernel": kernel}, jax.random.key(0))["kernel"]
+    d = landscape.random_direction({"kernel": kernel}, jax.random.key(0))["kernel"]
     np.testing.assert_array_equal(d[:, 1], 0.0)
     assert np.all(np.isfinite(d))
 
@@ -280,7 +281,7 @@ def test_loss_landscape_1d_matches_closed_form_on_a_quadratic(spd):
     w = np.linspace(-1.0, 1.0, EIGS.size)
     d = np.cos(np.arange(EIGS.size))
     alphas = np.linspace(-1.0, 1.0, 11)
-    losses = measures_lib.loss_landscape_1d(
+    losses = landscape.loss_landscape_1d(
         _quadratic(a), jnp.asarray(w, jnp.float32), jnp.asarray(d, jnp.float32), alphas
     )
     assert isinstance(losses, np.ndarray) and losses.shape == (11,)
@@ -294,10 +295,10 @@ def test_loss_landscape_2d_matches_a_python_double_loop():
         return jnp.sum(jnp.tanh(p["a"]) ** 2) + jnp.prod(p["b"]) + jnp.sum(p["a"]) * p["b"][0]
 
     params = {"a": jnp.array([[0.2, -0.4], [1.0, 0.1]]), "b": jnp.array([0.5, -1.5, 2.0])}
-    dx = measures_lib.random_direction(params, jax.random.key(0), ignore_1d=False)
-    dy = measures_lib.random_direction(params, jax.random.key(1), ignore_1d=False)
+    dx = landscape.random_direction(params, jax.random.key(0), ignore_1d=False)
+    dy = landscape.random_direction(params, jax.random.key(1), ignore_1d=False)
     alphas, betas = np.linspace(-1, 1, 5), np.linspace(-0.5, 0.5, 4)
-    grid = measures_lib.loss_landscape_2d(loss_fn, params, dx, dy, alphas, betas)
+    grid = landscape.loss_landscape_2d(loss_fn, params, dx, dy, alphas, betas)
     assert grid.shape == (5, 4)
     loop = np.zeros((5, 4))
     for i, a in enumerate(alphas):
@@ -312,13 +313,13 @@ def test_landscape_rejects_bad_grids_and_mismatched_directions():
     params = {"w": jnp.ones(3)}
     loss_fn = lambda p: jnp.sum(p["w"] ** 2)
     with pytest.raises(ValueError, match="alphas"):
-        measures_lib.loss_landscape_1d(loss_fn, params, params, np.ones((2, 2)))
+        landscape.loss_landscape_1d(loss_fn, params, params, np.ones((2, 2)))
     with pytest.raises(ValueError, match="direction"):
-        measures_lib.loss_landscape_1d(loss_fn, params, {"w": jnp.ones(4)}, [0.0, 1.0])
+        landscape.loss_landscape_1d(loss_fn, params, {"w": jnp.ones(4)}, [0.0, 1.0])
     with pytest.raises(ValueError, match="dir_y"):
-        measures_lib.loss_landscape_2d(loss_fn, params, params, {"v": jnp.ones(3)}, [0.0], [0.0])
+        landscape.loss_landscape_2d(loss_fn, params, params, {"v": jnp.ones(3)}, [0.0], [0.0])
     with pytest.raises(ValueError, match="scalar"):
-        measures_lib.loss_landscape_1d(lambda p: p["w"], params, params, [0.0, 1.0])
+        landscape.loss_landscape_1d(lambda p: p["w"], params, params, [0.0, 1.0])
 
 
 def test_measures_reject_bad_arguments_before_tracing():
@@ -341,11 +342,11 @@ def test_measures_reject_bad_arguments_before_tracing():
 
 def test_plots_write_png_files(tmp_path):
     alphas = np.linspace(-1, 1, 9)
-    path_1d = measures_lib.plot_landscape_1d(
+    path_1d = landscape.plot_landscape_1d(
         {"ERM": (alphas, 3 * alphas**2), "SAM": (alphas, alphas**2)}, tmp_path / "one.png"
     )
     grid = np.add.outer(alphas**2, 2 * alphas[:5] ** 2)
-    path_2d = measures_lib.plot_landscape_2d(
+    path_2d = landscape.plot_landscape_2d(
         {"ERM": (alphas, alphas[:5], 3 * grid), "SAM": (alphas, alphas[:5], grid)},
         tmp_path / "two.png",
         title="toy",
@@ -354,11 +355,11 @@ def test_plots_write_png_files(tmp_path):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="losses have shape"):
-        measures_lib.plot_landscape_1d({"x": (alphas, alphas[:3])}, tmp_path / "bad.png")
+        landscape.plot_landscape_1d({"x": (alphas, alphas[:3])}, tmp_path / "bad.png")
     with pytest.raises(ValueError, match=r"len\(alphas\), len\(betas\)"):
-        measures_lib.plot_landscape_2d({"x": (alphas, alphas, grid)}, tmp_path / "bad.png")
+        landscape.plot_landscape_2d({"x": (alphas, alphas, grid)}, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="curves"):
-        measures_lib.plot_landscape_1d({}, tmp_path / "bad.png")
+        landscape.plot_landscape_1d({}, tmp_path / "bad.png")
 
 
 # ------------------------------------------------------------------------- a flax model
@@ -458,7 +459,7 @@ def test_directions_and_landscapes_on_a_flax_model(tiny_model):
     model, variables, images, labels = tiny_model
     params = variables["params"]
     loss_fn = measures_lib.model_loss_fn(model, variables, images, labels)
-    dx = measures_lib.random_direction(params, jax.random.key(1))
+    dx = landscape.random_direction(params, jax.random.key(1))
     assert jax.tree.structure(dx) == jax.tree.structure(params)
     for w, d in zip(jax.tree.leaves(params), jax.tree.leaves(dx), strict=True):
         if w.ndim == 1:  # BatchNorm scale/bias, head bias
@@ -469,10 +470,10 @@ def test_directions_and_landscapes_on_a_flax_model(tiny_model):
                 np.linalg.norm(np.reshape(w, (-1, w.shape[-1])), axis=0),
                 rtol=1e-5,
             )
-    dy = measures_lib.random_direction(params, jax.random.key(2))
-    curve = measures_lib.loss_landscape_1d(loss_fn, params, dx, np.linspace(-1, 1, 5))
+    dy = landscape.random_direction(params, jax.random.key(2))
+    curve = landscape.loss_landscape_1d(loss_fn, params, dx, np.linspace(-1, 1, 5))
     assert curve[2] == pytest.approx(float(loss_fn(params)), rel=1e-5)
-    surface = measures_lib.loss_landscape_2d(
+    surface = landscape.loss_landscape_2d(
         loss_fn, params, dx, dy, np.linspace(-1, 1, 3), np.linspace(-1, 1, 4)
     )
     assert surface.shape == (3, 4)
