@@ -22,8 +22,9 @@ Optional SAM (``sam_rho > 0``) uses ``flatfsc_jax.sam.sam_gradient``.
 The options of every entry point are the fields of :class:`AdaptOptions`. The default
 learning rates (the paper did not publish its recipe) were chosen on a small check with
 real glyph images (docs/evaluation.md#default-learning-rates); episodes are looped over
-rather than vmapped (docs/performance.md#xla-cpu-loops). Adadelta uses PyTorch's ``rho=0.9, eps=1e-6`` (URL's PA / TSA optimiser); 40
-steps is the URL/TSA budget (the paper).
+rather than vmapped (docs/performance.md#xla-cpu-loops). Adadelta uses PyTorch's
+``rho=0.9, eps=1e-6`` (URL's PA / TSA optimiser); 40 steps is the URL/TSA budget (the
+paper).
 """
 
 from __future__ import annotations

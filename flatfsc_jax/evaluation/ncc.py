@@ -11,7 +11,7 @@ Classifier: nearest centroid (NCC). Prototypes are the masked mean support embed
 class; logits are ``scale * cos(query, prototype)`` (``scale=10`` as SUR/URL/TSA and the
 paper) or the negative squared Euclidean distance (Prototypical Networks).
 
-Episodes: an ``EpisodeBatch`` (data/episodes.py; numpy, fixed shapes): ``support_*``
+Episodes: an ``EpisodeBatch`` (:mod:`flatfsc_jax.data.episodes`; numpy, fixed shapes): ``support_*``
 [E, S], ``query_*`` [E, Q] and the int ``max_ways`` (padded number of classes). Labels are
 ``0..ways-1``; padded slots are masked out (their indices only have to be valid array
 indices).
