@@ -137,7 +137,7 @@ def episode_accuracies(
 ) -> np.ndarray:
     """PA-then-NCC query accuracy of every episode on cached ``embeddings`` [N, D]: [E].
 
-    Same contract as ``evaluate.episode_accuracies`` (padded ``EpisodeBatch``, ``chunk``
+    Same contract as ``ncc.episode_accuracies`` (padded ``EpisodeBatch``, ``chunk``
     episodes per call, the last chunk padded). ``bucket=True`` moves each episode's
     support examples to the front and evaluates it at the smallest of
     :func:`support_buckets` that holds them (queries stay at full width: they cost one

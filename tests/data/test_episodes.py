@@ -664,8 +664,8 @@ def test_bucket_sizes_bound_and_reach_sampled_episodes():
 
 
 def test_batch_sample_is_the_seed_stream_padded_to_the_split_bucket():
-    # The spelling train.validation_evaluator and protocol used before EpisodeBatch.sample:
-    # the same episodes (same random draws) and the same padded shapes.
+    # EpisodeBatch.sample is the sampler's stream padded to the split's bucket: the same
+    # episodes (same random draws) and the same padded shapes as spelling it out.
     labels, _, groups = grouped_split()
     data = split_data(labels, class_groups=groups)
     spec = EpisodeSpec(mode="variable")
