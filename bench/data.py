@@ -11,13 +11,7 @@ batch) and fed by the pipeline.
     .venv/bin/python bench/data.py --no-step       # pipeline only, about 30 s
     .venv/bin/python bench/data.py --arch conv4    # step of another backbone
 
-Measured on the 2-core CPU machine while other jobs loaded it (load average ~11, so all
-absolute numbers are pessimistic): pipeline 28x28x1 5e4-2.6e5 img/s, 84x84x3 1e3-1.7e3
-img/s (HSV saturation/hue dominates: ~5x faster without augmentation); 2 grain worker
-processes are no faster than the in-process prefetch thread on 2 cores. The ResNet-18
-ERM step, same machine and load: 4-7 img/s (README Benchmarks: ~19 img/s unloaded at 84 px),
-conv4: 15 img/s at 84 px, 160 img/s at 28 px. On CPU the pipeline is >100x faster than
-the step. On an accelerator at 84 px one host core is not enough: use worker_count > 0.
+What it measured: docs/benchmarks.md#input-pipeline.
 """
 
 from __future__ import annotations

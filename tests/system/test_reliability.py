@@ -1,4 +1,4 @@
-"""Reliability (README "Reliability"): never a wrong backbone in a report.
+"""Reliability (docs/zoo.md#reliability): never a wrong backbone in a report.
 
 Finite states only (a diverged run leaves no complete entry and no NaN checkpoint), no
 reuse of a complete entry the config no longer describes, damaged entries found and
