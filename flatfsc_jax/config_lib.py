@@ -10,7 +10,7 @@ An optional key is ``None`` when unset, never a sentinel 0:
 
 * ``sam.m``: one perturbation from the whole batch;
 * ``validation.every``, ``fusion.distill.validation_every``: every restart period;
-* ``evaluation.finetune_lr``: adapt.py's default for the mode;
+* ``evaluation.finetune_lr``: evaluation/adapt.py's default for the mode;
 * ``evaluation.pa_episodes``: all episodes;
 * ``evaluation.parc_max_support``: the whole support set;
 * ``model.head_classes``: no padding.
@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.retrain = False  # True: retrain zoo entries that are already complete
 
     # head_classes pads every domain's classification head to that many classes
-    # (masked logits) so all domains share one compiled training step (train.py); None
+    # (masked logits) so all domains share one compiled training step (training/step.py); None
     # gives each domain its own head width (and its own compilation).
     c.model = ml_collections.ConfigDict(
         dict(
@@ -133,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
             num_steps=10_000,
             lr=3e-3,
             restart_period=10_000,
-            # Fusion by distillation (URL; flatfsc_jax/distill.py). The per-domain tables
+            # Fusion by distillation (URL; flatfsc_jax/fusion/distill.py). The per-domain tables
             # (batch_size, lambda_f, lambda_p, anneal) are filled by set_distill_recipe.
             distill=dict(
                 num_steps=240_000,
@@ -162,12 +162,12 @@ def base_config() -> ml_collections.ConfigDict:
             finetune_episodes=600,  # episodes for the (slower) fine-tuning adaptations
             finetune_families=(),  # families fine-tuned at test time; () = all
             finetune_steps=40,
-            finetune_lr=placeholder(float),  # None -> adapt.py's default for the mode
+            finetune_lr=placeholder(float),  # None -> evaluation/adapt.py's default for the mode
             lora_rank=4,
-            # PA (pa.py) on cached embeddings; None -> all ``episodes``.
+            # PA (evaluation/pa.py) on cached embeddings; None -> all ``episodes``.
             pa_episodes=placeholder(int),
             pa_steps=40,
-            # TSA (tsa.py) costs ~40 backbone passes per task, like fine-tuning.
+            # TSA (evaluation/tsa.py) runs the backbone at every step, like fine-tuning.
             tsa_episodes=600,
             tsa_steps=40,
             parc_support=True,  # unseen domains: pick the backbone per task with PARC

@@ -9,7 +9,7 @@ cosine, frozen embeddings), keeps the best checkpoint in the zoo and logs to the
 Compilation is shared: the model's classification head is padded to
 ``config.model.head_classes`` (when set) with the padded logits masked, and the learning
 rate, restart period, rho and class count travel in ``TrainState.hparams`` as data
-(steps.py), so every entry of one architecture, batch size and method runs one compiled
+(training/step.py), so every entry of one architecture, batch size and method runs one compiled
 program (``_compiled_step`` caches it for the process). The stored backbone's head is cut
 back to the domain's classes, so zoo entries do not depend on the padding.
 

@@ -22,7 +22,8 @@ from configs import glyphs as glyphs_config
 from flatfsc_jax import config_lib, experiment, families, models
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.fusion import finetune
-from flatfsc_jax.training import loop, resumable
+from flatfsc_jax.training import loop, optim, resumable
+from flatfsc_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE = (16, 16, 1)
@@ -116,9 +117,9 @@ def test_unfinished_run_with_other_settings_is_discarded(tmp_path):
 
 def test_non_finite_leaves_names_params_and_batch_stats():
     model = models.build_model("conv4", 3, width=0.125)
-    state = loop.steps.create_train_state(
+    state = step_lib.create_train_state(
         model,
-        loop.optim.make_optimizer(
+        optim.make_optimizer(
             learning_rate=0.1, momentum=0.9, weight_decay=0.0, restart_period=2, num_steps=2
         ),
         jax.random.key(0),
