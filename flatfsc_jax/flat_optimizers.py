@@ -53,6 +53,15 @@ clean loss); ``clean_statistics=False`` skips it and returns the perturbed pass'
 point). :func:`gradient_evaluations` counts gradients only; that forward pass comes on
 top.
 
+**Switching methods** (``sam_late``, ``sam_every_k``, ``looksam``) take the two-pass
+branch on some steps only. With a traced ``step`` the branch is a ``lax.cond``, which
+runs only the taken branch but, on XLA:CPU, runs a gradient inside a conditional
+several times slower than the same gradient outside one (docs: bench/flat_methods.py).
+So a training loop decides on the host instead: it compiles the step twice, with
+``sam_step=True`` and ``sam_step=False`` as a static argument, and calls
+``takes_sam_step(settings, step)`` each step to pick the program. On an accelerator the
+``cond`` is fine and one program serves every step.
+
 m-sharpness (``sam.sam_gradient(m=...)``) is available through ``method="sam"`` only;
 the other methods perturb from the whole batch.
 
@@ -78,6 +87,8 @@ from flatfsc_jax.checks import check_int, check_number, is_int, is_real
 from flatfsc_jax.sam import LossFn, check_sam_arguments, global_norm, sam_perturbation
 
 METHODS = ("erm", "sam", "sam_late", "sam_every_k", "looksam", "msam", "rwp", "gsam")
+# Methods whose two-pass branch depends on the step (``sam_step``, ``takes_sam_step``).
+SWITCHING_METHODS = ("sam_late", "sam_every_k", "looksam")
 AVERAGES = ("none", "ema", "swa")
 # Keys ``flat_gradient``'s ``hparams`` may carry (traced per-run values; module docstring).
 HPARAM_KEYS = ("rho", "start_step", "learning_rate", "peak_learning_rate")
@@ -146,13 +157,19 @@ def _sam(loss_fn, params, batch, rho, eps, adaptive):
     return grads, aux, _diag(loss, perturbed_loss, global_norm(clean), 2)
 
 
-def _branch(predicate, when_true: Callable, when_false: Callable, *operands):
+def _branch(predicate, sam_step, when_true: Callable, when_false: Callable, *operands):
     """``when_true(*operands)`` if ``predicate`` else ``when_false(*operands)``.
 
-    A concrete predicate is decided in Python (one program, no ``cond``); a traced one
-    with ``lax.cond``, which under ``jit`` runs only the taken branch, so a step that
-    skips the perturbed pass really costs one gradient.
+    ``sam_step`` (a Python bool from the host, see :func:`takes_sam_step`) replaces the
+    predicate. A concrete predicate is decided in Python (one program, no ``cond``); a
+    traced one with ``lax.cond``, which runs only the taken branch.
     """
+    if sam_step is not None:
+        if not isinstance(sam_step, bool):
+            raise ValueError(
+                f"sam_step must be None (decide from step) or a Python bool, got {sam_step!r}"
+            )
+        predicate = sam_step
     if isinstance(predicate, bool | np.bool_):
         return when_true(*operands) if predicate else when_false(*operands)
     return jax.lax.cond(predicate, when_true, when_false, *operands)
@@ -193,23 +210,35 @@ def sam_late_gradient(
     rho: float | jax.Array,
     eps: float = 1e-12,
     adaptive: bool = False,
+    sam_step: bool | None = None,
 ) -> tuple[Any, Any, FlatDiagnostics]:
     """ERM before ``start_step``, SAM from it on (Zhou et al., ICLR 2025).
 
     With the warm-restart schedule, ``start_step`` is the first step of the final cycle.
     ``start_step=0`` is SAM on every step; a ``start_step`` past the last step is ERM.
     Both ``step`` and ``start_step`` may be traced; the switch is then a ``lax.cond``.
+    ``sam_step`` (a Python bool) takes the decision from the host instead (module
+    docstring, "Switching methods").
     """
     check_sam_arguments(rho, eps)
     _check_step("step", step)
     _check_step("start_step", start_step)
     return _branch(
         step >= start_step,
+        sam_step,
         lambda p, b: _sam(loss_fn, p, b, rho, eps, adaptive),
         lambda p, b: _erm(loss_fn, p, b),
         params,
         batch,
     )
+
+
+def final_cycle_start(num_steps: int, restart_period: int) -> int:
+    """First step of the last warm-restart cycle of a ``num_steps`` run: SAM-late's
+    ``start_step`` when "late" means the final cycle (a partial one counts)."""
+    check_int("num_steps", num_steps)
+    check_int("restart_period", restart_period)
+    return (num_steps - 1) // restart_period * restart_period
 
 
 def every_k_gradient(
@@ -222,16 +251,19 @@ def every_k_gradient(
     rho: float | jax.Array,
     eps: float = 1e-12,
     adaptive: bool = False,
+    sam_step: bool | None = None,
 ) -> tuple[Any, Any, FlatDiagnostics]:
     """SAM on steps ``step % k == 0`` (the first step included), ERM on the others.
 
     The naive baseline LookSAM improves on; ``k=1`` is SAM on every step.
+    ``sam_step`` as in :func:`sam_late_gradient`.
     """
     check_sam_arguments(rho, eps)
     check_int("k", k)
     _check_step("step", step)
     return _branch(
         step % k == 0,
+        sam_step,
         lambda p, b: _sam(loss_fn, p, b, rho, eps, adaptive),
         lambda p, b: _erm(loss_fn, p, b),
         params,
@@ -260,6 +292,7 @@ def looksam_gradient(
     rho: float | jax.Array,
     eps: float = 1e-12,
     adaptive: bool = False,
+    sam_step: bool | None = None,
 ) -> tuple[Any, Any, FlatDiagnostics, dict]:
     """LookSAM (Liu et al., CVPR 2022, Algorithm 1): ``(grads, aux, diag, new_state)``.
 
@@ -269,7 +302,7 @@ def looksam_gradient(
     computed and ``g + alpha * (||g|| / ||g_v||) * g_v`` is the update: the stored
     direction that changes slowly, rescaled to the current gradient. ``k=1`` is SAM.
     A zero ``g_v`` (e.g. a run resumed off a multiple of ``k`` with a fresh state)
-    leaves ``g`` unchanged.
+    leaves ``g`` unchanged. ``sam_step`` as in :func:`sam_late_gradient`.
     """
     check_sam_arguments(rho, eps)
     check_int("k", k)
@@ -278,7 +311,7 @@ def looksam_gradient(
     if set(state) != {"g_v"}:
         raise ValueError(f"state must be looksam_init(params), got keys {sorted(state)}")
 
-    def sam_step(p, b, state):
+    def two_pass_step(p, b, state):
         loss, aux, g, perturbed_loss, g_s = _clean_and_perturbed(loss_fn, p, b, rho, eps, adaptive)
         coefficient = _tree_vdot(g, g_s) / (_tree_vdot(g, g) + eps)
         g_v = _axpy(-coefficient, g, g_s)
@@ -291,7 +324,7 @@ def looksam_gradient(
         scale = alpha * g_norm / (global_norm(state["g_v"]) + eps)
         return _axpy(scale, state["g_v"], g), aux, _diag(loss, loss, g_norm, 1), state
 
-    return _branch(step % k == 0, sam_step, reuse_step, params, batch, state)
+    return _branch(step % k == 0, sam_step, two_pass_step, reuse_step, params, batch, state)
 
 
 # --------------------------------------------------------------------------------------
@@ -389,8 +422,11 @@ def rwp_gradient(
 
     ``z = rwp_noise(params, key, noise_std=noise_std)``; use a fresh ``key`` every step.
     ``clean_mix > 0`` is m-RWP (two independent gradients: 2x, or ~1x on two devices);
-    ``clean_mix = 0`` is plain RWP, one gradient. A Python ``noise_std = 0`` is ERM
-    (one pass); a traced 0 gives the same numbers (``z`` is exactly 0).
+    ``clean_mix = 0`` is plain RWP, one gradient. The reference code's mixing weight
+    ``alpha`` (of the noisy gradient) is ``1 - clean_mix``; it computes the two gradients
+    on two devices' different batches, this function on the one batch it is given. A
+    Python ``noise_std = 0`` is ERM (one pass); a traced 0 gives the same numbers (``z``
+    is exactly 0).
     """
     _check_traceable_number("noise_std", noise_std, hint=" (0 is ERM)")
     _check_probability("clean_mix", clean_mix)
@@ -629,6 +665,21 @@ def gradient_evaluations(settings: FlatMethod, step: int | np.ndarray) -> int | 
     return int(count) if count.ndim == 0 else count.astype(np.int64)
 
 
+def takes_sam_step(settings: FlatMethod, step: int) -> bool:
+    """Whether ``flat_gradient`` takes its two-pass branch at ``step`` (host side).
+
+    For the switching methods the value to pass as ``sam_step``; for the others it only
+    says whether the step makes a perturbed pass (``sam_step`` is ignored by them).
+    """
+    check_int("step", step, minimum=0)
+    s = settings
+    if s.method == "sam_late":
+        return step >= s.start_step
+    if s.method in ("sam_every_k", "looksam"):
+        return step % s.k == 0
+    return gradient_evaluations(s, step) == 2
+
+
 FlatGradient = Callable[..., tuple[Any, Any, FlatDiagnostics, dict]]
 
 
@@ -644,11 +695,15 @@ def make_flat_gradient(settings: FlatMethod) -> FlatGradient:
     * ``"start_step"``: ``sam_late``'s switch step (``settings.start_step``);
     * ``"learning_rate"``, ``"peak_learning_rate"``: this step's and the peak learning
       rate, for GSAM's radius schedule (``gsam_rho_min`` set; required then).
+
+    ``sam_step`` (keyword, a static Python bool): for the switching methods, the branch
+    decided on the host by :func:`takes_sam_step` instead of from ``step`` (module
+    docstring); ignored by the other methods.
     """
     validate_flat_method(settings)
     s = settings
 
-    def flat_gradient(loss_fn, params, batch, state, step, hparams=None):
+    def flat_gradient(loss_fn, params, batch, state, step, hparams=None, *, sam_step=None):
         hp = dict(hparams or {})
         check_hparams(hp)
         rho = hp.get("rho", s.rho)
@@ -670,10 +725,19 @@ def make_flat_gradient(settings: FlatMethod) -> FlatGradient:
                 rho=rho,
                 eps=s.eps,
                 adaptive=s.adaptive,
+                sam_step=sam_step,
             )
         elif s.method == "sam_every_k":
             grads, aux, diag = every_k_gradient(
-                loss_fn, params, batch, step, k=s.k, rho=rho, eps=s.eps, adaptive=s.adaptive
+                loss_fn,
+                params,
+                batch,
+                step,
+                k=s.k,
+                rho=rho,
+                eps=s.eps,
+                adaptive=s.adaptive,
+                sam_step=sam_step,
             )
         elif s.method == "looksam":
             return looksam_gradient(
@@ -687,6 +751,7 @@ def make_flat_gradient(settings: FlatMethod) -> FlatGradient:
                 rho=rho,
                 eps=s.eps,
                 adaptive=s.adaptive,
+                sam_step=sam_step,
             )
         elif s.method == "msam":
             return momentum_sam_gradient(

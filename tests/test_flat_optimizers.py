@@ -115,6 +115,17 @@ def test_sam_late_switches_from_erm_to_sam_at_start_step():
         )
 
 
+def test_final_cycle_start_is_the_last_restart():
+    from flatfsc_jax import optim
+
+    cases = ((1000, 250), (1100, 250), (250, 250), (7, 10))
+    periods = np.asarray([period for _, period in cases])[:, None]
+    rates = np.asarray(optim.cosine_restart_rate(np.arange(1100)[None], 1.0, periods))
+    for (num_steps, period), row in zip(cases, rates, strict=True):
+        restarts = np.flatnonzero(row[:num_steps] == 1.0)  # the peak rate: a restart
+        assert fo.final_cycle_start(num_steps, period) == restarts[-1]
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_every_k_matches_a_plain_loop_with_momentum_sgd(k):
     steps, rho, lr, mu = 7, 0.2, 0.05, 0.9
@@ -188,6 +199,31 @@ def test_looksam_under_jit_runs_one_branch_per_step_and_threads_its_state():
         _close(grads, want, rtol=1e-5)
         _close(state, eager_state, rtol=1e-5)
         assert float(diag.gradient_evaluations) == (2.0 if t % 2 == 0 else 1.0)
+
+
+@pytest.mark.parametrize("method", fo.SWITCHING_METHODS)
+def test_host_decided_branch_matches_the_traced_switch(method):
+    """Two programs picked on the host (``sam_step``) == one program with ``lax.cond``."""
+    settings = fo.FlatMethod(method=method, rho=0.1, k=3, start_step=2)
+    params, batches = _problem(4)
+    flat_gradient = fo.make_flat_gradient(settings)
+    traced = jax.jit(lambda p, b, s, t: flat_gradient(_loss_fn, p, b, s, t))
+    host = jax.jit(
+        lambda p, b, s, t, sam_step: flat_gradient(_loss_fn, p, b, s, t, sam_step=sam_step),
+        static_argnames="sam_step",
+    )
+    state_traced = state_host = fo.init_state(settings, params)
+    for t, batch in enumerate(batches):
+        sam_step = fo.takes_sam_step(settings, t)
+        assert sam_step == (fo.gradient_evaluations(settings, t) == 2)
+        want, _, want_diag, state_traced = traced(params, batch, state_traced, jnp.int32(t))
+        got, _, diag, state_host = host(params, batch, state_host, jnp.int32(t), sam_step)
+        _close(got, want, rtol=1e-5)
+        _close(state_host, state_traced, rtol=1e-5)
+        assert float(diag.gradient_evaluations) == float(want_diag.gradient_evaluations)
+        params = jax.tree.map(lambda p, g: p - 0.05 * g, params, got)
+    with pytest.raises(ValueError, match=r"^sam_step must be None .* or a Python bool"):
+        flat_gradient(_loss_fn, params, batches[0], state_host, 0, sam_step=jnp.bool_(True))
 
 
 # ------------------------------------------------------------------ Momentum-SAM
