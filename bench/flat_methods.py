@@ -25,7 +25,8 @@ Columns:
 * ``ms/step`` and ``x ERM``: median wall time per step over the interleaved repeats
   (ERM, SAM, ..., ERM, SAM, ...: drifting load hits all alike), and its ratio to this
   run's ERM row; ``min x``: the ratio of the fastest repeats (least disturbed on a
-  shared machine).
+  shared machine); ``CPU x``: the ratio of median process CPU times (work done by all
+  of XLA's threads, less sensitive than wall time to other processes' load).
 """
 
 from __future__ import annotations
@@ -164,22 +165,25 @@ def bench_methods(
                 "fn": fn,
                 "carry": carry,
                 "times": [],
+                "cpu_times": [],
                 "compile_s": compile_s,
                 "grads": np.mean(evaluations),
             }
         )
     for _ in range(repeats):
         for run in runs:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for t in range(window):
                 run["carry"], diag = run["fn"](run["carry"], batch, steps_t[t], t)
             jax.block_until_ready((run["carry"], diag))
             run["times"].append((time.perf_counter() - start) / window)
+            run["cpu_times"].append((time.process_time() - cpu_start) / window)
     erm = runs[0]
     for run in runs:
         run["ms"] = 1e3 * statistics.median(run["times"])
         run["ratio"] = statistics.median(run["times"]) / statistics.median(erm["times"])
         run["min_ratio"] = min(run["times"]) / min(erm["times"])
+        run["cpu_ratio"] = statistics.median(run["cpu_times"]) / statistics.median(erm["cpu_times"])
     return runs
 
 
@@ -220,14 +224,14 @@ def main(argv=None):
         )
         header = (
             f"{'method':<30} {'grads/step':>10} {'ms/step':>8} {'x ERM':>6} {'min x':>6} "
-            f"{'compile s':>9}"
+            f"{'CPU x':>6} {'compile s':>9}"
         )
         print(header)
         print("-" * len(header))
         for run in runs:
             print(
                 f"{run['label']:<30} {run['grads']:>10.2f} {run['ms']:>8.1f} {run['ratio']:>6.2f} "
-                f"{run['min_ratio']:>6.2f} {run['compile_s']:>9.1f}",
+                f"{run['min_ratio']:>6.2f} {run['cpu_ratio']:>6.2f} {run['compile_s']:>9.1f}",
                 flush=True,
             )
 

@@ -26,8 +26,21 @@ Weight averaging (EMA, SWA) is a separate pure state update of the *weights afte
 optimiser step (:func:`update_average`, built on ``optax.incremental_update``); it
 composes with every method above.
 
-**The one-line swap.** A ``sam_update`` user replaces the gradient call; the optimiser,
-the loss and the rest of the step stay as they are::
+**The one-line swap.** A ``sam_update`` user replaces that call by :func:`flat_update`
+(and creates the method's state once)::
+
+    flat = flat_optimizers.FlatMethod(method="msam", rho=0.5)
+    flat_gradient = flat_optimizers.make_flat_gradient(flat)
+    flat_state = flat_optimizers.init_state(flat, params)
+    ...
+    # was: params, opt_state, aux, diag = sam.sam_update(
+    #          loss_fn, params, opt_state, batch, tx, rho=rho)
+    params, opt_state, flat_state, aux, diag = flat_optimizers.flat_update(
+        flat_gradient, loss_fn, params, opt_state, flat_state, batch, tx, step
+    )
+
+A ``sam_gradient`` user replaces the gradient call; the optimiser, the loss and the
+rest of the step stay as they are::
 
     flat = flat_optimizers.FlatMethod(method="looksam", rho=0.05, k=5)
     flat_gradient = flat_optimizers.make_flat_gradient(flat)
@@ -56,11 +69,12 @@ top.
 **Switching methods** (``sam_late``, ``sam_every_k``, ``looksam``) take the two-pass
 branch on some steps only. With a traced ``step`` the branch is a ``lax.cond``, which
 runs only the taken branch but, on XLA:CPU, runs a gradient inside a conditional
-several times slower than the same gradient outside one (docs: bench/flat_methods.py).
+several times slower than the same gradient outside one.
 So a training loop decides on the host instead: it compiles the step twice, with
 ``sam_step=True`` and ``sam_step=False`` as a static argument, and calls
-``takes_sam_step(settings, step)`` each step to pick the program. On an accelerator the
-``cond`` is fine and one program serves every step.
+``takes_sam_step(settings, step)`` each step to pick the program. Where the ``cond``
+costs nothing extra (time it with ``bench/flat_methods.py``), one program with a traced
+``step`` serves every step.
 
 m-sharpness (``sam.sam_gradient(m=...)``) is available through ``method="sam"`` only;
 the other methods perturb from the whole batch.
@@ -91,7 +105,7 @@ METHODS = ("erm", "sam", "sam_late", "sam_every_k", "looksam", "msam", "rwp", "g
 SWITCHING_METHODS = ("sam_late", "sam_every_k", "looksam")
 AVERAGES = ("none", "ema", "swa")
 # Keys ``flat_gradient``'s ``hparams`` may carry (traced per-run values; module docstring).
-HPARAM_KEYS = ("rho", "start_step", "learning_rate", "peak_learning_rate")
+HPARAM_KEYS = ("rho", "start_step", "current_learning_rate", "peak_learning_rate")
 
 
 class FlatDiagnostics(NamedTuple):
@@ -456,7 +470,7 @@ def gsam_radius(
     rho: float | jax.Array,
     *,
     rho_min: float | None = None,
-    learning_rate: float | jax.Array | None = None,
+    current_learning_rate: float | jax.Array | None = None,
     peak_learning_rate: float | jax.Array | None = None,
     min_learning_rate: float = 0.0,
 ) -> float | jax.Array:
@@ -470,17 +484,19 @@ def gsam_radius(
     check_number("rho_min", rho_min)
     if is_real(rho) and rho_min > rho:
         raise ValueError(f"rho_min={rho_min} must be <= rho={rho} (rho is the largest radius)")
-    if learning_rate is None or peak_learning_rate is None:
+    if current_learning_rate is None or peak_learning_rate is None:
         raise ValueError(
-            "a GSAM radius schedule (rho_min set) needs learning_rate (this step's rate) and "
-            "peak_learning_rate; pass both, or rho_min=None for a constant radius"
+            "a GSAM radius schedule (rho_min set) needs current_learning_rate (this step's "
+            "rate) and peak_learning_rate; pass both, or rho_min=None for a constant radius"
         )
     if is_real(peak_learning_rate) and peak_learning_rate <= min_learning_rate:
         raise ValueError(
             f"peak_learning_rate={peak_learning_rate} must exceed "
             f"min_learning_rate={min_learning_rate}"
         )
-    fraction = (learning_rate - min_learning_rate) / (peak_learning_rate - min_learning_rate)
+    fraction = (current_learning_rate - min_learning_rate) / (
+        peak_learning_rate - min_learning_rate
+    )
     return rho_min + (rho - rho_min) * fraction
 
 
@@ -494,7 +510,7 @@ def gsam_gradient(
     eps: float = 1e-12,
     adaptive: bool = False,
     rho_min: float | None = None,
-    learning_rate: float | jax.Array | None = None,
+    current_learning_rate: float | jax.Array | None = None,
     peak_learning_rate: float | jax.Array | None = None,
     min_learning_rate: float = 0.0,
 ) -> tuple[Any, Any, FlatDiagnostics]:
@@ -513,7 +529,7 @@ def gsam_gradient(
     radius = gsam_radius(
         rho,
         rho_min=rho_min,
-        learning_rate=learning_rate,
+        current_learning_rate=current_learning_rate,
         peak_learning_rate=peak_learning_rate,
         min_learning_rate=min_learning_rate,
     )
@@ -552,7 +568,7 @@ class FlatMethod:
       clean_mix: RWP's weight of the clean gradient (0: plain RWP, one gradient).
       gsam_alpha: GSAM's weight of the surrogate-gap ascent (0: SAM).
       gsam_rho_min: GSAM's smallest radius (``None``: constant ``rho``); needs
-        ``hparams["learning_rate"]`` and ``["peak_learning_rate"]``.
+        ``hparams["current_learning_rate"]`` and ``["peak_learning_rate"]``.
       gsam_min_learning_rate: the learning rate at which GSAM's radius is
         ``gsam_rho_min`` (the schedule's floor: 0 for the warm-restart cosine).
       clean_statistics: ``msam``/noise-only ``rwp``: one forward pass at ``w`` for the
@@ -590,6 +606,29 @@ class FlatMethod:
 
     def __post_init__(self):
         validate_flat_method(self)
+
+    @classmethod
+    def from_config(
+        cls, values: Mapping[str, Any], *, prefix: str = "", error: type[Exception] = ValueError
+    ) -> FlatMethod:
+        """Settings from a mapping (e.g. ``config.flat``; missing keys take the defaults).
+
+        Unknown keys and unusable values raise ``error`` naming ``prefix + key``, so a
+        ``--dry_run`` names the config key (``prefix="config.flat."``).
+        """
+        values = dict(values.items())
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(values) - {f.name for f in fields})
+        if unknown:
+            raise error(
+                f"{prefix}{unknown[0]} is not a flat-method setting; the settings are "
+                f"{sorted(f.name for f in fields)}"
+            )
+        settings = object.__new__(cls)  # validated below, with the caller's names
+        for f in fields:
+            object.__setattr__(settings, f.name, values.get(f.name, f.default))
+        validate_flat_method(settings, prefix=prefix, error=error)
+        return settings
 
 
 def validate_flat_method(
@@ -649,7 +688,9 @@ def gradient_evaluations(settings: FlatMethod, step: int | np.ndarray) -> int | 
 
     ``step`` may be a NumPy array of steps; ``gradient_evaluations(s, np.arange(n)).sum()``
     is a run's total, e.g. to give ERM the same compute as SAM. The forward-only pass of
-    ``clean_statistics`` is not a gradient evaluation and is not counted.
+    ``clean_statistics`` is not a gradient evaluation and is not counted. Counts follow
+    ``settings``; an ``hparams["rho"]`` (traced) always runs the two-pass program of
+    ``sam``, even where ``settings.rho`` is 0.
     """
     s, step = settings, np.asarray(step)
     if s.method in ("sam", "gsam"):
@@ -693,7 +734,7 @@ def make_flat_gradient(settings: FlatMethod) -> FlatGradient:
 
     * ``"rho"``: the radius (``settings.rho``);
     * ``"start_step"``: ``sam_late``'s switch step (``settings.start_step``);
-    * ``"learning_rate"``, ``"peak_learning_rate"``: this step's and the peak learning
+    * ``"current_learning_rate"``, ``"peak_learning_rate"``: this step's and the peak learning
       rate, for GSAM's radius schedule (``gsam_rho_min`` set; required then).
 
     ``sam_step`` (keyword, a static Python bool): for the switching methods, the branch
@@ -787,13 +828,38 @@ def make_flat_gradient(settings: FlatMethod) -> FlatGradient:
                 eps=s.eps,
                 adaptive=s.adaptive,
                 rho_min=s.gsam_rho_min,
-                learning_rate=hp.get("learning_rate"),
+                current_learning_rate=hp.get("current_learning_rate"),
                 peak_learning_rate=hp.get("peak_learning_rate"),
                 min_learning_rate=s.gsam_min_learning_rate,
             )
         return grads, aux, diag, state
 
     return flat_gradient
+
+
+def flat_update(
+    flat_gradient: FlatGradient,
+    loss_fn: LossFn,
+    params: Any,
+    opt_state: optax.OptState,
+    state: dict,
+    batch: Any,
+    tx: optax.GradientTransformation,
+    step: int | jax.Array,
+    hparams: Mapping[str, Any] | None = None,
+    *,
+    sam_step: bool | None = None,
+) -> tuple[Any, optax.OptState, dict, Any, FlatDiagnostics]:
+    """One step of ``tx`` with ``flat_gradient``: ``(params, opt_state, state, aux, diag)``.
+
+    ``sam.sam_update``'s counterpart: the base optimiser steps from the clean weights and
+    sees them (e.g. for weight decay).
+    """
+    grads, aux, diag, state = flat_gradient(
+        loss_fn, params, batch, state, step, hparams, sam_step=sam_step
+    )
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, state, aux, diag
 
 
 # --------------------------------------------------------------------------------------
