@@ -364,6 +364,11 @@ def test_gsam_matches_big_vision_formula(lr):
     )
     np.testing.assert_allclose(_flat(grads), expected, rtol=1e-4, atol=1e-6)
     assert float(diag.gradient_evaluations) == 2.0
+    # The dispatcher reads the radius and both rates from hparams (traced per-run values).
+    settings = fo.FlatMethod(method="gsam", rho=1.0, gsam_alpha=0.3, gsam_rho_min=0.05)
+    hparams = {"rho": 0.2, "current_learning_rate": lr, "peak_learning_rate": 0.1}
+    dispatched = fo.make_flat_gradient(settings)(_loss_fn, params, batch, {}, 0, hparams)[0]
+    np.testing.assert_allclose(_flat(dispatched), expected, rtol=1e-4, atol=1e-6)
     # The update is g_s minus a vector perpendicular to g_s.
     g_s = _np_big_vision_gsam(
         _flat(params), batch, rho_max=0.2, rho_min=0.05, alpha=0.0, lr=lr, lr_max=0.1, lr_min=0.0
