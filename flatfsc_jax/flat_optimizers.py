@@ -370,7 +370,7 @@ def momentum_sam_gradient(
     buffer lives in ``state`` because optax transforms do not expose theirs; with
     ``tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(momentum))``
     (``optim.make_direction``) it equals ``tx``'s trace exactly. ``rho`` is on a
-    different scale from SAM's (the MSAM authors use about 10x SAM's radius).
+    different scale from SAM's (the MSAM authors use about 15x SAM's radius).
 
     Returns ``(grads, aux, diag, new_state)``; see the module docstring for
     ``clean_statistics`` (BatchNorm statistics from one extra forward pass at ``w``).
