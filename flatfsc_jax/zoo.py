@@ -538,7 +538,8 @@ class Zoo:
             if reason is None:
                 say(f"[{stage}] {key}: complete, reusing it", flush=True)
                 return entry
-            say(f"[{stage}] {key}: {reason}; training it again", flush=True)
+            again = {"fuse": "fusing again"}.get(stage, "training it again")
+            say(f"[{stage}] {key}: {reason}; {again}", flush=True)
         if state == "damaged":
             say(f"[{stage}] {key}: damaged ({problem}), retraining it", flush=True)
         self.begin_run(
