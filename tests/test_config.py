@@ -8,7 +8,7 @@ import sys
 import pytest
 from absl import flags
 
-from flatfsc_jax import config_lib
+from flatfsc_jax import config_lib, entry_keys
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -209,11 +209,10 @@ def test_unset_optional_keys_are_none_and_take_typed_overrides():
 
 
 def test_entries_stored_with_the_old_zero_sentinels_are_not_stale():
-    from flatfsc_jax import zoo
 
     c = config_lib.domain_config(_load("configs/glyphs.py"), "latin", "sam").to_dict()
     old = copy.deepcopy(c)
     old["sam"]["m"], old["validation"]["every"] = 0, 0
-    assert zoo.config_changes(old, c) == []
+    assert entry_keys.config_changes(old, c) == []
     old["validation"]["every"] = 250
-    assert zoo.config_changes(old, c) == ["validation.every: 250 -> None"]
+    assert entry_keys.config_changes(old, c) == ["validation.every: 250 -> None"]

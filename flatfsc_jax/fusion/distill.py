@@ -278,7 +278,7 @@ def export_variables(params: dict, batch_stats, source: str) -> dict:
 
 
 def student_config(config) -> dict:
-    """The keys that define a student (``zoo.STUDENT_KEYS``), as stored and compared: its
+    """The keys that define a student (``entry_keys.STUDENT_KEYS``), as stored and compared: its
     recipe, the seen domains and every teacher's row (a teacher trained otherwise is
     another teacher)."""
     c = config.to_dict()

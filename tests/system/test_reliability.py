@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import glyphs as glyphs_config
-from flatfsc_jax import config_lib, experiment, families, models
+from flatfsc_jax import config_lib, entry_keys, experiment, families, models
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.fusion import finetune
 from flatfsc_jax.training import loop, optim, resumable
@@ -248,10 +248,10 @@ def test_fine_tuned_entries_are_shared_by_fusion_mode_lists(tmp_path):
     legacy = json.loads(json.dumps(stored))
     legacy["fusion"]["mode"] = "full,distill"
     wanted = config_lib.domain_config(finetune.fusion_config(c, "full"), "latin", "sam")
-    assert zoo_lib.config_changes(legacy, wanted.to_dict(), fused=True) == []
-    assert zoo_lib.config_changes(stored, wanted.to_dict(), fused=True) == []
+    assert entry_keys.config_changes(legacy, wanted.to_dict(), fused=True) == []
+    assert entry_keys.config_changes(stored, wanted.to_dict(), fused=True) == []
     lora = config_lib.domain_config(finetune.fusion_config(c, "lora"), "latin", "sam")
-    assert zoo_lib.config_changes(stored, lora.to_dict(), fused=True) == [
+    assert entry_keys.config_changes(stored, lora.to_dict(), fused=True) == [
         "fusion.mode: 'full' -> 'lora'"
     ]
 
