@@ -355,20 +355,6 @@ def _load_teachers(config, zoo: zoo_lib.Zoo, method: str) -> dict:
     return teachers
 
 
-def _divergence_advice(dc, entry_dir, last_good: int | None) -> str:
-    kept = (
-        f"The last good checkpoint (step {last_good}; every saved one is finite) is kept in "
-        f"{str(entry_dir / 'train')!r}"
-        if last_good is not None
-        else "No checkpoint was saved"
-    )
-    return (
-        f"{kept} and nothing was marked complete. Lower config.fusion.distill.lr (now "
-        f"{dc.lr}) or config.fusion.distill.adaptor_lr (now {dc.adaptor_lr}) and re-run (an "
-        "unfinished student with other settings is restarted)."
-    )
-
-
 def distill(
     config: ml_collections.ConfigDict,
     zoo: zoo_lib.Zoo,
@@ -444,7 +430,11 @@ def distill(
         fresh_state=fresh_state,
         iterators=iterators,
         record={"best_accuracy": -1.0, "best_step": -1, "best_ci95": 0.0, "best_per_domain": {}},
-        advice=lambda last_good: _divergence_advice(dc, entry_dir, last_good),
+        fix=(
+            f"Lower config.fusion.distill.lr (now {dc.lr}) or config.fusion.distill.adaptor_lr "
+            f"(now {dc.adaptor_lr}) and re-run (an unfinished student with other settings is "
+            "restarted)."
+        ),
     )
     teacher_vars = step_lib.replicate({d: t.variables for d, t in teachers.items()}, mesh)
     teacher_models = {d: t.model for d, t in teachers.items()}

@@ -22,7 +22,6 @@ command ends with exactly the parameters of an uninterrupted run (tests/training
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -44,18 +43,11 @@ from flatfsc_jax.training.resumable import Cadence, ResumableRun, run_steps
 log = logging.getLogger(__name__)
 
 
-def _divergence_advice(cfg, domain: str, fused: bool, entry_dir, last_good: int | None) -> str:
+def _divergence_fix(cfg, domain: str, fused: bool) -> str:
     lr_key = "config.fusion.lr" if fused else f"config.per_domain.{domain}.lr"
-    kept = (
-        f"The last good checkpoint (step {last_good}; every saved one is finite) is kept in "
-        f"{str(entry_dir / 'train')!r}"
-        if last_good is not None
-        else "No checkpoint was saved"
-    )
     return (
-        f"{kept} and nothing was marked complete. Lower {lr_key} (now {cfg.lr}) or "
-        f"config.per_domain.{domain}.rho (now {cfg.sam.rho}) and re-run (an unfinished run "
-        "with other settings is restarted)."
+        f"Lower {lr_key} (now {cfg.lr}) or config.per_domain.{domain}.rho (now {cfg.sam.rho}) "
+        "and re-run (an unfinished run with other settings is restarted)."
     )
 
 
@@ -208,9 +200,7 @@ def train_and_evaluate(
         fresh_state=fresh_state,
         iterators={"train": iterator},
         record={"best_accuracy": -1.0, "best_step": -1, "best_ci95": 0.0},
-        advice=functools.partial(
-            _divergence_advice, cfg, domain, entry_method != method, entry_dir
-        ),
+        fix=_divergence_fix(cfg, domain, entry_method != method),
     )
     # The hyper-parameters are the config's, not the checkpoint's: the same command
     # resumes the same run.
