@@ -43,7 +43,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flatfsc_jax.entry_keys import config_changes, entry_kind, models
+from flatfsc_jax import models
+from flatfsc_jax.entry_keys import config_changes, entry_kind
 
 log = logging.getLogger(__name__)
 
