@@ -3,7 +3,8 @@
 The pipeline (flatfsc_jax/data/pipeline.py) must never be the bottleneck: on the 2-core
 CPU machines it shares the cores with the training step. This prints images/s of the
 augmented pipeline (batch 64, synthetic uint8 data, 28x28x1 and 84x84x3) in its three
-modes - synchronous, one prefetch thread (the default), grain worker processes - and,
+modes - synchronous, one prefetch thread (the default), grain worker processes, uint8
+batches whose augmentation the device applies (``device_augment``) - and,
 where ``flatfsc_jax.steps`` is importable, of the ERM training step alone (one fixed
 batch) and fed by the pipeline.
 
@@ -17,7 +18,8 @@ img/s (HSV saturation/hue dominates: ~5x faster without augmentation); 2 grain w
 processes are no faster than the in-process prefetch thread on 2 cores. The ResNet-18
 ERM step, same machine and load: 4-7 img/s (README Benchmarks: ~19 img/s unloaded at 84 px),
 conv4: 15 img/s at 84 px, 160 img/s at 28 px. On CPU the pipeline is >100x faster than
-the step. On an accelerator at 84 px one host core is not enough: use worker_count > 0.
+the step. For an accelerator see bench/data_md.py (a prepared split read from disk,
+device augmentation, worker sweep).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def bench_pipeline(shape, seconds: float) -> None:
         ("synchronous", dict(prefetch=0), True),
         ("prefetch thread (default)", dict(prefetch=2), True),
         ("2 worker processes", dict(worker_count=2, prefetch=2), True),
+        ("uint8 + parameters (device_augment)", dict(prefetch=2, device_augment=True), True),
     ]
     for name, kwargs, augment in modes:
         config = pipeline.AugmentConfig.for_image_size(shape[0], enabled=augment)
@@ -66,11 +69,6 @@ def bench_pipeline(shape, seconds: float) -> None:
         ) as iterator:
             rate = images_per_second(lambda it=iterator: next(it), seconds)
         print(f"pipeline {'x'.join(map(str, shape))} batch {BATCH}, {name}: {rate:10.0f} img/s")
-
-
-def as_step_batch(batch):
-    """pipeline batch (image, label) -> the step's batch (images, labels)."""
-    return {"images": batch["image"], "labels": batch["label"]}
 
 
 def bench_step(shape, arch: str, width: float, num_steps: int) -> None:
@@ -94,7 +92,11 @@ def bench_step(shape, arch: str, width: float, num_steps: int) -> None:
     with pipeline.make_train_iterator(
         split, global_batch_size=BATCH, seed=0, augment=augment
     ) as iterator:
-        fixed = steps.shard_batch(as_step_batch(next(iterator)), mesh)
+
+        def feed():
+            return pipeline.to_step_batch(steps.shard_batch(next(iterator), mesh), pad=augment.pad)
+
+        fixed = feed()
 
         def run(feed) -> float:
             nonlocal state
@@ -107,7 +109,7 @@ def bench_step(shape, arch: str, width: float, num_steps: int) -> None:
             return num_steps * BATCH / (time.perf_counter() - start)
 
         alone = run(lambda: fixed)
-        fed = run(lambda: steps.shard_batch(as_step_batch(next(iterator)), mesh))
+        fed = run(feed)
     label = f"train step {arch} x{width:g} ERM {'x'.join(map(str, shape))} batch {BATCH}"
     print(f"{label}, one fixed batch: {alone:10.1f} img/s")
     print(f"{label}, fed by the pipeline: {fed:10.1f} img/s")
