@@ -56,7 +56,17 @@ def synthetic_md_split(data_dir: str, num_images: int, num_classes: int = 100):
 
     marker = os.path.join(root, "COMPLETE")
     if not os.path.exists(marker):
-        md.prepare(SOURCE, root, examples_fn=examples, class_splits=splits, overwrite=True)
+        from tensorflow_datasets.core import shuffle
+
+        # TFDS's writer spills a split of more than MAX_MEM_BUFFER_SIZE (1 GB) of records
+        # to temporary files through tf.io.gfile, which needs TensorFlow: keep it in
+        # memory instead (about 21 KB per image). The files written are the same.
+        limit = shuffle.MAX_MEM_BUFFER_SIZE
+        shuffle.MAX_MEM_BUFFER_SIZE = max(limit, 32 * 1024 * num_images)
+        try:
+            md.prepare(SOURCE, root, examples_fn=examples, class_splits=splits, overwrite=True)
+        finally:
+            shuffle.MAX_MEM_BUFFER_SIZE = limit
         with open(marker, "w") as f:
             f.write(f"{num_images} images\n")
     return benchmarks.load_split("meta_dataset", SOURCE, "train", root, class_splits=splits)

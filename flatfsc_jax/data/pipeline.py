@@ -409,8 +409,10 @@ def augment_on_device(images: jax.Array, params: AugmentParams | Mapping, pad: i
     if c == 3:
         saturation = jnp.asarray(params["saturation"], jnp.float32)
         hue = jnp.asarray(params["hue"], jnp.float32)
-        jitter = jnp.any(saturation != 1.0) | jnp.any(hue != 0.0)
-        x = jnp.where(jitter, _saturation_hue_on_device(x, saturation, hue), x)
+        # Per example (no cross-device reduction): neutral parameters skip the HSV round
+        # trip, whose float rounding would otherwise touch every pixel.
+        jitter = (saturation != 1.0) | (hue != 0.0)
+        x = jnp.where(jitter[:, None, None, None], _saturation_hue_on_device(x, saturation, hue), x)
     return x
 
 
