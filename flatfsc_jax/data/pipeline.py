@@ -199,15 +199,14 @@ class AugmentParams:
         zeros, ones = np.zeros(batch_size, np.float32), np.ones(batch_size, np.float32)
         return cls(centre, centre.copy(), zeros, ones, ones.copy(), zeros.copy())
 
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        """The parameters as a dict of [B] arrays (int32 offsets, float32 factors): the
-        pytree that travels with a uint8 batch to ``augment_on_device``."""
-        return {
-            name: np.asarray(
-                getattr(self, name), np.int32 if name.startswith("offset") else np.float32
-            )
-            for name in AUGMENT_PARAM_NAMES
-        }
+    def pack(self) -> np.ndarray:
+        """float32 [B, 6], one column per ``AUGMENT_PARAM_NAMES`` entry: what travels with
+        a uint8 batch to ``augment_on_device``. One array, so one transfer per batch;
+        the integer crop offsets (at most 2 * pad) are exact in float32.
+        """
+        return np.stack(
+            [np.asarray(getattr(self, name), np.float32) for name in AUGMENT_PARAM_NAMES], axis=1
+        )
 
 
 def sample_augment_params(config: AugmentConfig, seed: int, positions) -> AugmentParams:
@@ -384,23 +383,31 @@ def _saturation_hue_on_device(images: jax.Array, saturation_factors, hue_shifts)
     return jnp.stack(channels, axis=-1)
 
 
-def augment_on_device(images: jax.Array, params: AugmentParams | Mapping, pad: int) -> jax.Array:
+def augment_on_device(images: jax.Array, params: AugmentParams | jax.Array, pad: int) -> jax.Array:
     """``augment_images`` in jax.numpy: uint8 [B, H, W, C] -> float32 on the 0..255 scale.
 
-    Jittable (``pad`` static); ``params`` is an ``AugmentParams`` or its ``as_arrays()``
-    dict. The parameters are drawn on the host (``sample_augment_params``), so the device
-    computes exactly the stream the host path computes, to float rounding: the numpy
-    ``augment_images`` is the reference. Per example, so a batch-sharded input stays
-    sharded with no communication.
+    Jittable (``pad`` static); ``params`` is an ``AugmentParams`` or its ``pack()``ed
+    float32 [B, 6] array. The parameters are drawn on the host (``sample_augment_params``),
+    so the device computes the stream the host path computes, to float rounding: the
+    numpy ``augment_images`` is the reference. Per example, so a batch-sharded input
+    stays sharded with no communication.
     """
     if isinstance(params, AugmentParams):
-        params = params.as_arrays()
+        params = params.pack()
     if images.ndim != 4:
         raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
-    _, h, w, c = images.shape
+    b, h, w, c = images.shape
+    if params.shape != (b, len(AUGMENT_PARAM_NAMES)):
+        raise ValueError(
+            f"augmentation parameters must be [{b}, {len(AUGMENT_PARAM_NAMES)}] "
+            f"(AugmentParams.pack), got shape {params.shape}"
+        )
+    columns = jnp.moveaxis(jnp.asarray(params, jnp.float32), 1, 0)
+    params = dict(zip(AUGMENT_PARAM_NAMES, columns, strict=True))
     if not is_int(pad) or not 0 <= pad < min(h, w):
         raise ValueError(f"augment.pad={pad!r} must be in [0, image side {min(h, w)})")
-    x = _crop_on_device(images, int(pad), params["offset_y"], params["offset_x"])
+    offset_y, offset_x = (jnp.round(params[k]).astype(jnp.int32) for k in ("offset_y", "offset_x"))
+    x = _crop_on_device(images, int(pad), offset_y, offset_x)
     x = x.astype(jnp.float32)
     x = x + jnp.asarray(params["brightness"], jnp.float32)[:, None, None, None]
     f = jnp.asarray(params["contrast"], jnp.float32)[:, None, None, None]
@@ -433,7 +440,7 @@ def to_step_batch(batch: Mapping, *, pad: int) -> dict:
     """
     images = batch["image"]
     if "augment" in batch:
-        images = _augmented_step_images(images, dict(batch["augment"]), pad=int(pad))
+        images = _augmented_step_images(images, batch["augment"], pad=int(pad))
     return {"images": images, "labels": batch["label"]}
 
 
@@ -508,7 +515,7 @@ class _LoadLocalBatch:
 
     A module-level class (not a closure) so that grain's worker processes can pickle it.
     With ``device_augment`` the images stay uint8 and the batch carries the augmentation
-    parameters (``augment``, ``AugmentParams.as_arrays``) for ``to_step_batch``.
+    parameters (``augment``, ``AugmentParams.pack``) for ``to_step_batch``.
     """
 
     def __init__(
@@ -542,7 +549,7 @@ class _LoadLocalBatch:
             positions = first + np.arange(self.local_batch_size, dtype=np.int64)
             params = sample_augment_params(self.augment, self.seed, positions)
             if self.device_augment:
-                return {"image": images, "augment": params.as_arrays(), **batch}
+                return {"image": images, "augment": params.pack(), **batch}
             images = preprocess(augment_images(images, params, self.augment.pad))
             np.clip(images, -1.0, 1.0, out=images)  # float rounding at 0 and 255
         elif not self.device_augment:
@@ -813,7 +820,8 @@ def make_train_iterator(
     Returns:
       A ``TrainIterator`` of ``dict(image=float32 [B/P, H, W, C] in [-1, 1],
       label=int32 [B/P])``; with ``device_augment``, ``image`` is uint8 and, when
-      augmentation is enabled, ``augment`` holds the parameters: pass the (sharded)
+      augmentation is enabled, ``augment`` holds the parameters (float32 [B/P, 6],
+      ``AugmentParams.pack``): pass the (sharded)
       batch through ``to_step_batch``. ``get_state`` / ``set_state`` resume it.
     """
     if not is_int(worker_count) or worker_count < 0:
