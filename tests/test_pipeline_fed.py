@@ -212,3 +212,20 @@ def test_process_block_of_a_one_process_mesh_is_the_whole_batch():
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     assert pipeline.process_block(sharding, 8 * len(jax.devices())) == (0, 1)
+
+
+def test_bad_fed_arguments_name_the_argument():
+    split = make_split()
+    with pytest.raises(ValueError, match="device_augment='yes' must be True or False"):
+        pipeline.make_train_iterator(
+            split,
+            global_batch_size=8,
+            seed=0,
+            augment=pipeline.AugmentConfig(pad=3),
+            device_augment="yes",
+        )
+    images = np.zeros((4, 16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"must be \[4, 6\] \(AugmentParams.pack\)"):
+        pipeline.augment_on_device(images, np.zeros((4, 5), np.float32), 3)
+    with pytest.raises(ValueError, match="augment.pad=16 must be in"):
+        pipeline.augment_on_device(images, pipeline.AugmentParams.identity(4, 16), 16)
