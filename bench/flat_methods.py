@@ -4,10 +4,10 @@
     .venv/bin/python bench/flat_methods.py --models resnet10:0.25:28:1:32 --repeats 2
 
 For every method of ``flat_optimizers`` (and EMA weight averaging on top of ERM) one
-jitted step is built the way ``steps.train_step`` is: the model's training-mode
+jitted step is built the way ``step_lib.train_step`` is: the model's training-mode
 cross-entropy as ``loss_fn``, ``flat_optimizers.make_flat_gradient`` for the gradient,
 the project's optimiser (``optim.make_optimizer``), BatchNorm statistics from ``aux``;
-jit over a mesh of all devices, donated state. ``steps.train_step`` itself knows only
+jit over a mesh of all devices, donated state. ``step_lib.train_step`` itself knows only
 SAM, so it cannot time the others; the production ERM and SAM steps are timed first by
 ``bench/step.py``'s ``bench_model`` in the same process, for their img/s.
 
@@ -46,7 +46,9 @@ import optax  # noqa: E402
 
 from bench import step as bench_step  # noqa: E402
 from flatfsc_jax import flat_optimizers as fo  # noqa: E402
-from flatfsc_jax import models, optim, steps  # noqa: E402
+from flatfsc_jax import models  # noqa: E402
+from flatfsc_jax.training import optim  # noqa: E402
+from flatfsc_jax.training import step as step_lib  # noqa: E402
 
 
 def method_rows(rho: float, window: int, late_fraction: float, k: int) -> list:
@@ -97,7 +99,7 @@ def _compile(model, tx, settings, mesh, sam_step=None):
         average = fo.update_average(settings, average, params, t + 1)
         return (params, new_stats, opt_state, flat_state, average), diag
 
-    whole, split = steps.replicated(mesh), steps.batch_sharding(mesh)
+    whole, split = step_lib.replicated(mesh), step_lib.batch_sharding(mesh)
     return jax.jit(
         step,
         in_shardings=(whole, split, whole),
@@ -120,15 +122,15 @@ def bench_methods(
 ):
     model = models.build_model(spec["arch"], bench_step.NUM_CLASSES, width=spec["width"])
     tx = optim.make_optimizer(learning_rate=0.03, restart_period=1000, num_steps=1000)
-    mesh = steps.make_mesh()
+    mesh = step_lib.make_mesh()
     rs = np.random.RandomState(0)
     shape = (spec["batch"], spec["size"], spec["size"], spec["channels"])
     images = rs.uniform(-1, 1, size=shape).astype(np.float32)
     labels = rs.randint(0, bench_step.NUM_CLASSES, size=spec["batch"]).astype(np.int32)
-    batch = steps.shard_batch({"images": images, "labels": labels}, mesh)
+    batch = step_lib.shard_batch({"images": images, "labels": labels}, mesh)
     variables = jax.jit(model.init)(jax.random.key(0), images[:2])
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    steps_t = [steps.replicate(jnp.int32(t), mesh) for t in range(window)]
+    steps_t = [step_lib.replicate(jnp.int32(t), mesh) for t in range(window)]
 
     runs = []
     for label, settings in method_rows(rho, window, late_fraction, k):
@@ -139,7 +141,7 @@ def bench_methods(
             fo.init_state(settings, params),
             fo.init_average(settings, params),
         )
-        carry = steps.replicate(carry, mesh)
+        carry = step_lib.replicate(carry, mesh)
         # Switching methods: one program per branch, picked on the host (the module's
         # advice for XLA:CPU), except the row that times the lax.cond alternative.
         host = settings.method in fo.SWITCHING_METHODS and "lax.cond" not in label
