@@ -110,6 +110,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.sam.rho = placeholder(float)  # per_domain.<domain>.rho (0 for ERM entries)
     c.per_domain = ml_collections.ConfigDict()
 
+    # The input pipeline. None picks by backend (data_settings): on CPU the step is far
+    # slower than one host thread, on an accelerator the host must not be the bottleneck.
+    c.data = ml_collections.ConfigDict(
+        dict(
+            worker_count=placeholder(int),  # grain worker processes; 0 = this process
+            prefetch=2,  # batches computed ahead
+            device_augment=placeholder(bool),  # uint8 to the device, augmented there
+            batched_read=True,  # one read per batch of a lazily read split
+        )
+    )
+
     # the paper augmentation; pad is 8 px at 84 px.
     c.augment = ml_collections.ConfigDict(
         dict(enabled=True, pad=8, contrast=0.2, saturation=0.2, hue=0.03, brightness=0.125)
@@ -335,6 +346,28 @@ def _finite_positive(value, key):
     _number(value, key, positive=True)
 
 
+def data_settings(config) -> dict:
+    """``config.data`` with its None defaults resolved for this backend (the pipeline's
+    keyword arguments). CPU: no worker processes, host augmentation (the reference).
+    Accelerators: up to 8 workers (half the host's cores) and augmentation on the device."""
+    import jax
+
+    accelerator = jax.default_backend() != "cpu"
+    d = config.data
+    workers = d.worker_count
+    if workers is None:
+        workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if accelerator else 0
+    device_augment = d.device_augment
+    if device_augment is None:
+        device_augment = accelerator
+    return dict(
+        worker_count=int(workers),
+        prefetch=int(d.prefetch),
+        device_augment=bool(device_augment),
+        batched_read=bool(d.batched_read),
+    )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     """Raises ``ConfigError`` naming the first bad key; cheap, run before compiling.
 
@@ -361,6 +394,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                 f"{tuple(config.per_domain)}); train a domain that has a row, or add one "
                 f"with batch_size, lr, num_steps, restart_period and rho"
             )
+    if "data" in config:
+        _int(config.data.worker_count, "data.worker_count", minimum=0, none="by backend")
+        _int(config.data.prefetch, "data.prefetch", minimum=0)
+        for key in ("device_augment", "batched_read"):
+            value = config.data[key]
+            if not (isinstance(value, bool) or (value is None and key == "device_augment")):
+                raise ConfigError(f"config.data.{key}={value!r} must be True or False")
     if not config.methods:
         raise ConfigError(f"config.methods is empty; choose from {METHODS}")
     for m in config.methods:

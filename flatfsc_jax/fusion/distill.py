@@ -409,19 +409,22 @@ def distill(
             opt_state=tx.init(params),
         )
 
-    process_index, process_count = jax.process_index(), jax.process_count()
+    process_index = jax.process_index()
     augment = pipeline.AugmentConfig(**config.augment.to_dict())
-    iterators = {
-        d: pipeline.make_train_iterator(
+    data_settings = config_lib.data_settings(config)
+    iterators = {}
+    for i, d in enumerate(domains):
+        # This process's rows of every global batch, read off the batch sharding.
+        block, blocks = pipeline.process_block(step_lib.batch_sharding(mesh), int(dc.batch_size[d]))
+        iterators[d] = pipeline.make_train_iterator(
             train_splits[d],
             global_batch_size=int(dc.batch_size[d]),
             seed=config.seed + i,  # distinct augmentation streams per domain
             augment=augment,
-            process_index=process_index,
-            process_count=process_count,
+            process_index=block,
+            process_count=blocks,
+            **data_settings,
         )
-        for i, d in enumerate(domains)
-    }
     run = ResumableRun(
         entry_dir,
         desc=desc,
@@ -452,9 +455,10 @@ def distill(
 
     def next_batch():
         host = {d: next(it) for d, it in iterators.items()}
-        return step_lib.shard_batch(
-            {d: {"images": b["image"], "labels": b["label"]} for d, b in host.items()}, mesh
-        )
+        return {
+            d: pipeline.to_step_batch(b, pad=augment.pad)
+            for d, b in step_lib.shard_batch(host, mesh).items()
+        }
 
     def validate(step):
         state = run.state

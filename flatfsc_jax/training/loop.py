@@ -181,14 +181,18 @@ def train_and_evaluate(
             state = _load_trunk(state, init_variables, tx, train_lora)
         return state.replace(hparams=hparams)
 
-    process_index, process_count = jax.process_index(), jax.process_count()
+    process_index = jax.process_index()
+    augment = pipeline.AugmentConfig(**cfg.augment.to_dict())
+    # This process's rows of every global batch, read off the batch sharding.
+    block, blocks = pipeline.process_block(step_lib.batch_sharding(mesh), cfg.batch_size)
     iterator = pipeline.make_train_iterator(
         train_split,
         global_batch_size=cfg.batch_size,
         seed=cfg.seed,
-        augment=pipeline.AugmentConfig(**cfg.augment.to_dict()),
-        process_index=process_index,
-        process_count=process_count,
+        augment=augment,
+        process_index=block,
+        process_count=blocks,
+        **config_lib.data_settings(cfg),
     )
 
     desc = f"{cfg.benchmark}/{domain}/{entry_method}"
@@ -207,8 +211,7 @@ def train_and_evaluate(
     run.state = run.state.replace(hparams=step_lib.replicate(hparams, mesh))
 
     def next_batch():
-        host = next(iterator)
-        return step_lib.shard_batch({"images": host["image"], "labels": host["label"]}, mesh)
+        return pipeline.to_step_batch(step_lib.shard_batch(next(iterator), mesh), pad=augment.pad)
 
     def one_step(state, step, batch):
         return train_step(state, batch, jax.random.fold_in(step_rng, step))
