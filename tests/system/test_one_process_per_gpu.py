@@ -1,6 +1,6 @@
 """One process per GPU (docs/scale.md#one-process-per-gpu): two processes, each on its own
-devices (2 forced CPU devices each) with ``--entries=k/2``, fill one zoo concurrently; one
-evaluation run then equals a one-process, one-device run of the same config."""
+device (as CUDA_VISIBLE_DEVICES=k pins one GPU) with ``--entries=k/2``, fill one zoo
+concurrently; one evaluation run then equals a one-process run of the same config."""
 
 import json
 import os
@@ -46,11 +46,10 @@ def test_processes_with_shares_of_the_entries_fill_one_zoo(tmp_path):
     # Reference (also prepares the shared data directory): one process, one device.
     ref = tmp_path / "ref"
     _wait(_main(*common, f"--workdir={ref}", "--stages=train,evaluate"))
-    # Two processes, one per "GPU" (2 devices each), disjoint shares, concurrently.
+    # Two processes, one per "GPU", disjoint shares, concurrently.
     work = tmp_path / "work"
     shares = [
-        _main(*common, f"--workdir={work}", "--stages=train", f"--entries={k}/2", devices=2)
-        for k in range(2)
+        _main(*common, f"--workdir={work}", "--stages=train", f"--entries={k}/2") for k in range(2)
     ]
     outs = [_wait(p) for p in shares]
     trained = [
