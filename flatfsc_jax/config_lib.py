@@ -368,7 +368,7 @@ def data_settings(config) -> dict:
     )
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
     """Raises ``ConfigError`` naming the first bad key; cheap, run before compiling.
 
     Checks every key a run reads: benchmark, domains and their table rows, methods,
@@ -430,10 +430,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         _finite_positive(row.lr, prefix + "lr")
         for key in ("batch_size", "num_steps", "restart_period"):
             _int(row[key], prefix + key)
-        if row.batch_size % num_devices:
+        # Only processes must divide a batch: each process's mesh takes as many of its
+        # devices as divide its slice (training/step.py make_mesh).
+        if row.batch_size % num_processes:
             raise ConfigError(
                 f"config.{prefix}batch_size={row.batch_size} is not divisible by the "
-                f"{num_devices} devices of the mesh; use a multiple of {num_devices}"
+                f"{num_processes} processes; use a multiple of {num_processes}"
             )
         m = config.sam.m
         if m is not None and row.batch_size % m:
@@ -501,10 +503,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         _int(ev.parc_max_support, "evaluation.parc_max_support", none="all support images")
     # A per-entry config (domain_config: one domain) trains one backbone, never a student.
     if config.fusion.enabled and "distill" in modes and len(config.domains) > 1:
-        validate_distill(config, num_devices)
+        validate_distill(config, num_processes)
 
 
-def validate_distill(config, num_devices: int = 1) -> None:
+def validate_distill(config, num_processes: int = 1) -> None:
     """Checks ``config.fusion.distill`` for ``config.domains``; ``ConfigError`` names the key."""
     d = config.fusion.distill
     src = config.fusion.source_domain
@@ -530,10 +532,10 @@ def validate_distill(config, num_devices: int = 1) -> None:
             value = d[table][domain]
             if table == "batch_size":
                 _int(value, key)
-                if value % num_devices:
+                if value % num_processes:
                     raise ConfigError(
-                        f"config.{key}={value} is not divisible by the {num_devices} devices "
-                        f"of the mesh; use a multiple of {num_devices}"
+                        f"config.{key}={value} is not divisible by the {num_processes} "
+                        f"processes; use a multiple of {num_processes}"
                     )
             elif table == "anneal":
                 _finite_positive(value, key)

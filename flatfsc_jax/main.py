@@ -31,6 +31,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/glyphs.py", "Experi
 _WORKDIR = flags.DEFINE_string("workdir", "work", "Zoo, logs and reports go here.")
 _STAGES = flags.DEFINE_list("stages", ["train", "fuse", "evaluate"], "Stages to run.")
 _RETRAIN = flags.DEFINE_bool("retrain", False, "Retrain complete zoo entries.")
+_ENTRIES = flags.DEFINE_string(
+    "entries",
+    None,
+    "k/n: train and fuse only this process's share of the zoo (one process per GPU, "
+    "docs/scale.md#one-process-per-gpu).",
+)
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize().")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -113,7 +119,7 @@ def main(argv) -> None:
         setup_jax()
         from flatfsc_jax import experiment
 
-        experiment.run(config, _WORKDIR.value, tuple(_STAGES.value))
+        experiment.run(config, _WORKDIR.value, tuple(_STAGES.value), entries=_ENTRIES.value)
     except expected_errors() as e:
         if _TRACEBACK.value:
             raise

@@ -26,8 +26,10 @@ its source backbone's ``best/`` and is stale once that source is retrained.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -61,6 +63,10 @@ class ZooError(ValueError):
 
 class DamagedEntryError(ZooError):
     """A complete entry whose ``best/`` checkpoint is missing, altered or unreadable."""
+
+
+class EntryLockedError(ZooError):
+    """Another process holds the entry's lock (``Zoo.entry_lock``)."""
 
 
 class StaleEntryError(ZooError):
@@ -185,15 +191,55 @@ class LoadedBackbone:
         return self.model.embed(self.variables, images)
 
 
+def resolve_path(path) -> str:
+    """An absolute local path, or a URL (``gs://bucket/x``) unchanged.
+
+    Orbax refuses relative checkpoint paths (e.g. the default "work"), but
+    ``os.path.abspath`` would turn ``gs://bucket/x`` into the local folder
+    ``<cwd>/gs:/bucket/x``; epath, Orbax and TFDS read the URL itself.
+    """
+    path = str(path)
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 class Zoo:
-    """The zoo at ``root``: list, load and write entries."""
+    """The zoo at ``root`` (a local folder or a ``gs://`` URL): list, load and write entries."""
 
     def __init__(self, root):
-        # Absolute: Orbax refuses relative checkpoint paths (e.g. the default "work").
-        self.root = epath.Path(os.path.abspath(os.path.expanduser(str(root))))
+        self.root = epath.Path(resolve_path(root))
 
     def entry_dir(self, benchmark: str, domain: str, method: str) -> epath.Path:
         return self.root / benchmark / domain / method
+
+    @contextlib.contextmanager
+    def entry_lock(self, benchmark: str, domain: str, method: str):
+        """Holds ``<domain>/<method>.lock`` (an exclusive ``flock``) while one process
+        checks, trains and completes an entry, so processes filling one zoo concurrently
+        (one per GPU: docs/scale.md#one-process-per-gpu) never write the same entry; a
+        second process fails at once naming the entry. The lock is a file beside the entry
+        folder, so zoo listings skip it. Not taken on cloud storage (no ``flock`` there:
+        give processes disjoint ``--entries``) nor by processes > 0 of a multi-host job
+        (they train the entry together with process 0, which holds it).
+        """
+        if "://" in str(self.root) or jax.process_index() > 0:
+            yield
+            return
+        parent = os.fspath(self.entry_dir(benchmark, domain, method).parent)
+        os.makedirs(parent, exist_ok=True)
+        with open(os.path.join(parent, f"{method}.lock"), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise EntryLockedError(
+                    f"zoo entry {benchmark}/{domain}/{method} is being written by another "
+                    f"process (lock {f.name}); give each process its own --entries=k/n"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def metadata_path(self, benchmark, domain, method) -> epath.Path:
         return self.entry_dir(benchmark, domain, method) / "metadata.json"

@@ -103,7 +103,7 @@ def test_glyphs_configs_validate():
     for spec in ("configs/glyphs.py", "configs/glyphs.py:tiny"):
         c = _load(spec)
         assert c.benchmark == "glyphs"
-        config_lib.validate(c, num_devices=1)
+        config_lib.validate(c, num_processes=1)
     c.evaluation.adaptations = ("ncc", "url")
     with pytest.raises(ValueError, match=r"config\.evaluation\.adaptations has 'url'"):
         config_lib.validate(c)
@@ -137,13 +137,15 @@ def test_bad_values_name_the_key(override, key):
         config_lib.validate(c)
 
 
-def test_batch_must_divide_over_devices():
+def test_batch_must_divide_over_processes_not_devices():
+    """Only processes split a batch (each process's mesh takes the devices that divide its
+    slice: tests/training/test_mesh.py), so batch 8 is valid on any number of devices."""
     c = _load("configs/sam_resnet18.py:aircraft")  # batch 8
     with pytest.raises(
         ValueError, match=r"config\.per_domain\.aircraft\.batch_size=8 is not divisible by the 3"
     ):
-        config_lib.validate(c, num_devices=3)
-    config_lib.validate(c, num_devices=8)
+        config_lib.validate(c, num_processes=3)
+    config_lib.validate(c, num_processes=8)
 
 
 def test_unknown_domain_and_key_are_rejected():

@@ -14,13 +14,16 @@ benchmark, so the benchmark modules import this one and never the reverse.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 SPLITS = ("train", "valid", "test")
 
@@ -256,9 +259,10 @@ def _cached_labels(builder, split: str, path: str, num_examples: int, corrupt) -
     import tensorflow_datasets as tfds
 
     cache = os.path.join(path, "labels", f"{split}.npy")
-    if os.path.exists(cache):
+    if epath.Path(cache).exists():
         try:
-            labels = np.load(cache)
+            with epath.Path(cache).open("rb") as f:
+                labels = np.load(f)
             if labels.shape == (num_examples,):
                 return labels.astype(np.int32)
         except (OSError, ValueError):
@@ -273,9 +277,24 @@ def _cached_labels(builder, split: str, path: str, num_examples: int, corrupt) -
             labels[start:stop] = [r["label"] for r in records]
     except Exception as e:
         raise MissingDataError(corrupt(e)) from e
+    if "://" in cache:  # cloud storage (gs://): object writes are atomic already
+        with contextlib.suppress(OSError):
+            epath.Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            with epath.Path(cache).open("wb") as f:
+                np.save(f, labels)
+        return labels
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        np.save(cache, labels)
+        # Atomic: processes sharing a data directory (one per GPU) never read a
+        # half-written cache; the last writer's identical file wins.
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".npy.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, labels)
+            os.replace(tmp, cache)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     except OSError:
         pass  # read-only data directory: no cache, still correct
     return labels

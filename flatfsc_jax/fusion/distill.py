@@ -363,9 +363,11 @@ def distill(
     progress: bool = True,
 ) -> zoo_lib.ZooEntry:
     """Trains (or resumes) the ``<method>+kd`` student and returns its zoo entry."""
-    mesh = step_lib.make_mesh()
-    config_lib.validate(config, num_devices=mesh.size)
-    config_lib.validate_distill(config, num_devices=mesh.size)
+    config_lib.validate(config, num_processes=jax.process_count())
+    config_lib.validate_distill(config, num_processes=jax.process_count())
+    # One mesh shards every domain's batch: gcd of the batches (step.make_mesh).
+    batches = [int(config.fusion.distill.batch_size[d]) for d in config.domains]
+    mesh = step_lib.make_mesh(batch_size=math.gcd(*batches))
     if method not in config_lib.METHODS:
         raise ValueError(f"method {method!r} must be one of {config_lib.METHODS}")
     dc = config.fusion.distill

@@ -142,8 +142,8 @@ def train_and_evaluate(
     t_setup = time.perf_counter()
     cfg = config_lib.domain_config(config, domain, method)
     entry_method = entry_method or method
-    mesh = step_lib.make_mesh()
-    config_lib.validate(cfg, num_devices=mesh.size)
+    mesh = step_lib.make_mesh(batch_size=int(cfg.batch_size))
+    config_lib.validate(cfg, num_processes=jax.process_count())
     entry_dir = zoo.entry_dir(cfg.benchmark, domain, entry_method)
 
     train_split = benchmarks.load_split(cfg.benchmark, domain, "train", cfg.data_dir)

@@ -35,6 +35,7 @@ still update. SAM then perturbs, and normalises over, only what is trained.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -234,12 +235,33 @@ def host_metrics(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def make_mesh(devices: Any = None) -> Mesh:
-    """A one-axis (``"data"``) mesh over ``devices`` (default: all, every host)."""
+def make_mesh(devices: Any = None, *, batch_size: int | None = None) -> Mesh:
+    """A one-axis (``"data"``) mesh by ``jax.make_mesh`` (devices ordered by process, as
+    the data pipeline's process slices assume; data/pipeline.py).
+
+    ``devices``: default all devices of every host. With ``batch_size`` the mesh takes,
+    on every process, the first ``gcd(batch_size / process_count, local devices)`` local
+    devices, so a batch never has to divide by the device count: batch 8 on 16 GPUs runs
+    on 8 of them instead of being rejected. Every device is used by running entries
+    concurrently instead (docs/scale.md#one-process-per-gpu).
+    """
     devices = jax.devices() if devices is None else list(devices)
     if not devices:
         raise ValueError("make_mesh needs at least one device")
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    if batch_size is not None:
+        processes = sorted({d.process_index for d in devices})
+        if batch_size % len(processes):
+            raise ValueError(
+                f"batch_size={batch_size} is not divisible by the {len(processes)} processes: "
+                f"every process loads batch_size / {len(processes)} examples; use a multiple"
+            )
+        local = {p: [d for d in devices if d.process_index == p] for p in processes}
+        per = math.gcd(batch_size // len(processes), min(len(v) for v in local.values()))
+        devices = [d for p in processes for d in local[p][:per]]
+    # Auto axes: the step's shardings are given explicitly (batch_sharding, replicated),
+    # as with the plain Mesh this replaced; make_mesh's default is Explicit.
+    auto = (jax.sharding.AxisType.Auto,)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=auto, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

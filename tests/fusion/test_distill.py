@@ -259,7 +259,7 @@ def test_config_errors_name_the_key():
     c = _tiny_config()
     c.fusion.distill.batch_size.cjk = 3
     with pytest.raises(ValueError, match=r"batch_size\.cjk=3 is not divisible by the 2"):
-        config_lib.validate(c, num_devices=2)
+        config_lib.validate(c, num_processes=2)
     c = _tiny_config()
     c.fusion.distill.temperature = 0.0
     with pytest.raises(ValueError, match=r"config\.fusion\.distill\.temperature"):
