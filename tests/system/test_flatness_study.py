@@ -113,3 +113,20 @@ def test_a_second_run_reuses_every_backbone_and_cache(tiny_study):
     again = study.run(_config(), str(workdir), progress=False)
     assert {p: p.stat().st_mtime_ns for p in caches} == before
     assert again["rows"][0]["tau"] == first["rows"][0]["tau"]
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("primary_measure", "flatness", "config.study.primary_measure='flatness'"),
+        ("primary_outcome", "kana", "config.study.primary_outcome='kana'"),
+        ("far_targets", ("latin",), "targets have 'latin'"),
+        ("anchors", (("sam", 0.05, 64, 0.3),), "config.study.anchors"),
+    ],
+)
+def test_a_bad_study_setting_fails_before_any_work_naming_its_key(tmp_path, key, value, match):
+    config = _config()
+    config.study[key] = value
+    with pytest.raises(config_lib.ConfigError, match=match):
+        study.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
