@@ -44,6 +44,7 @@ from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.evaluation import ncc, parc, protocol
 from flatfsc_jax.flatness import sharpness
 from flatfsc_jax.reporting import correlation
+from flatfsc_jax.training import resumable
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +213,33 @@ def _load(config, workdir: str, member: Member) -> zoo_lib.LoadedBackbone:
     return zoo.load(config.benchmark, config.study.source, member.method)
 
 
+DIVERGED = "DIVERGED"  # marker in a member's workdir: its training went non-finite
+
+
+def diverged(workdir: str, member: Member) -> str | None:
+    """Why ``member``'s training diverged (its marker's text), or None."""
+    path = os.path.join(workdir, "members", member.name, DIVERGED)
+    return open(path).read() if os.path.exists(path) else None
+
+
 def train(config, workdir: str, members: Sequence[Member], *, progress: bool = True) -> None:
+    """Trains every member not yet complete. A member whose loss goes non-finite is part
+    of the result (that configuration does not train), not a crash: it is marked and left
+    out of the measures, and a re-run does not retrain it (delete the marker to retry)."""
     for i, m in enumerate(members):
+        if diverged(workdir, m):
+            print(f"[study] train {i + 1}/{len(members)}: {m.name} diverged before; skipped")
+            continue
         print(f"[study] train {i + 1}/{len(members)}: {m.name}", flush=True)
-        experiment.run(
-            member_config(config, m),
-            os.path.join(workdir, "members", m.name),
-            stages=("train",),
-            progress=progress,
-        )
+        member_dir = os.path.join(workdir, "members", m.name)
+        try:
+            experiment.run(
+                member_config(config, m), member_dir, stages=("train",), progress=progress
+            )
+        except resumable.NonFiniteError as e:
+            with open(os.path.join(member_dir, DIVERGED), "w") as f:
+                f.write(str(e))
+            print(f"[study] {m.name} diverged: {e}", flush=True)
 
 
 def measure(config, workdir: str, members: Sequence[Member]) -> dict[str, dict]:
@@ -435,6 +454,8 @@ def format_summary(results: dict) -> str:
         f"{results['primary_outcome']}, n = {results['n']} backbones; detectable at p < .05: "
         f"|tau| >= {results['min_detectable_tau']:.2f}.\n"
     )
+    if results.get("diverged"):
+        head += f"Diverged in training, left out: {', '.join(results['diverged'])}.\n"
     if p is None:
         return head + f"The primary measure was dropped: {results['dropped_measures']}.\n"
     t = p["tau"]
@@ -558,6 +579,8 @@ def run(config, workdir: str, stages: Sequence[str] = STAGES, *, progress: bool 
     )
     if "train" in stages:
         train(config, workdir, members, progress=progress)
+    lost = {m.name: diverged(workdir, m) for m in members if diverged(workdir, m)}
+    members = [m for m in members if m.name not in lost]
     measured = measure(config, workdir, members) if "measure" in stages else None
     outcomes = evaluate(config, workdir, members) if "evaluate" in stages else None
     results = None
@@ -565,6 +588,7 @@ def run(config, workdir: str, stages: Sequence[str] = STAGES, *, progress: bool 
         measured = measured or measure(config, workdir, members)
         outcomes = outcomes or evaluate(config, workdir, members)
         results = analyse(config, members, measured, outcomes)
+        results["diverged"] = lost
         results["config"] = config.to_dict()
         results["wall_seconds"] = time.perf_counter() - t0
         paths = write_outputs(results, os.path.join(workdir, "study"))

@@ -16,6 +16,7 @@ from scipy import stats
 from flatfsc_jax import config_lib
 from flatfsc_jax.flatness import study
 from flatfsc_jax.reporting import correlation
+from flatfsc_jax.training import resumable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -130,3 +131,22 @@ def test_a_bad_study_setting_fails_before_any_work_naming_its_key(tmp_path, key,
     with pytest.raises(config_lib.ConfigError, match=match):
         study.run(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
+
+
+def test_a_diverged_member_is_marked_and_not_retrained(tmp_path, monkeypatch):
+    config = _config()
+    members = study.population(config.study)
+    calls = []
+
+    def fake_run(cfg, workdir, stages, progress):
+        calls.append(os.path.basename(workdir))
+        if os.path.basename(workdir) == members[0].name:
+            os.makedirs(workdir, exist_ok=True)
+            raise resumable.NonFiniteError("loss is nan at step 3")
+
+    monkeypatch.setattr(study.experiment, "run", fake_run)
+    study.train(config, str(tmp_path), members[:2], progress=False)
+    assert study.diverged(str(tmp_path), members[0]) == "loss is nan at step 3"
+    assert study.diverged(str(tmp_path), members[1]) is None
+    study.train(config, str(tmp_path), members[:2], progress=False)
+    assert calls == [members[0].name, members[1].name, members[1].name]
