@@ -38,6 +38,8 @@ def test_population_is_the_crossed_design_with_anchor_seeds():
     full = config_lib.sibling_module(
         os.path.join(ROOT, "configs", "x.py"), "flatness_study"
     ).get_config()
+    full.data_dir = "unused"
+    study.check_study(full)  # every member's config validates
     members = study.population(full.study)
     assert len(members) == 44 and len({m.name for m in members}) == 44
     per_config = {}
