@@ -23,7 +23,7 @@ module docstring), ~5 s of embedding and NCC per backbone over 4 targets x 600 e
 tests/system/test_flatness_study.py runs.
 
 What it can detect: with n = 44 backbones, |tau| >= 0.20 at two-sided p < .05
-(``correlation.min_detectable_tau(44)``); smaller correlations are "not detectable at this
+(``significance.min_detectable_tau(44)``); smaller correlations are "not detectable at this
 size", not absent. The primary test (one measure, one outcome, named below before the
 run) is read unadjusted; everything else is exploratory with Holm over measures x outcomes.
 Study design and statistics: docs/flatness-transfer.md#design.

@@ -43,7 +43,7 @@ from flatfsc_jax.data import benchmarks
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.evaluation import ncc, parc, protocol
 from flatfsc_jax.flatness import sharpness
-from flatfsc_jax.reporting import correlation
+from flatfsc_jax.reporting import correlation, significance
 from flatfsc_jax.training import resumable
 
 log = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def analyse(config, members, measured: dict, outcomes: dict) -> dict:
                 **common,
             )
     # Holm over the whole table (measures x outcomes, PARC rows included).
-    for row, adj in zip(rows, correlation.holm([r["p"] for r in rows]), strict=True):
+    for row, adj in zip(rows, significance.holm([r["p"] for r in rows]), strict=True):
         row["p_holm"] = float(adj)
         row["kind"] = "flatness" if row["measure"] in FLATNESS else "baseline"
         row["primary"] = row["measure"] == s.primary_measure and row["outcome"] == s.primary_outcome
@@ -413,7 +413,7 @@ def analyse(config, members, measured: dict, outcomes: dict) -> dict:
         "primary_measure": s.primary_measure,
         "primary_outcome": s.primary_outcome,
         "n": len(members),
-        "min_detectable_tau": correlation.min_detectable_tau(len(members)),
+        "min_detectable_tau": significance.min_detectable_tau(len(members)),
         "targets": {"near": list(s.near_targets), "far": list(s.far_targets)},
         "members": [dict(dataclasses.asdict(m), name=m.name) for m in members],
         "factors": factors,

@@ -15,7 +15,7 @@ from scipy import stats
 
 from flatfsc_jax import config_lib
 from flatfsc_jax.flatness import study
-from flatfsc_jax.reporting import correlation
+from flatfsc_jax.reporting import correlation, significance
 from flatfsc_jax.training import resumable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,7 +49,7 @@ def test_population_is_the_crossed_design_with_anchor_seeds():
     assert sorted(set(per_config.values())) == [2, 4] and len(per_config) == 20
     asam = study.member_config(full, next(m for m in members if m.optimiser == "asam"))
     assert asam.sam.adaptive and asam.methods == ("sam",) and "study" not in asam
-    assert correlation.min_detectable_tau(44) == pytest.approx(0.2048, abs=1e-3)
+    assert significance.min_detectable_tau(44) == pytest.approx(0.2048, abs=1e-3)
 
 
 @pytest.mark.slow
@@ -96,7 +96,7 @@ def test_tiny_study_writes_its_outputs_and_its_statistics_check_out(tiny_study):
     psi = correlation.granulated_tau(x, y, stored["factors"], axes=stored["axes"])["psi"]
     assert row["psi"] == pytest.approx(psi, nan_ok=True)
     np.testing.assert_allclose(
-        [r["p_holm"] for r in rows], correlation.holm([r["p"] for r in rows])
+        [r["p_holm"] for r in rows], significance.holm([r["p"] for r in rows])
     )
     parc_greek = next(r for r in rows if r["measure"] == "parc_greek")
     assert parc_greek["outcome"] == "greek"
