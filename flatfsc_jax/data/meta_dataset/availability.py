@@ -28,6 +28,7 @@ from flatfsc_jax.data.meta_dataset.specs import (
     SOURCES,
     SPLITS,
     TF_INSTALL_HINT,
+    ClassSplits,
     check_source,
     load_class_splits,
     no_catalogue_message,
@@ -141,3 +142,24 @@ def source_status(source: str, data_dir) -> dict[str, Any]:
         if s in info.splits:
             status["splits"][s]["images"] = info.splits[s].num_examples
     return status
+
+
+def prepared_class_splits(source: str, data_dir) -> ClassSplits:
+    """The class split a prepared source holds, from its ``metadata.json`` (no image read).
+
+    For data prepared from records of a subset of the classes (the miniature
+    Meta-Dataset, a partial copy): pass it as ``class_splits`` to ``benchmarks.load_split``
+    instead of the shipped splits, which such data does not match.
+    """
+    source = check_source(source)
+    path = sources.prepared_dir(data_dir, BUILDER_NAME, source)
+    if path is None:
+        raise MissingDataError(missing_message([source], data_dir))
+    with open(os.path.join(os.fspath(path), "metadata.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    classes = {s: tuple(meta.get("class_names", {}).get(s, ())) for s in SPLITS}
+    groups = None
+    if "class_groups" in meta:
+        names = meta["group_names"]
+        groups = {s: tuple(names[g] for g in meta["class_groups"].get(s, ())) for s in SPLITS}
+    return ClassSplits(source=source, classes=classes, groups=groups)

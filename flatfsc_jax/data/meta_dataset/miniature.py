@@ -260,3 +260,28 @@ def write_miniature(
         groups=groups,
         hierarchy=hierarchy,
     )
+
+
+def prepare_miniature(
+    root: str,
+    *,
+    sources: Sequence[str] = ALL_SOURCES,
+    workers: int = 1,
+    **miniature_options,
+) -> tuple[Miniature, str, dict]:
+    """Writes the miniature records under ``root/records`` and prepares every source from
+    them into ``root/data`` (``prepare --from_records``); returns ``(miniature, data_dir,
+    {source: builder.RecordsReport})``.
+
+    The prepared sources hold the miniature's classes, not the shipped splits: read them
+    with ``class_splits=availability.prepared_class_splits(source, data_dir)``.
+    """
+    from flatfsc_jax.data.meta_dataset import builder
+
+    mini = write_miniature(os.path.join(root, "records"), sources=sources, **miniature_options)
+    data_dir = os.path.join(root, "data")
+    reports = {
+        source: builder.prepare_from_records(source, mini.root, data_dir, workers=workers)
+        for source in sources
+    }
+    return mini, data_dir, reports
