@@ -209,6 +209,7 @@ def test_resume_after_a_kill_converts_only_unfinished_classes(tmp_path, monkeypa
     logs = []
     report = builder.prepare_from_records("dtd", mini.root, data_dir, log=logs.append)
     assert sorted(read) == sorted(set(range(18)) - {0, 4, 7})
+    assert report.converted == report.images - sum(len(mini.encoded["dtd"][i]) for i in (0, 4, 7))
     assert any("resuming, 3 of 18 classes done" in line for line in logs)
     assert not os.path.exists(
         os.path.join(data_dir, md.BUILDER_NAME, "dtd", "incomplete.XYZ_1.0.0")

@@ -259,6 +259,7 @@ class RecordsReport:
     output_bytes: int
     seconds: float
     reused: bool = False
+    converted: int = 0  # images decoded by this run (fewer than ``images`` when resumed)
 
 
 def tree_bytes(path: str) -> int:
@@ -356,6 +357,13 @@ def prepare_from_records(
     start = time.perf_counter()
     spec = read_dataset_spec(os.path.join(os.path.expanduser(records_dir), source))
     class_splits = class_splits_from_spec(source, spec)
+    shipped = load_class_splits(source)
+    if any(class_splits.classes[s] != shipped.classes[s] for s in SPLITS):
+        log(
+            f"   {source}: the records hold {sum(map(len, class_splits.classes.values()))} of "
+            f"the {sum(map(len, shipped.classes.values()))} classes of Meta-Dataset's splits; "
+            "read them with class_splits=availability.prepared_class_splits(...)"
+        )
     class_ids = [i for s in SPLITS for i in spec.split_classes[s]]
     missing = [i for i in class_ids if not os.path.isfile(spec.class_file(i))]
     if missing:
@@ -430,6 +438,7 @@ def prepare_from_records(
         source=source,
         path=path,
         images=int(sum(counts.values())),
+        converted=int(sum(counts[i] for i in todo)),
         classes=len(class_ids),
         input_bytes=input_bytes,
         peak_bytes=peak_bytes,
@@ -447,14 +456,15 @@ def _size(num_bytes: int) -> str:
 
 
 def format_records_table(reports: Sequence[RecordsReport]) -> str:
-    """One row per source: input (records) size, peak disk, time, output size, rate."""
+    """One row per source: input (records) size, peak disk, time, output size, and the
+    images this run converted per second (a resumed run converts only what was left)."""
     header = (
         f"{'source':<13} {'classes':>7} {'images':>9} {'input':>10} {'peak disk':>10} "
         f"{'time':>8} {'output':>10} {'images/s':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in reports:
-        rate = "reused" if r.reused else f"{r.images / max(r.seconds, 1e-9):.0f}"
+        rate = "reused" if r.reused else f"{r.converted / max(r.seconds, 1e-9):.0f}"
         lines.append(
             f"{r.source:<13} {r.classes:>7} {r.images:>9} {_size(r.input_bytes):>10} "
             f"{_size(r.peak_bytes):>10} {r.seconds:>7.1f}s {_size(r.output_bytes):>10} {rate:>9}"
