@@ -165,6 +165,10 @@ def test_round_trip_counts_names_and_pixels(prepared, source):
             assert len(set(alphabets)) == 2
         stored = availability.prepared_class_splits(source, data_dir)
         assert stored.classes == class_splits.classes and stored.groups == class_splits.groups
+        lazy = benchmarks.load_split(
+            "meta_dataset", source, split, data_dir, class_splits="prepared"
+        )
+        assert lazy.labels.tolist() == data.labels.tolist()
         if source == "ilsvrc_2012":
             assert {k: v.tolist() for k, v in data.class_hierarchy.items()} == {
                 k: list(v) for k, v in mini.hierarchy[split].items()
@@ -214,8 +218,10 @@ def test_resume_after_a_kill_converts_only_unfinished_classes(tmp_path, monkeypa
     assert not os.path.exists(
         os.path.join(data_dir, md.BUILDER_NAME, "dtd", "incomplete.XYZ_1.0.0")
     )
+    with pytest.raises(ValueError, match="prepared with other train classes"):
+        benchmarks.load_split("meta_dataset", "dtd", "train", data_dir)  # shipped: 33 classes
     data = benchmarks.load_split(
-        "meta_dataset", "dtd", "train", data_dir, in_memory=True, class_splits=_splits(mini, "dtd")
+        "meta_dataset", "dtd", "train", data_dir, in_memory=True, class_splits="prepared"
     )
     assert len(data) == report.images - sum(
         len(mini.encoded["dtd"][i]) for s in ("valid", "test") for i in spec.split_classes[s]
