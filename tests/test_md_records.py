@@ -310,6 +310,7 @@ def test_mds_own_tfds_build_is_named_and_never_deleted(tmp_path):
     message = str(error.value)
     assert "md_tfds" in message and "left untouched" in message and "delete" not in message
     assert "python -m flatfsc_jax.cli.prepare --from_records=$RECORDS --sources=omniglot" in message
+    assert f"--from_md_tfds={data_dir} --sources=omniglot" in message
     assert os.path.isdir(os.path.join(data_dir, "meta_dataset", "omniglot", "1.0.0"))
     assert "md_tfds" in md.source_status("omniglot", data_dir)["other_build"]
 
@@ -368,3 +369,87 @@ def test_cli_from_records_prints_the_table_and_fails_clearly(tmp_path, capsys):
     assert "traffic_sign" in rows and "mnist" in rows
     assert "peak disk" in captured.out
     assert md.missing_sources(["traffic_sign", "mnist"], data_dir) == []
+
+
+# ----------------------------------------------------------------------------------------
+# Meta-Dataset's own TFDS build (md_tfds)
+# ----------------------------------------------------------------------------------------
+
+
+def _write_md_tfds_build(mini, source, data_dir, cuts):
+    """What md_tfds writes: class-ordered 'all_classes' TFRecord shards of TFDS Examples
+    (image, label, class_name, filename, format) and MD's v1 spec in metadata.json."""
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    with open(os.path.join(mini.root, source, "dataset_spec.json")) as f:
+        spec = json.load(f)
+    payloads = []
+    for class_id, images in sorted(mini.encoded[source].items()):
+        for j, image in enumerate(images):
+            example = tf_example_pb2.Example()
+            feature = example.features.feature
+            feature["image"].bytes_list.value.append(image)
+            feature["label"].int64_list.value.append(class_id)
+            feature["class_name"].bytes_list.value.append(
+                spec["class_names"][str(class_id)].encode()
+            )
+            feature["filename"].bytes_list.value.append(f"{class_id}_{j}.jpg".encode())
+            feature["format"].bytes_list.value.append(b"JPEG")
+            payloads.append(example.SerializeToString())
+    bounds = [0, *cuts, len(payloads)]
+    version = os.path.join(data_dir, "meta_dataset", source, "1.0.0")
+    os.makedirs(version)
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        name = f"meta_dataset-all_classes.tfrecord-{i:05d}-of-{len(bounds) - 1:05d}"
+        records.write_tfrecords(os.path.join(version, name), payloads[lo:hi])
+    info = {
+        "name": "meta_dataset",
+        "moduleName": "meta_dataset.data.tfds.md_tfds",
+        "splits": [{"name": "all_classes", "shardLengths": list(np.diff(bounds).tolist())}],
+    }
+    with open(os.path.join(version, "dataset_info.json"), "w") as f:
+        json.dump(info, f)
+    with open(os.path.join(version, "metadata.json"), "w") as f:
+        json.dump({"dataset_specs": {"v1": spec}, "total_num_examples": len(payloads)}, f)
+
+
+def test_from_md_tfds_equals_from_records(prepared, tmp_path):
+    mini, records_data_dir, _ = prepared
+    data_dir = str(tmp_path)  # md_tfds's data dir is also ours: no collision
+    _write_md_tfds_build(mini, "ilsvrc_2012", data_dir, cuts=[7, 50])  # cuts inside classes
+    note = availability.other_build("ilsvrc_2012", data_dir)
+    assert f"--from_md_tfds={data_dir} --sources=ilsvrc_2012" in note
+    report = builder.prepare_from_records("ilsvrc_2012", data_dir, data_dir, md_tfds=True)
+    assert report.images == 108
+    for split in SPLITS:
+        got = benchmarks.load_split(
+            "meta_dataset", "ilsvrc_2012", split, data_dir, in_memory=True, class_splits="prepared"
+        )
+        want = benchmarks.load_split(
+            "meta_dataset",
+            "ilsvrc_2012",
+            split,
+            records_data_dir,
+            in_memory=True,
+            class_splits="prepared",
+        )
+        assert np.array_equal(got.images, want.images) and np.array_equal(got.labels, want.labels)
+        assert list(got.class_names) == list(want.class_names)
+        assert {k: v.tolist() for k, v in got.class_hierarchy.items()} == {
+            k: v.tolist() for k, v in want.class_hierarchy.items()
+        }
+    assert os.path.isdir(
+        os.path.join(data_dir, "meta_dataset", "ilsvrc_2012", "1.0.0")
+    )  # untouched
+    shard = os.path.join(
+        data_dir,
+        "meta_dataset",
+        "ilsvrc_2012",
+        "1.0.0",
+        "meta_dataset-all_classes.tfrecord-00002-of-00003",
+    )
+    os.remove(shard)
+    with pytest.raises(
+        records.RecordsError, match=r"1 of 3 shard files .* missing.*00002-of-00003"
+    ):
+        builder.prepare_from_records("ilsvrc_2012", data_dir, str(tmp_path / "other"), md_tfds=True)

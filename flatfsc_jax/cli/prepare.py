@@ -1,6 +1,7 @@
 """Command line: prepare benchmark sources into a data directory, or list their status.
 
   python -m flatfsc_jax.cli.prepare --from_records=$RECORDS --sources=all --data_dir=~/data
+  python -m flatfsc_jax.cli.prepare --from_md_tfds=~/tensorflow_datasets --sources=all
   python -m flatfsc_jax.cli.prepare --sources=omniglot,dtd --data_dir=~/tensorflow_datasets
   python -m flatfsc_jax.cli.prepare --sources=seen --manual_dir=~/imagenet \\
       --source_dirs=fungi=~/fungi                  # all 8 seen Meta-Dataset sources
@@ -12,7 +13,9 @@
 and CNAPs' script write them) without TensorFlow: classes are converted in parallel
 (``--workers``), a killed run resumes where it stopped, and a table gives each source's
 input size, peak disk, time and output size. ImageNet's sampling graph comes from its
-``dataset_spec.json``.
+``dataset_spec.json``. ``--from_md_tfds=<dir>`` does the same from Meta-Dataset's own TFDS
+build (``tfds build`` of MD's md_tfds, which wrote ``<dir>/meta_dataset/<source>/``); our
+sources go to ``<data_dir>/flatfsc_meta_dataset/``, so ``<dir>`` may be the same directory.
 
 Otherwise Meta-Dataset sources come from the TFDS catalogue (downloaded and prepared by
 TFDS, then converted: needs TensorFlow, ``pip install -e .[prepare]``), or, with
@@ -37,6 +40,11 @@ _SOURCES = flags.DEFINE_string("sources", None, "Comma list: names, all, seen, u
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "Output data directory.")
 _FROM_RECORDS = flags.DEFINE_string(
     "from_records", None, "Meta-Dataset's records root ($RECORDS): <dir>/<source>/*.tfrecords."
+)
+_FROM_MD_TFDS = flags.DEFINE_string(
+    "from_md_tfds",
+    None,
+    "TFDS data dir of Meta-Dataset's own TFDS build (md_tfds): <dir>/meta_dataset/<source>/.",
 )
 _WORKERS = flags.DEFINE_integer(
     "workers", 0, "--from_records: classes converted in parallel (0: one per CPU)."
@@ -144,14 +152,17 @@ def format_status(data_dir: str) -> str:
     return "\n".join(lines)
 
 
-def prepare_from_records(names, records_dir: str, data_dir: str, workers: int) -> int:
-    """``--from_records``: every source, then the per-source table; returns the exit code."""
+def prepare_from_records(
+    names, records_dir: str, data_dir: str, workers: int, md_tfds: bool = False
+) -> int:
+    """``--from_records`` / ``--from_md_tfds``: every source, then the per-source table;
+    returns the exit code."""
     from flatfsc_jax.data.meta_dataset import builder
 
     reports, failed = [], []
     pool = builder.worker_pool(workers) if workers > 1 else None
     try:
-        _prepare_each(names, records_dir, data_dir, pool, reports, failed)
+        _prepare_each(names, records_dir, data_dir, pool, md_tfds, reports, failed)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -163,7 +174,7 @@ def prepare_from_records(names, records_dir: str, data_dir: str, workers: int) -
     return 0
 
 
-def _prepare_each(names, records_dir, data_dir, pool, reports, failed) -> None:
+def _prepare_each(names, records_dir, data_dir, pool, md_tfds, reports, failed) -> None:
     from flatfsc_jax.data import benchmarks
     from flatfsc_jax.data.meta_dataset import builder, records
 
@@ -178,6 +189,7 @@ def _prepare_each(names, records_dir, data_dir, pool, reports, failed) -> None:
                 records_dir,
                 data_dir,
                 executor=pool,
+                md_tfds=md_tfds,
                 overwrite=_OVERWRITE.value,
                 max_images_per_class=_MAX_IMAGES.value,
                 log=lambda message: print(message, flush=True),
@@ -205,17 +217,23 @@ def main(argv) -> int:
         source_dirs = parse_source_dirs(_SOURCE_DIRS.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    if _FROM_RECORDS.value:
+    if _FROM_RECORDS.value and _FROM_MD_TFDS.value:
+        raise app.UsageError("give one of --from_records and --from_md_tfds")
+    origin = _FROM_RECORDS.value or _FROM_MD_TFDS.value
+    if origin:
         if source_dirs or _MANUAL_DIR.value or _HIERARCHY.value:
             raise app.UsageError(
-                "--from_records reads everything from the records (ImageNet's graph from its "
-                "dataset_spec.json): drop --source_dirs, --manual_dir and --hierarchy_file"
+                "--from_records / --from_md_tfds read everything from Meta-Dataset's files "
+                "(ImageNet's graph from its dataset spec): drop --source_dirs, --manual_dir "
+                "and --hierarchy_file"
             )
         if _WORKERS.value < 0:
             raise app.UsageError(f"--workers must be >= 0, got {_WORKERS.value}")
         workers = _WORKERS.value or os.cpu_count() or 1
-        records_dir = os.path.abspath(os.path.expanduser(_FROM_RECORDS.value))
-        return prepare_from_records(names, records_dir, data_dir, workers)
+        records_dir = os.path.abspath(os.path.expanduser(origin))
+        return prepare_from_records(
+            names, records_dir, data_dir, workers, md_tfds=bool(_FROM_MD_TFDS.value)
+        )
     if _HIERARCHY.value and "ilsvrc_2012" not in names:
         raise app.UsageError("--hierarchy_file applies to ilsvrc_2012 only; add it to --sources")
     failed = []

@@ -6,8 +6,9 @@ command that every "missing" or "corrupted" error names.
 
 Our sources live in ``<data_dir>/flatfsc_meta_dataset/``. ``<data_dir>/meta_dataset/`` is
 either Meta-Dataset's own TFDS build (md_tfds: one ``all_classes`` split of JPEGs), which
-we never read, change or ask anyone to delete, or what flatfsc_jax wrote before it had a
-name of its own, which one ``mv`` makes readable again (same files, same format).
+we never change or ask anyone to delete (``prepare --from_md_tfds`` reads it), or what
+flatfsc_jax wrote before it had a name of its own, which one ``mv`` makes readable again
+(same files, same format).
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ def other_build(source: str, data_dir) -> str | None:
     return (
         f"{root} is not ours: it is Meta-Dataset's own TFDS build (md_tfds, one 'all_classes' "
         f"split) or another tool's, and is left untouched. Prepare {source} beside it from "
-        "Meta-Dataset's records: " + records_command([source], data_dir)
+        f"that build: {PREPARE_MODULE} --from_md_tfds={data_dir} --sources={source} "
+        f"--data_dir={data_dir}  (or from Meta-Dataset's records: "
+        + records_command([source], data_dir)
+        + ")"
     )
 
 

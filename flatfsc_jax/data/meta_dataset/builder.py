@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import multiprocessing
 import os
 import shutil
@@ -37,6 +38,7 @@ from flatfsc_jax.data.meta_dataset.records import (
     class_splits_from_spec,
     load_staged_class,
     read_dataset_spec,
+    read_md_tfds_spec,
     stage_class,
     staged_class_path,
 )
@@ -335,6 +337,7 @@ def prepare_from_records(
     max_images_per_class: int | None = None,
     check_data_crc: bool | None = None,
     executor: concurrent.futures.Executor | None = None,
+    md_tfds: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> RecordsReport:
     """Prepares ``source`` from ``<records_dir>/<source>/`` (MD's converted records).
@@ -345,6 +348,8 @@ def prepare_from_records(
     source already prepared is kept unless ``overwrite``. ImageNet's class hierarchy is
     read from its ``dataset_spec.json`` (``hierarchy.load_class_hierarchy``). Pass an
     ``executor`` to share one pool of workers across sources (``workers`` is then unused).
+    With ``md_tfds``, ``records_dir`` is instead the TFDS data directory of Meta-Dataset's
+    own TFDS build (``records.read_md_tfds_spec``); everything else is the same.
 
     Raises:
       RecordsError: missing spec or class file, corrupt record (naming the file), or
@@ -355,7 +360,11 @@ def prepare_from_records(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     start = time.perf_counter()
-    spec = read_dataset_spec(os.path.join(os.path.expanduser(records_dir), source))
+    records_dir = os.path.expanduser(records_dir)
+    if md_tfds:
+        spec = read_md_tfds_spec(records_dir, source)
+    else:
+        spec = read_dataset_spec(os.path.join(records_dir, source))
     class_splits = class_splits_from_spec(source, spec)
     shipped = load_class_splits(source)
     if any(class_splits.classes[s] != shipped.classes[s] for s in SPLITS):
@@ -365,13 +374,15 @@ def prepare_from_records(
             "read them with class_splits=availability.prepared_class_splits(...)"
         )
     class_ids = [i for s in SPLITS for i in spec.split_classes[s]]
-    missing = [i for i in class_ids if not os.path.isfile(spec.class_file(i))]
+    files = spec.input_files()
+    missing = [f for f in files if not os.path.isfile(f)]
     if missing:
+        kind = "shard" if spec.shards else "class"
         raise RecordsError(
-            f"{len(missing)} of {len(class_ids)} class files listed in {spec.path} are "
-            f"missing, e.g. {spec.class_file(missing[0])}; copy the complete records directory"
+            f"{len(missing)} of {len(files)} {kind} files listed in {spec.path} are "
+            f"missing, e.g. {missing[0]}; copy the complete directory"
         )
-    input_bytes = tree_bytes(spec.path) + sum(tree_bytes(spec.class_file(i)) for i in class_ids)
+    input_bytes = tree_bytes(spec.path) + sum(tree_bytes(f) for f in files)
     existing = sources.prepared_dir(data_dir, BUILDER_NAME, source)
     if existing is not None and not overwrite:
         log(f"   {source}: already prepared in {existing} (--overwrite to rebuild)")
@@ -407,7 +418,16 @@ def prepare_from_records(
         i: min(spec.images_per_class[i], max_images_per_class or spec.images_per_class[i])
         for i in class_ids
     }
-    hierarchy = load_class_hierarchy(spec.path, class_splits) if spec.split_subgraphs else None
+    hierarchy = None
+    if spec.split_subgraphs:  # from MD's spec file, whichever layout held it
+        spec_file = spec.path
+        if spec.shards:
+            spec_file = os.path.join(staging, f"{source}_dataset_spec.json")
+            with open(spec.path, encoding="utf-8") as f:  # md_tfds's metadata.json
+                doc = json.load(f)["dataset_specs"]["v1"]
+            with open(spec_file, "w", encoding="utf-8") as f:
+                json.dump(doc, f)
+        hierarchy = load_class_hierarchy(spec_file, class_splits)
     version_root = os.path.join(data_dir, BUILDER_NAME, source)
     if os.path.isdir(version_root):  # a writer killed earlier leaves incomplete.* behind
         for name in os.listdir(version_root):

@@ -68,27 +68,36 @@ def native_crc32c() -> bool:
     return crc32c._crc32c_native is not None
 
 
-def iter_tfrecords(path: str, *, check_data_crc: bool | None = None) -> Iterator[bytes]:
-    """The payloads of a TFRecord file, in order.
+def iter_tfrecords(
+    path: str, *, check_data_crc: bool | None = None, skip: int = 0, take: int | None = None
+) -> Iterator[bytes]:
+    """The payloads of a TFRecord file, in order (records ``skip`` .. ``skip + take``).
 
     The length checksum is always verified; the payload checksum when CRC32C is native
-    (``check_data_crc=None``) or when asked. A truncated or damaged file raises
-    ``RecordsError`` naming the file, the record and its byte offset.
+    (``check_data_crc=None``) or when asked. Skipped records are seeked over, unread. A
+    truncated or damaged file raises ``RecordsError`` naming the file, the record and its
+    byte offset.
     """
     if check_data_crc is None:
         check_data_crc = native_crc32c()
     with open(path, "rb") as f:
         index = 0
-        while True:
+        while take is None or index < skip + take:
             offset = f.tell()
             header = f.read(12)
             if not header:
+                if take is not None:
+                    raise RecordsError(_corrupt(path, index, offset, "fewer records than listed"))
                 return
             if len(header) < 12:
                 raise RecordsError(_corrupt(path, index, offset, "truncated record header"))
             length, length_crc = struct.unpack("<QI", header)
             if masked_crc32c(header[:8]) != length_crc:
                 raise RecordsError(_corrupt(path, index, offset, "length checksum mismatch"))
+            if index < skip:
+                f.seek(length + 4, os.SEEK_CUR)
+                index += 1
+                continue
             payload = f.read(length)
             footer = f.read(4)
             if len(payload) < length or len(footer) < 4:
@@ -169,6 +178,8 @@ class RecordsSpec:
         ``words``, ``children_ids``, ``parents_ids``); the sampling graph is derived from
         them by ``hierarchy``. Empty for the other kinds.
       file_pattern: class file name pattern, ``"{}.tfrecords"``.
+      shards: MD's TFDS build only: its ``all_classes`` shard files and record counts, in
+        order (classes are contiguous in class-id order); empty for MD's records.
     """
 
     name: str
@@ -183,9 +194,34 @@ class RecordsSpec:
         default_factory=dict
     )
     file_pattern: str = "{}.tfrecords"
+    shards: tuple[tuple[str, int], ...] = ()
 
     def class_file(self, class_id: int) -> str:
         return os.path.join(os.path.dirname(self.path), self.file_pattern.format(class_id))
+
+    def class_locations(self, class_id: int) -> list[tuple[str, int, int | None]]:
+        """Where a class's records are: ``(file, records to skip, records to read)``.
+
+        MD's records: its own file, all of it. MD's TFDS build: the slice of the class-
+        ordered ``all_classes`` shards that the spec's image counts give (MD's slicing).
+        """
+        if not self.shards:
+            return [(self.class_file(class_id), 0, None)]
+        start = sum(self.images_per_class[:class_id])
+        stop = start + self.images_per_class[class_id]
+        out, offset = [], 0
+        for path, count in self.shards:
+            lo, hi = max(start, offset), min(stop, offset + count)
+            if lo < hi:
+                out.append((path, lo - offset, hi - lo))
+            offset += count
+        return out
+
+    def input_files(self) -> list[str]:
+        """Every file the images come from (for sizes and presence checks)."""
+        if self.shards:
+            return [path for path, _ in self.shards]
+        return [self.class_file(i) for i in range(len(self.class_names))]
 
     @property
     def num_images(self) -> int:
@@ -216,6 +252,12 @@ def read_dataset_spec(source_dir: str) -> RecordsSpec:
             doc = json.load(f)
     except (OSError, ValueError) as e:
         raise RecordsError(f"{path} is unreadable ({type(e).__name__}: {e})") from e
+    return parse_dataset_spec(doc, path, default_name=os.path.basename(source_dir))
+
+
+def parse_dataset_spec(doc: Any, path: str, default_name: str = "") -> RecordsSpec:
+    """A ``dataset_spec.json`` document (MD's schema) -> ``RecordsSpec``; ``path`` names it
+    in errors and locates the class files."""
     kind = doc.get("__class__") if isinstance(doc, dict) else None
     if kind not in SPEC_CLASSES:
         raise RecordsError(
@@ -287,7 +329,7 @@ def read_dataset_spec(source_dir: str) -> RecordsSpec:
         split_classes[split] = tuple(range(start, start + count))
         start += count
     return RecordsSpec(
-        name=str(doc.get("name", os.path.basename(source_dir))),
+        name=str(doc.get("name", default_name)),
         path=path,
         kind=kind,
         class_names=class_names,
@@ -298,6 +340,72 @@ def read_dataset_spec(source_dir: str) -> RecordsSpec:
         split_subgraphs=subgraphs,
         file_pattern=str(doc.get("file_pattern", "{}.tfrecords")),
     )
+
+
+MD_TFDS_BUILDER = "meta_dataset"  # Meta-Dataset's TFDS build: <data_dir>/meta_dataset/<source>/
+
+
+def read_md_tfds_spec(data_dir: str, source: str) -> RecordsSpec:
+    """The spec and shards of Meta-Dataset's own TFDS build of ``source`` (md_tfds).
+
+    md_tfds writes ``<data_dir>/meta_dataset/<source>/<version>/`` with one
+    ``all_classes`` split whose examples are ordered by class id, and MD's dataset specs
+    in ``metadata.json`` (``dataset_specs``; ``v1`` are the class splits we use). Each
+    example is a ``tf.train.Example`` with ``image`` (JPEG) and ``label`` (the class id).
+    """
+    root = os.path.join(data_dir, MD_TFDS_BUILDER, source)
+    versions = sorted(
+        (d for d in (os.listdir(root) if os.path.isdir(root) else []) if d[:1].isdigit()),
+        key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()),
+    )
+    if not versions:
+        raise RecordsError(
+            f"{root}/<version>/ does not exist: --from_md_tfds must be the TFDS data "
+            "directory in which Meta-Dataset's md_tfds build wrote meta_dataset/<source>/"
+        )
+    version_dir = os.path.join(root, versions[-1])
+    docs = {}
+    for name in ("dataset_info.json", "metadata.json"):
+        try:
+            with open(os.path.join(version_dir, name), encoding="utf-8") as f:
+                docs[name] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise RecordsError(
+                f"{os.path.join(version_dir, name)} is missing or unreadable ({e}); is "
+                f"{version_dir} a complete md_tfds build?"
+            ) from e
+    info, metadata = docs["dataset_info.json"], docs["metadata.json"]
+    specs = metadata.get("dataset_specs", {}) if isinstance(metadata, dict) else {}
+    if "v1" not in specs:
+        raise RecordsError(
+            f"{version_dir}/metadata.json has no dataset_specs['v1']: not an md_tfds build "
+            f"of {source} (or a Meta-Dataset v2-only source)"
+        )
+    splits = {sp.get("name"): sp for sp in info.get("splits", []) if isinstance(sp, dict)}
+    if "all_classes" not in splits:
+        raise RecordsError(f"{version_dir}/dataset_info.json has no 'all_classes' split")
+    lengths = [int(n) for n in splits["all_classes"].get("shardLengths", [])]
+    fmt = info.get("fileFormat", "tfrecord")
+    if fmt != "tfrecord":
+        raise RecordsError(f"{version_dir}: file format {fmt!r}, expected tfrecord")
+    shards = tuple(
+        (
+            os.path.join(
+                version_dir,
+                f"{info.get('name', MD_TFDS_BUILDER)}-all_classes.tfrecord-"
+                f"{i:05d}-of-{len(lengths):05d}",
+            ),
+            n,
+        )
+        for i, n in enumerate(lengths)
+    )
+    spec = parse_dataset_spec(specs["v1"], os.path.join(version_dir, "metadata.json"), source)
+    if sum(lengths) != spec.num_images:
+        raise RecordsError(
+            f"{version_dir}: the shards hold {sum(lengths)} examples, its v1 dataset spec "
+            f"{spec.num_images}; the build is incomplete or of another Meta-Dataset version"
+        )
+    return dataclasses.replace(spec, shards=shards)
 
 
 def _our_name(source: str, name: str) -> str:
@@ -357,26 +465,27 @@ def read_class(
 ) -> np.ndarray:
     """uint8 ``[n, image_size, image_size, 3]``: every image of one class file, decoded and
     resized as Meta-Dataset's reader does. Checks the labels and the spec's image count."""
-    path = spec.class_file(class_id)
-    if not os.path.isfile(path):
-        raise RecordsError(
-            f"{path} is missing: {spec.path} lists class {class_id} "
-            f"({spec.class_names[class_id]!r}) with {spec.images_per_class[class_id]} images"
-        )
     images, count = [], 0
-    for index, payload in enumerate(iter_tfrecords(path, check_data_crc=check_data_crc)):
-        count += 1
-        try:
-            data, label = parse_example(payload)
-            if label != class_id:
-                raise ValueError(f"label {label}, expected the class id {class_id}")
-            if max_images is None or len(images) < max_images:
-                images.append(decode_md_image(data, image_size))
-        except Exception as e:
+    for path, skip, take in spec.class_locations(class_id):
+        if not os.path.isfile(path):
             raise RecordsError(
-                f"{path}: record {index} is corrupt ({type(e).__name__}: {e}); copy or convert "
-                "this class file again"
-            ) from e
+                f"{path} is missing: {spec.path} lists class {class_id} "
+                f"({spec.class_names[class_id]!r}) with {spec.images_per_class[class_id]} images"
+            )
+        records = iter_tfrecords(path, check_data_crc=check_data_crc, skip=skip, take=take)
+        for index, payload in enumerate(records, start=skip):
+            count += 1
+            try:
+                data, label = parse_example(payload)
+                if label != class_id:
+                    raise ValueError(f"label {label}, expected the class id {class_id}")
+                if max_images is None or len(images) < max_images:
+                    images.append(decode_md_image(data, image_size))
+            except Exception as e:
+                raise RecordsError(
+                    f"{path}: record {index} is corrupt ({type(e).__name__}: {e}); copy or "
+                    "convert this file again"
+                ) from e
     if count != spec.images_per_class[class_id]:
         raise RecordsError(
             f"{path} holds {count} records, {spec.path} says "
