@@ -369,6 +369,10 @@ def test_cli_from_records_prints_the_table_and_fails_clearly(tmp_path, capsys):
     assert "traffic_sign" in rows and "mnist" in rows
     assert "peak disk" in captured.out
     assert md.missing_sources(["traffic_sign", "mnist"], data_dir) == []
+    assert prepare_cli.run(["--list", f"--data_dir={data_dir}"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    [line] = [x for x in listing if x.strip().startswith("traffic_sign ")]
+    assert " yes " in line and "6/24" in line  # the prepared subset, not MD's 43 classes
 
 
 # ----------------------------------------------------------------------------------------

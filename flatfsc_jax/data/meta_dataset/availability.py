@@ -142,7 +142,10 @@ def source_status(source: str, data_dir) -> dict[str, Any]:
         status["error"] = f"{type(e).__name__}: {e}"
         return status
     status["prepared"] = True
-    for s in class_splits.splits_with_classes():
+    stored = (info.metadata or {}).get("class_names", {})
+    for s in SPLITS:
+        if s in stored:  # what was prepared (a subset, for a miniature)
+            status["splits"][s]["classes"] = len(stored[s])
         if s in info.splits:
             status["splits"][s]["images"] = info.splits[s].num_examples
     return status
