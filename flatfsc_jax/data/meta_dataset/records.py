@@ -8,10 +8,13 @@ protos with ``image`` (encoded JPEG/PNG bytes) and ``label`` (the class id).
 
 Why no TensorFlow: the TFRecord framing is four fixed fields (length, its CRC, payload,
 its CRC), the Example proto ships with TFDS (``tensorflow_datasets.proto``, a core
-dependency), CRC32C comes from tensorboardX (a core dependency; hardware-speed when the
-``crc32c`` package of the ``prepare`` extra is installed) and PIL decodes the images. So
-CI and users without the ``prepare`` extra read records exactly as a GPU node does, and
-TensorFlow, a very large install, is never needed for this path.
+dependency), CRC32C is google-crc32c's C code (the ``prepare`` extra; else tensorboardX's
+pure-Python one, a core dependency, too slow for full sources, so payload checksums are
+then skipped) and PIL decodes the images. So CI and users without the ``prepare`` extra
+read records exactly as a GPU node does, and TensorFlow, a very large install, is never
+needed for this path. The same reader takes Meta-Dataset's own TFDS build (md_tfds:
+class-ordered TFRecord shards, its dataset specs in ``metadata.json``), so users who
+built that instead of the records can use it as it is.
 
 Pixels follow Meta-Dataset's reader (``data/decoder.py``): decode to 3 channels, then
 bilinear resize with aligned corners to the image size (``convert.resize_bilinear``).
@@ -21,6 +24,7 @@ We store that result rounded to uint8 (see the package's deviation list).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import struct
@@ -53,19 +57,30 @@ class RecordsError(ValueError):
 _MASK_DELTA = 0xA282EAD8
 
 
+@functools.cache
+def _crc32c():
+    """CRC32C: google-crc32c's C code (the ``prepare`` extra) or tensorboardX's fallback."""
+    try:
+        import google_crc32c
+
+        if google_crc32c.implementation == "c":
+            return google_crc32c.value, True
+    except ImportError:
+        pass
+    from tensorboardX import crc32c
+
+    return crc32c.crc32c, crc32c._crc32c_native is not None
+
+
 def masked_crc32c(data: bytes) -> int:
     """TFRecord's checksum: CRC32C rotated right by 15 bits plus a constant."""
-    from tensorboardX.crc32c import crc32c
-
-    crc = crc32c(data) & 0xFFFFFFFF
+    crc = _crc32c()[0](data) & 0xFFFFFFFF
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
 def native_crc32c() -> bool:
-    """Whether CRC32C runs at hardware speed (the ``crc32c`` package is installed)."""
-    from tensorboardX import crc32c
-
-    return crc32c._crc32c_native is not None
+    """Whether CRC32C runs at hardware speed (google-crc32c's C code is installed)."""
+    return _crc32c()[1]
 
 
 def iter_tfrecords(
