@@ -457,3 +457,30 @@ def test_from_md_tfds_equals_from_records(prepared, tmp_path):
         records.RecordsError, match=r"1 of 3 shard files .* missing.*00002-of-00003"
     ):
         builder.prepare_from_records("ilsvrc_2012", data_dir, str(tmp_path / "other"), md_tfds=True)
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_miniature_episodes_follow_mds_rules(prepared, split):
+    """The miniature supports MD's samplers as they are: Omniglot draws within one
+    alphabet; ImageNet draws the leaves of a node spanning 5..392 of them (all of them:
+    no node here spans more than 50)."""
+    from flatfsc_jax.data.episodes import EpisodeSampler, EpisodeSpec
+
+    mini, data_dir, _ = prepared
+    omniglot = benchmarks.load_split(
+        "meta_dataset", "omniglot", split, data_dir, class_splits="prepared"
+    )
+    sampler = EpisodeSampler(omniglot, EpisodeSpec(), seed=0)
+    assert sampler.kind == "groups"
+    for episode in sampler.sample(20):
+        assert len({int(omniglot.class_groups[c]) for c in episode.classes}) == 1
+    imagenet = benchmarks.load_split(
+        "meta_dataset", "ilsvrc_2012", split, data_dir, class_splits="prepared"
+    )
+    sampler = EpisodeSampler(imagenet, EpisodeSpec(), seed=0)
+    assert sampler.kind == "hierarchy"
+    eligible = {
+        frozenset(leaves) for leaves in mini.hierarchy[split].values() if 5 <= len(leaves) <= 392
+    }
+    drawn = {frozenset(int(c) for c in e.classes) for e in sampler.sample(40)}
+    assert drawn == eligible  # every eligible node is drawn, nothing else
