@@ -269,9 +269,16 @@ def test_spec_errors(tmp_path):
     mini, directory = _broken_records(tmp_path)
     path = os.path.join(directory, "dataset_spec.json")
     spec = json.load(open(path))
+    full = records.read_class(records.read_dataset_spec(directory), 0)
+    capped = records.read_class(records.read_dataset_spec(directory), 0, max_images=2)
+    assert len(full) == spec["images_per_class"]["0"] and np.array_equal(capped, full[:2])
     spec["images_per_class"]["0"] += 1
     json.dump(spec, open(path, "w"))
     with pytest.raises(records.RecordsError, match=r"0\.tfrecords holds \d+ records, .* says"):
+        records.read_class(records.read_dataset_spec(directory), 0)
+    spec["images_per_class"]["0"] -= 2
+    json.dump(spec, open(path, "w"))
+    with pytest.raises(records.RecordsError, match=r"0\.tfrecords holds more than \d+ records"):
         records.read_class(records.read_dataset_spec(directory), 0)
     names = spec["class_names"]
     names["0"], names["6"] = names["6"], names["0"]  # a train class listed as valid

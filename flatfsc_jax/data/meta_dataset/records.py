@@ -480,7 +480,11 @@ def read_class(
 ) -> np.ndarray:
     """uint8 ``[n, image_size, image_size, 3]``: every image of one class file, decoded and
     resized as Meta-Dataset's reader does. Checks the labels and the spec's image count."""
-    images, count = [], 0
+    expected = spec.images_per_class[class_id]
+    keep = expected if max_images is None else min(expected, max_images)
+    # Filled in place: a QuickDraw class holds ~150k images, so no list-then-stack copy.
+    images = np.empty((keep, image_size, image_size, 3), np.uint8)
+    count, extra = 0, False
     for path, skip, take in spec.class_locations(class_id):
         if not os.path.isfile(path):
             raise RecordsError(
@@ -489,24 +493,29 @@ def read_class(
             )
         records = iter_tfrecords(path, check_data_crc=check_data_crc, skip=skip, take=take)
         for index, payload in enumerate(records, start=skip):
-            count += 1
+            if count == expected:  # more records than the spec lists
+                extra = True
+                break
             try:
                 data, label = parse_example(payload)
                 if label != class_id:
                     raise ValueError(f"label {label}, expected the class id {class_id}")
-                if max_images is None or len(images) < max_images:
-                    images.append(decode_md_image(data, image_size))
+                if count < keep:
+                    images[count] = decode_md_image(data, image_size)
             except Exception as e:
                 raise RecordsError(
                     f"{path}: record {index} is corrupt ({type(e).__name__}: {e}); copy or "
                     "convert this file again"
                 ) from e
-    if count != spec.images_per_class[class_id]:
+            count += 1
+        if extra:
+            break
+    if extra or count != expected:
         raise RecordsError(
-            f"{path} holds {count} records, {spec.path} says "
+            f"{path} holds {'more than ' if extra else ''}{count} records, {spec.path} says "
             f"{spec.images_per_class[class_id]}: the file is incomplete or from another conversion"
         )
-    return np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return images
 
 
 # ----------------------------------------------------------------------------------------
