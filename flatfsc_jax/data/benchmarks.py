@@ -39,7 +39,8 @@ def load_split(benchmark: str, domain: str, split: str, data_dir, **kwargs) -> s
     ``data_dir`` goes through ``resolve_data_dir`` ("" or None: the TFDS default).
     Keyword arguments: Glyphs ``prepare_if_missing``, ``assets_dir`` (see
     ``glyphs.load_split``, which prepares a missing domain); Meta-Dataset ``in_memory``
-    (default False: images read lazily) and ``class_splits`` (default: the shipped ones).
+    (default False: images read lazily) and ``class_splits`` (default: the shipped ones;
+    ``"prepared"``: the classes the prepared source holds, e.g. a miniature's subset).
     """
     data_dir = resolve_data_dir(data_dir)
     if check_benchmark(benchmark) == "glyphs":
@@ -63,6 +64,9 @@ def _meta_dataset_split(
 
     name = meta_dataset.check_source(domain)
     meta_dataset.check_split(split)
+    if class_splits == "prepared":
+        meta_dataset.require_sources([name], data_dir)
+        class_splits = meta_dataset.prepared_class_splits(name, data_dir)
     class_splits = class_splits or meta_dataset.load_class_splits(name)
     if not class_splits.classes[split]:
         raise ValueError(

@@ -49,6 +49,7 @@ results are read with them in mind):
 from flatfsc_jax.data.meta_dataset.availability import (
     missing_sources,
     prepare_command,
+    prepared_class_splits,
     require_sources,
     source_status,
 )
@@ -135,6 +136,7 @@ __all__ = [
     "missing_sources",
     "prepare",
     "prepare_command",
+    "prepared_class_splits",
     "read_hierarchy_edges",
     "require_sources",
     "resize_bilinear",

@@ -25,10 +25,13 @@ from flatfsc_jax.data.meta_dataset_spec import (  # noqa: F401
 from flatfsc_jax.data.sources import SPLITS
 
 BENCHMARK = "meta_dataset"
-BUILDER_NAME = "meta_dataset"  # <data_dir>/meta_dataset/<source>/<version>/
+# <data_dir>/flatfsc_meta_dataset/<source>/<version>/: a name of our own, because
+# Meta-Dataset's TFDS build (md_tfds) writes meta_dataset/<source>/1.0.0.
+BUILDER_NAME = "flatfsc_meta_dataset"
+LEGACY_BUILDER_NAME = "meta_dataset"  # what flatfsc_jax wrote before it had its own name
 IMAGE_SIZE = 84
 
-PREPARE_MODULE = "python -m flatfsc_jax.data.prepare"
+PREPARE_MODULE = "python -m flatfsc_jax.cli.prepare"
 TF_INSTALL_HINT = "pip install -e .[prepare]  (tensorflow==2.21.0)"
 
 # The devkit archive that `visual_domain_decathlon` downloads; its annotation files hold
