@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -29,9 +30,15 @@ from flatfsc_jax.data.meta_dataset.convert import IMAGE_SIZE, Example, convert_s
 from flatfsc_jax.data.meta_dataset.extract import (
     catalogue_examples,
     local_examples,
+    md_datasrc_examples,
     require_tensorflow,
 )
-from flatfsc_jax.data.meta_dataset.hierarchy import load_class_hierarchy
+from flatfsc_jax.data.meta_dataset.hierarchy import (
+    class_hierarchy_for,
+    hierarchy_origin,
+    load_class_hierarchy,
+)
+from flatfsc_jax.data.meta_dataset.provenance import provenance
 from flatfsc_jax.data.meta_dataset.records import (
     RecordsError,
     RecordsSpec,
@@ -46,12 +53,16 @@ from flatfsc_jax.data.meta_dataset.specs import (
     ALL_SOURCES,
     BENCHMARK,
     BUILDER_NAME,
+    MD_DATASRC_DIRS,
     SOURCES,
     SPLITS,
     ClassSplits,
     check_source,
+    deviating_catalogue_message,
     load_class_splits,
+    missing_duplicates_message,
     no_catalogue_message,
+    with_imagenet_duplicates,
 )
 
 # ----------------------------------------------------------------------------------------
@@ -72,6 +83,9 @@ class MetaDatasetSource(tfds.core.GeneratorBasedBuilder):
       manual_dir, vdd_annotations_dir: passed to ``catalogue_examples``.
       invert: invert intensities (default: the source's rule; Meta-Dataset's records
         are inverted already).
+      md_jpeg: re-encode as MD's records hold the images (``convert.MD_JPEG_SOURCES``).
+      allow_deviating_catalogue: accept the 72-px VDD catalogue copies (Aircraft, GTSRB).
+      provenance: the source's ``provenance.provenance`` record, stored as metadata.
     """
 
     name = BUILDER_NAME
@@ -79,8 +93,10 @@ class MetaDatasetSource(tfds.core.GeneratorBasedBuilder):
     # and finds checksum files next to it: keep the name it had before meta_dataset became
     # a package, so the JSON files of directories prepared before and after are the same.
     __module__ = "flatfsc_jax.data.meta_dataset"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {
+        "1.1.0": "Provenance of each source in its metadata; per-source resize (Lanczos for "
+        "MNIST/CIFAR); optional MD JPEG re-encoding; MD's ImageNet graph and duplicate lists.",
         "1.0.0": "Meta-Dataset class splits, 84x84 uint8 (bilinear, aligned corners); "
         "examples in class order.",
     }
@@ -98,6 +114,9 @@ class MetaDatasetSource(tfds.core.GeneratorBasedBuilder):
         manual_dir: str | None = None,
         vdd_annotations_dir: str | None = None,
         invert: bool | None = None,
+        md_jpeg: bool = False,
+        allow_deviating_catalogue: bool = False,
+        provenance: Mapping[str, Any] | None = None,
         **kwargs,
     ):
         # tfds calls _info() inside __init__, so everything it reads is set first.
@@ -112,6 +131,9 @@ class MetaDatasetSource(tfds.core.GeneratorBasedBuilder):
         self._vdd_annotations_dir = vdd_annotations_dir
         self._examples_fn = examples_fn
         self._invert = SOURCES[self._source].invert if invert is None else invert
+        self._md_jpeg = md_jpeg
+        self._allow_deviating_catalogue = allow_deviating_catalogue
+        self._provenance = provenance
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -123,6 +145,8 @@ class MetaDatasetSource(tfds.core.GeneratorBasedBuilder):
             }
         if self._max_images_per_class is not None:
             metadata["max_images_per_class"] = int(self._max_images_per_class)
+        if self._provenance is not None:
+            metadata["provenance"] = dict(self._provenance)
         spec = SOURCES[self._source]
         return tfds.core.DatasetInfo(
             builder=self,
@@ -163,6 +187,7 @@ class MetaDatasetSource(tfds.core.GeneratorBasedBuilder):
             manual_dir=self._manual_dir,
             vdd_annotations_dir=self._vdd_annotations_dir,
             class_splits=self._class_splits,
+            allow_deviating_catalogue=self._allow_deviating_catalogue,
         )
 
     def _generate_examples(self, split: str):
@@ -172,6 +197,7 @@ class MetaDatasetSource(tfds.core.GeneratorBasedBuilder):
             split,
             invert=self._invert,
             max_images_per_class=self._max_images_per_class,
+            md_jpeg=self._md_jpeg,
         )
 
 
@@ -180,9 +206,13 @@ def prepare(
     data_dir: str,
     *,
     source_dir: str | None = None,
+    md_datasrc: str | None = None,
     manual_dir: str | None = None,
     vdd_annotations_dir: str | None = None,
     hierarchy_file: str | None = None,
+    md_duplicates_dir: str | None = None,
+    md_jpeg: bool = False,
+    allow_vdd: bool = False,
     max_images_per_class: int | None = None,
     overwrite: bool = False,
     examples_fn: Callable[[], Iterable[Example]] | None = None,
@@ -190,20 +220,45 @@ def prepare(
 ) -> str:
     """Converts ``source`` into ``data_dir``; returns the prepared version directory.
 
-    From ``source_dir`` (an original archive, see ``local_examples``) when given, else
-    from the TFDS catalogue (TensorFlow needed). Caches the labels of every split.
+    From ``md_datasrc`` (MD's conversion-guide tree, ``md_datasrc_examples``) or
+    ``source_dir`` (an original archive, see ``local_examples``) when given, else from the
+    TFDS catalogue (TensorFlow needed). ImageNet drops MD's three duplicate lists, read
+    from ``md_duplicates_dir`` (MD's ``meta_dataset/dataset_conversion``; required unless
+    ``examples_fn`` is given), and its hierarchy defaults to MD's shipped spec. The
+    source's provenance is stored in its metadata. Caches the labels of every split.
     """
     source = check_source(source)
     data_dir = os.path.expanduser(data_dir)
     class_splits = class_splits or load_class_splits(source)
+    origin = "md_datasrc" if md_datasrc else "archive" if source_dir else "catalogue"
+    location = md_datasrc or source_dir
+    if source == "ilsvrc_2012" and examples_fn is None:
+        if not md_duplicates_dir:
+            raise ValueError(missing_duplicates_message(f"Preparing ilsvrc_2012 from {origin}"))
+        class_splits = with_imagenet_duplicates(class_splits, md_duplicates_dir)
     if examples_fn is None:
-        if source_dir is not None:
+        if md_datasrc is not None:
+            examples_fn = functools.partial(md_datasrc_examples, source, md_datasrc, class_splits)
+            location = os.path.join(os.path.expanduser(md_datasrc), MD_DATASRC_DIRS[source])
+        elif source_dir is not None:
             examples_fn = functools.partial(local_examples, source, source_dir, class_splits)
         elif SOURCES[source].catalogue is None:
             raise FileNotFoundError(no_catalogue_message(source))
         else:
+            if SOURCES[source].catalogue.deviation and not allow_vdd:
+                raise ValueError(deviating_catalogue_message(source))
             require_tensorflow(f"Preparing meta_dataset/{source} from the TFDS catalogue")
-    hierarchy = load_class_hierarchy(hierarchy_file, class_splits) if hierarchy_file else None
+    hierarchy = class_hierarchy_for(source, class_splits, hierarchy_file)
+    record = None
+    if examples_fn is None or origin != "catalogue":
+        record = provenance(
+            source,
+            origin,
+            location=location,
+            md_jpeg=md_jpeg,
+            hierarchy=hierarchy_origin(source, hierarchy_file),
+            md_duplicates_dir=md_duplicates_dir,
+        )
     builder = MetaDatasetSource(
         config=source,
         data_dir=data_dir,
@@ -214,6 +269,9 @@ def prepare(
         max_images_per_class=max_images_per_class,
         manual_dir=manual_dir,
         vdd_annotations_dir=vdd_annotations_dir,
+        md_jpeg=md_jpeg,
+        allow_deviating_catalogue=allow_vdd,
+        provenance=record,
     )
     mode = (
         tfds.download.GenerateMode.FORCE_REDOWNLOAD
@@ -442,6 +500,12 @@ def prepare_from_records(
         class_hierarchy=hierarchy,
         max_images_per_class=max_images_per_class,
         invert=False,  # MD's converter inverted Omniglot already
+        provenance=provenance(
+            source,
+            "records",
+            location=spec.path,
+            hierarchy=spec.path if hierarchy is not None else None,
+        ),
     )
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
