@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.benchmark = "meta_dataset"
     c.data_dir = ""  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # Meta-Dataset: "shipped" class splits, or the classes each source was "prepared" with
+    # (a subset, e.g. the miniature of docs/meta-dataset.md).
+    c.class_splits = "shipped"
     c.domains = ("omniglot",)
     c.methods = ("sam",)  # backbone training methods to put in the zoo
     c.seed = 0
@@ -347,6 +350,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
 
     if config.benchmark not in BENCHMARKS:
         raise ConfigError(f"config.benchmark={config.benchmark!r} is unknown; choose {BENCHMARKS}")
+    class_splits = config.get("class_splits", "shipped")
+    if class_splits not in ("shipped", "prepared"):
+        raise ConfigError(
+            f"config.class_splits={class_splits!r} is unknown; choose 'shipped' (MD's class "
+            "splits) or 'prepared' (the classes each prepared Meta-Dataset source holds)"
+        )
+    if class_splits == "prepared" and config.benchmark != "meta_dataset":
+        raise ConfigError("config.class_splits='prepared' applies to benchmark='meta_dataset' only")
     known = benchmark_domains(config.benchmark)
     if not config.domains:
         raise ConfigError("config.domains is empty; name at least one domain to train")

@@ -217,3 +217,19 @@ def test_entries_stored_with_the_old_zero_sentinels_are_not_stale():
     assert zoo.config_changes(old, c) == []
     old["validation"]["every"] = 250
     assert zoo.config_changes(old, c) == ["validation.every: 250 -> None"]
+
+
+def test_class_splits_key_is_validated_and_reaches_load_split():
+    from flatfsc_jax.data import benchmarks
+
+    config = _load("configs/sam_resnet18.py:miniature")
+    assert config.class_splits == "prepared" and tuple(config.domains) == ("omniglot", "dtd")
+    config_lib.validate(config)
+    assert benchmarks.split_options("meta_dataset", "prepared") == {"class_splits": "prepared"}
+    assert benchmarks.split_options("meta_dataset", "shipped") == {}
+    with pytest.raises(config_lib.ConfigError, match=r"config\.class_splits='prepard'"):
+        config_lib.validate(
+            _load("configs/sam_resnet18.py:omniglot", "--config.class_splits=prepard")
+        )
+    with pytest.raises(config_lib.ConfigError, match="meta_dataset' only"):
+        config_lib.validate(_load("configs/glyphs.py:tiny", "--config.class_splits=prepared"))

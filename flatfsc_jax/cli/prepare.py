@@ -2,6 +2,8 @@
 
   python -m flatfsc_jax.cli.prepare --from_records=$RECORDS --sources=all --data_dir=~/data
   python -m flatfsc_jax.cli.prepare --from_md_tfds=~/tensorflow_datasets --sources=all
+  python -m flatfsc_jax.cli.prepare --md_datasrc=$DATASRC --sources=all \\
+      --md_duplicates_dir=<meta-dataset checkout>/meta_dataset/dataset_conversion
   python -m flatfsc_jax.cli.prepare --sources=omniglot,dtd --data_dir=~/tensorflow_datasets
   python -m flatfsc_jax.cli.prepare --sources=seen --manual_dir=~/imagenet \\
       --source_dirs=fungi=~/fungi                  # all 8 seen Meta-Dataset sources
@@ -16,6 +18,12 @@ input size, peak disk, time and output size. ImageNet's sampling graph comes fro
 ``dataset_spec.json``. ``--from_md_tfds=<dir>`` does the same from Meta-Dataset's own TFDS
 build (``tfds build`` of MD's md_tfds, which wrote ``<dir>/meta_dataset/<source>/``); our
 sources go to ``<data_dir>/flatfsc_meta_dataset/``, so ``<dir>`` may be the same directory.
+
+``--md_datasrc=$DATASRC`` reads the raw downloads laid out as MD's conversion guide says
+(``meta_dataset.md_datasrc_examples``), without TensorFlow. ImageNet from anything but
+records needs ``--md_duplicates_dir`` (MD's three duplicate lists, read from the user's
+Meta-Dataset checkout; records were de-duplicated by MD's converter). Each source's
+provenance goes into its metadata and into the report (docs/meta-dataset.md).
 
 Otherwise Meta-Dataset sources come from the TFDS catalogue (downloaded and prepared by
 TFDS, then converted: needs TensorFlow, ``pip install -e .[prepare]``), or, with
@@ -61,7 +69,27 @@ _VDD_DIR = flags.DEFINE_string(
 _HIERARCHY = flags.DEFINE_string(
     "hierarchy_file",
     None,
-    "ilsvrc_2012 without --from_records: Meta-Dataset's ilsvrc_2012_dataset_spec.json.",
+    "ilsvrc_2012 without --from_records: MD's ilsvrc_2012_dataset_spec.json or a WordNet "
+    "is_a file (default: MD's spec, shipped).",
+)
+_MD_DATASRC = flags.DEFINE_string(
+    "md_datasrc",
+    None,
+    "$DATASRC laid out as Meta-Dataset's conversion guide says (no TensorFlow).",
+)
+_MD_DUPLICATES = flags.DEFINE_string(
+    "md_duplicates_dir",
+    None,
+    "ilsvrc_2012 without --from_records: Meta-Dataset's meta_dataset/dataset_conversion "
+    "folder, which holds its three ImageNet duplicate lists.",
+)
+_MD_JPEG = flags.DEFINE_bool(
+    "md_jpeg", False, "Re-encode as JPEG the sources MD stores as JPEG (as its records hold)."
+)
+_ALLOW_VDD = flags.DEFINE_bool(
+    "allow_vdd",
+    False,
+    "Accept the 72-px Visual Domain Decathlon catalogue copies of aircraft and traffic_sign.",
 )
 _MAX_IMAGES = flags.DEFINE_integer(
     "max_images_per_class", None, "Keep the first N images of each class."
@@ -221,11 +249,24 @@ def main(argv) -> int:
         raise app.UsageError("give one of --from_records and --from_md_tfds")
     origin = _FROM_RECORDS.value or _FROM_MD_TFDS.value
     if origin:
-        if source_dirs or _MANUAL_DIR.value or _HIERARCHY.value:
+        if _MD_DUPLICATES.value:
+            raise app.UsageError(
+                "--md_duplicates_dir does not apply to --from_records / --from_md_tfds: MD's "
+                "converter dropped ImageNet's duplicates when it wrote the records"
+            )
+        if (
+            source_dirs
+            or _MANUAL_DIR.value
+            or _HIERARCHY.value
+            or _MD_DATASRC.value
+            or _MD_JPEG.value
+            or _ALLOW_VDD.value
+        ):
             raise app.UsageError(
                 "--from_records / --from_md_tfds read everything from Meta-Dataset's files "
-                "(ImageNet's graph from its dataset spec): drop --source_dirs, --manual_dir "
-                "and --hierarchy_file"
+                "(ImageNet's graph from its dataset spec, its JPEGs as stored): drop "
+                "--source_dirs, --manual_dir, --hierarchy_file, --md_datasrc, --md_jpeg "
+                "and --allow_vdd"
             )
         if _WORKERS.value < 0:
             raise app.UsageError(f"--workers must be >= 0, got {_WORKERS.value}")
@@ -248,6 +289,10 @@ def main(argv) -> int:
                 name,
                 data_dir,
                 source_dir=source_dirs.get(name),
+                md_datasrc=None if name in source_dirs else _MD_DATASRC.value,
+                md_duplicates_dir=_MD_DUPLICATES.value,
+                md_jpeg=_MD_JPEG.value,
+                allow_vdd=_ALLOW_VDD.value,
                 manual_dir=_MANUAL_DIR.value,
                 vdd_annotations_dir=_VDD_DIR.value,
                 hierarchy_file=_HIERARCHY.value if name == "ilsvrc_2012" else None,

@@ -50,6 +50,20 @@ def load_split(benchmark: str, domain: str, split: str, data_dir, **kwargs) -> s
     return _meta_dataset_split(domain, split, data_dir, **kwargs)
 
 
+CLASS_SPLITS = ("shipped", "prepared")
+
+
+def split_options(benchmark: str, class_splits: str = "shipped") -> dict:
+    """``load_split`` keywords for ``config.class_splits``: "shipped" reads MD's class
+    splits as shipped; "prepared" (Meta-Dataset only) the classes each prepared source
+    holds, e.g. a miniature's subset, so the same run reads both."""
+    if class_splits not in CLASS_SPLITS:
+        raise ValueError(f"class_splits={class_splits!r} is unknown; choose one of {CLASS_SPLITS}")
+    if class_splits == "prepared" and check_benchmark(benchmark) == "meta_dataset":
+        return {"class_splits": "prepared"}
+    return {}
+
+
 def _meta_dataset_split(
     domain: str, split: str, data_dir, *, in_memory: bool = False, class_splits=None
 ) -> sources.SplitData:

@@ -491,3 +491,34 @@ def test_miniature_episodes_follow_mds_rules(prepared, split):
     }
     drawn = {frozenset(int(c) for c in e.classes) for e in sampler.sample(40)}
     assert drawn == eligible  # every eligible node is drawn, nothing else
+
+
+def test_cli_md_duplicates_dir_applies_to_imagenet_outside_records(tmp_path, capsys):
+    from absl import app
+
+    # Records were de-duplicated by MD's converter: the flag is refused, saying so.
+    with pytest.raises(app.UsageError, match="converter dropped ImageNet's duplicates"):
+        prepare_cli.run(
+            [f"--from_records={tmp_path}", "--sources=ilsvrc_2012", "--md_duplicates_dir=/x"]
+        )
+    # From MD's $DATASRC, ImageNet without the lists stops naming the flag and their home.
+    code = prepare_cli.run(
+        [f"--md_datasrc={tmp_path}", "--sources=ilsvrc_2012", f"--data_dir={tmp_path / 'd'}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "--md_duplicates_dir=<dir>" in err and "meta_dataset/dataset_conversion/" in err
+
+
+def test_records_provenance_is_stored_with_the_split(tmp_path):
+    mini = miniature.write_miniature(str(tmp_path / "records"), sources=["ilsvrc_2012"])
+    data_dir = str(tmp_path / "data")
+    builder.prepare_from_records("ilsvrc_2012", mini.root, data_dir)
+    split = benchmarks.load_split(
+        "meta_dataset", "ilsvrc_2012", "test", data_dir, class_splits="prepared"
+    )
+    record = split.provenance
+    assert record["origin"] == "records" and record["dedup"] == "by MD's converter (records)"
+    assert record["location"].endswith(os.path.join("ilsvrc_2012", "dataset_spec.json"))
+    assert record["md_jpeg"] and record["deviations"] == []
+    assert md.format_provenance(record).startswith("ilsvrc_2012: records (")
