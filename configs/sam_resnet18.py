@@ -10,7 +10,8 @@ Command (one domain, or ``all`` eight seen domains in sequence; default ``all``)
 ``:miniature`` is the same job shrunk for the miniature Meta-Dataset of
 docs/meta-dataset.md#the-miniature (tests/system/test_md_miniature.py): two training
 domains (Omniglot, DTD) of 4 steps at width 1/8, the classes each source was prepared
-with (``class_splits="prepared"``), NCC on all 13 test domains with 6 episodes, no fusion.
+with (``config.data.class_splits="prepared"``), NCC on all 13 test domains with 6
+episodes, no fusion.
 
 Needs the Meta-Dataset sources prepared with ``python -m flatfsc_jax.cli.prepare``
 (the run stops at once and lists what is missing). Per-domain batch size, learning rate,
@@ -21,9 +22,10 @@ others, trains with its row: override it with ``--config.per_domain.<domain>.rho
 ``restart_period`` would be ignored, so they are errors that name the ``per_domain`` key).
 ``--dry_run`` prints every entry's effective values.
 
-Expected run time: 80.8M training images per method over the 8 domains; ~48 (ERM) /
-~84 (SAM) days on our 2-core CPU (measured step rate), an *estimated* ~4 / ~8 hours on
-one accelerator sustaining 30 TFLOP/s (README "Benchmarks and expected cost").
+Expected cost: 80.8M training images per method over the 8 domains; ~48 (ERM) / ~84 (SAM)
+days on a 2-core CPU where ``bench/step.py`` runs this ResNet-18 at 19.4 / 11.1 img/s
+(measured step rate), an *estimated* ~4 / ~8 hours on one accelerator sustaining
+30 TFLOP/s (docs/benchmarks.md#expected-cost-of-the-papers-full-job).
 Expected result (paper, Meta-Dataset, 600 episodes, NCC on SAM backbones): seen average
 77.67%, unseen 78.56%; with fine-tuning fusion (SAM+FT) 81.75% / 78.64%.
 """
@@ -49,7 +51,7 @@ def get_config(arg=None):
         },
         MINIATURE_DOMAINS,
     )
-    c.class_splits = "prepared"
+    c.data.class_splits = "prepared"
     c.model.width = 0.125
     c.validation.episodes = 2
     c.validation.every = 4

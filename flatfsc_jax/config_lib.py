@@ -10,7 +10,7 @@ An optional key is ``None`` when unset, never a sentinel 0:
 
 * ``sam.m``: one perturbation from the whole batch;
 * ``validation.every``, ``fusion.distill.validation_every``: every restart period;
-* ``evaluation.finetune_lr``: adapt.py's default for the mode;
+* ``evaluation.finetune_lr``: evaluation/adapt.py's default for the mode;
 * ``evaluation.pa_episodes``: all episodes;
 * ``evaluation.parc_max_support``: the whole support set;
 * ``model.head_classes``: no padding.
@@ -78,16 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.benchmark = "meta_dataset"
     c.data_dir = ""  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets
-    # Meta-Dataset: "shipped" class splits, or the classes each source was "prepared" with
-    # (a subset, e.g. the miniature of docs/meta-dataset.md).
-    c.class_splits = "shipped"
     c.domains = ("omniglot",)
     c.methods = ("sam",)  # backbone training methods to put in the zoo
     c.seed = 0
     c.retrain = False  # True: retrain zoo entries that are already complete
 
     # head_classes pads every domain's classification head to that many classes
-    # (masked logits) so all domains share one compiled training step (train.py); None
+    # (masked logits) so all domains share one compiled training step (training/step.py); None
     # gives each domain its own head width (and its own compilation).
     c.model = ml_collections.ConfigDict(
         dict(
@@ -113,6 +110,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.sam.rho = placeholder(float)  # per_domain.<domain>.rho (0 for ERM entries)
     c.per_domain = ml_collections.ConfigDict()
 
+    # The input pipeline. None picks by backend (data_settings): on CPU the step is far
+    # slower than one host thread, on an accelerator the host must not be the bottleneck.
+    c.data = ml_collections.ConfigDict(
+        dict(
+            worker_count=placeholder(int),  # grain worker processes; 0 = this process
+            prefetch=2,  # batches computed ahead
+            device_augment=placeholder(bool),  # uint8 to the device, augmented there
+            batched_read=True,  # one read per batch of a lazily read split
+            # Meta-Dataset: "shipped" class splits, or the classes each source was
+            # "prepared" with (a subset, e.g. the miniature of docs/meta-dataset.md).
+            class_splits="shipped",
+        )
+    )
+
     # the paper augmentation; pad is 8 px at 84 px.
     c.augment = ml_collections.ConfigDict(
         dict(enabled=True, pad=8, contrast=0.2, saturation=0.2, hue=0.03, brightness=0.125)
@@ -136,7 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
             num_steps=10_000,
             lr=3e-3,
             restart_period=10_000,
-            # Fusion by distillation (URL; flatfsc_jax/distill.py). The per-domain tables
+            # Fusion by distillation (URL; flatfsc_jax/fusion/distill.py). The per-domain tables
             # (batch_size, lambda_f, lambda_p, anneal) are filled by set_distill_recipe.
             distill=dict(
                 num_steps=240_000,
@@ -165,12 +176,12 @@ def base_config() -> ml_collections.ConfigDict:
             finetune_episodes=600,  # episodes for the (slower) fine-tuning adaptations
             finetune_families=(),  # families fine-tuned at test time; () = all
             finetune_steps=40,
-            finetune_lr=placeholder(float),  # None -> adapt.py's default for the mode
+            finetune_lr=placeholder(float),  # None -> evaluation/adapt.py's default for the mode
             lora_rank=4,
-            # PA (pa.py) on cached embeddings; None -> all ``episodes``.
+            # PA (evaluation/pa.py) on cached embeddings; None -> all ``episodes``.
             pa_episodes=placeholder(int),
             pa_steps=40,
-            # TSA (tsa.py) costs ~40 backbone passes per task, like fine-tuning.
+            # TSA (evaluation/tsa.py) runs the backbone at every step, like fine-tuning.
             tsa_episodes=600,
             tsa_steps=40,
             parc_support=True,  # unseen domains: pick the backbone per task with PARC
@@ -338,6 +349,28 @@ def _finite_positive(value, key):
     _number(value, key, positive=True)
 
 
+def data_settings(config) -> dict:
+    """``config.data`` with its None defaults resolved for this backend (the pipeline's
+    keyword arguments). CPU: no worker processes, host augmentation (the reference).
+    Accelerators: up to 8 workers (half the host's cores) and augmentation on the device."""
+    import jax
+
+    accelerator = jax.default_backend() != "cpu"
+    d = config.data
+    workers = d.worker_count
+    if workers is None:
+        workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if accelerator else 0
+    device_augment = d.device_augment
+    if device_augment is None:
+        device_augment = accelerator
+    return dict(
+        worker_count=int(workers),
+        prefetch=int(d.prefetch),
+        device_augment=bool(device_augment),
+        batched_read=bool(d.batched_read),
+    )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     """Raises ``ConfigError`` naming the first bad key; cheap, run before compiling.
 
@@ -350,14 +383,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
 
     if config.benchmark not in BENCHMARKS:
         raise ConfigError(f"config.benchmark={config.benchmark!r} is unknown; choose {BENCHMARKS}")
-    class_splits = config.get("class_splits", "shipped")
+    class_splits = config.data.class_splits
     if class_splits not in ("shipped", "prepared"):
         raise ConfigError(
-            f"config.class_splits={class_splits!r} is unknown; choose 'shipped' (MD's class "
+            f"config.data.class_splits={class_splits!r} is unknown; choose 'shipped' (MD's class "
             "splits) or 'prepared' (the classes each prepared Meta-Dataset source holds)"
         )
     if class_splits == "prepared" and config.benchmark != "meta_dataset":
-        raise ConfigError("config.class_splits='prepared' applies to benchmark='meta_dataset' only")
+        raise ConfigError(
+            "config.data.class_splits='prepared' applies to benchmark='meta_dataset' only"
+        )
     known = benchmark_domains(config.benchmark)
     if not config.domains:
         raise ConfigError("config.domains is empty; name at least one domain to train")
@@ -372,6 +407,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                 f"{tuple(config.per_domain)}); train a domain that has a row, or add one "
                 f"with batch_size, lr, num_steps, restart_period and rho"
             )
+    if "data" in config:
+        _int(config.data.worker_count, "data.worker_count", minimum=0, none="by backend")
+        _int(config.data.prefetch, "data.prefetch", minimum=0)
+        for key in ("device_augment", "batched_read"):
+            value = config.data[key]
+            if not (isinstance(value, bool) or (value is None and key == "device_augment")):
+                raise ConfigError(f"config.data.{key}={value!r} must be True or False")
     if not config.methods:
         raise ConfigError(f"config.methods is empty; choose from {METHODS}")
     for m in config.methods:

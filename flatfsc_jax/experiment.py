@@ -3,10 +3,10 @@
 ``run(config, workdir, stages)`` is what ``./run.sh`` / ``python -m flatfsc_jax.main``
 execute. Every stage checks its inputs before compiling anything (config keys, stages,
 a writable workdir, the data, the zoo entries it will reuse) and reuses what is already
-complete in ``<workdir>/zoo``, under the reuse rules of README "Reliability":
+complete in ``<workdir>/zoo``, under the reuse rules of docs/zoo.md#reliability:
 
 * a complete entry is reused only if the keys that define its backbone
-  (``zoo.BACKBONE_KEYS``) equal those of the effective config the run would train it
+  (``entry_keys.BACKBONE_KEYS``) equal those of the effective config the run would train it
   with; otherwise the run stops *before training anything*, naming each such entry, the
   changed keys and the choices (``--retrain``, delete the entry, another ``--workdir``):
   a complete backbone may have cost hours and is never thrown away silently;
@@ -29,7 +29,7 @@ import time
 import jax
 import ml_collections
 
-from flatfsc_jax import config_lib, families, profiling
+from flatfsc_jax import config_lib, entry_keys, families, profiling
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks
 from flatfsc_jax.evaluation import protocol
@@ -83,7 +83,7 @@ class Planned:
 
     @property
     def kind(self) -> str:
-        return zoo_lib.entry_kind(self.entry_method)
+        return entry_keys.entry_kind(self.entry_method)
 
     def stored_config(self) -> dict:
         """The config recorded in (and compared with) the entry's metadata."""
@@ -128,7 +128,7 @@ def stale_entries(config, zoo: zoo_lib.Zoo) -> list[tuple[Planned, list[str]]]:
         if not isinstance(stored, dict):
             changes = ["config: not recorded in metadata.json"]
         else:
-            changes = zoo_lib.config_changes(
+            changes = entry_keys.config_changes(
                 stored,
                 p.stored_config(),
                 fused=p.kind == "fused",

@@ -57,7 +57,8 @@ def setup_jax() -> None:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if _DISTRIBUTED.value:
-        # CPU collectives across processes need gloo (README Benchmarks); the setting only
+        # CPU collectives across processes need gloo (docs/install.md#multi-device-and-multi-host);
+        # the setting only
         # affects the CPU backend, so it is harmless on GPU/TPU hosts.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(

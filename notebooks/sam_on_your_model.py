@@ -18,7 +18,8 @@
 # about backbones, zoos or episodes. This notebook uses it on a model of our own, a small
 # flax MLP classifying two noisy spirals, trains it with plain ERM and with SAM, and
 # compares the training curves and the flatness of the two solutions with
-# `flatfsc_jax.flatness.measures`. Nothing here needs the zoo.
+# `flatfsc_jax.flatness.measures` and `flatfsc_jax.flatness.landscape`. Nothing here needs
+# the zoo.
 #
 # The contract: `loss_fn(params, batch) -> (loss, aux)`, any optax optimiser `tx`, and
 #
@@ -41,6 +42,7 @@ import numpy as np
 import optax
 
 from flatfsc_jax import sam
+from flatfsc_jax.flatness import landscape
 from flatfsc_jax.flatness import measures as measures_lib
 
 RHO = 0.1
@@ -180,8 +182,8 @@ for name, (params, _) in runs.items():
         f"{float(top['eigenvalue']):8.2f}  trace {float(trace['trace']):8.1f} ± "
         f"{1.96 * float(trace['std_error']):.1f}"
     )
-    direction = measures_lib.random_direction(params, key)
-    curves[name] = measures_lib.loss_landscape_1d(full_training_loss, params, direction, alphas)
+    direction = landscape.random_direction(params, key)
+    curves[name] = landscape.loss_landscape_1d(full_training_loss, params, direction, alphas)
 
 # %%
 fig, axes = plt.subplots(1, 1 + len(runs), figsize=(14, 3.8))

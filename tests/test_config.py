@@ -8,7 +8,7 @@ import sys
 import pytest
 from absl import flags
 
-from flatfsc_jax import config_lib
+from flatfsc_jax import config_lib, entry_keys
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -209,27 +209,26 @@ def test_unset_optional_keys_are_none_and_take_typed_overrides():
 
 
 def test_entries_stored_with_the_old_zero_sentinels_are_not_stale():
-    from flatfsc_jax import zoo
 
     c = config_lib.domain_config(_load("configs/glyphs.py"), "latin", "sam").to_dict()
     old = copy.deepcopy(c)
     old["sam"]["m"], old["validation"]["every"] = 0, 0
-    assert zoo.config_changes(old, c) == []
+    assert entry_keys.config_changes(old, c) == []
     old["validation"]["every"] = 250
-    assert zoo.config_changes(old, c) == ["validation.every: 250 -> None"]
+    assert entry_keys.config_changes(old, c) == ["validation.every: 250 -> None"]
 
 
 def test_class_splits_key_is_validated_and_reaches_load_split():
     from flatfsc_jax.data import benchmarks
 
     config = _load("configs/sam_resnet18.py:miniature")
-    assert config.class_splits == "prepared" and tuple(config.domains) == ("omniglot", "dtd")
+    assert config.data.class_splits == "prepared" and tuple(config.domains) == ("omniglot", "dtd")
     config_lib.validate(config)
     assert benchmarks.split_options("meta_dataset", "prepared") == {"class_splits": "prepared"}
     assert benchmarks.split_options("meta_dataset", "shipped") == {}
-    with pytest.raises(config_lib.ConfigError, match=r"config\.class_splits='prepard'"):
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.class_splits='prepard'"):
         config_lib.validate(
-            _load("configs/sam_resnet18.py:omniglot", "--config.class_splits=prepard")
+            _load("configs/sam_resnet18.py:omniglot", "--config.data.class_splits=prepard")
         )
     with pytest.raises(config_lib.ConfigError, match="meta_dataset' only"):
-        config_lib.validate(_load("configs/glyphs.py:tiny", "--config.class_splits=prepared"))
+        config_lib.validate(_load("configs/glyphs.py:tiny", "--config.data.class_splits=prepared"))

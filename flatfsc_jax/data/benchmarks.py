@@ -54,7 +54,7 @@ CLASS_SPLITS = ("shipped", "prepared")
 
 
 def split_options(benchmark: str, class_splits: str = "shipped") -> dict:
-    """``load_split`` keywords for ``config.class_splits``: "shipped" reads MD's class
+    """``load_split`` keywords for ``config.data.class_splits``: "shipped" reads MD's class
     splits as shipped; "prepared" (Meta-Dataset only) the classes each prepared source
     holds, e.g. a miniature's subset, so the same run reads both."""
     if class_splits not in CLASS_SPLITS:

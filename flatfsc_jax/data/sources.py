@@ -219,6 +219,17 @@ class _LazyImages:
         except Exception as e:
             raise MissingDataError(self._corrupt(e)) from e
 
+    def __getitems__(self, indices) -> list[np.ndarray]:
+        """The images at ``indices`` in one batched array_record read."""
+        import tensorflow_datasets as tfds
+
+        try:
+            if self._ds is None:
+                self._ds = tfds.builder_from_directory(self._path).as_data_source(self._split)
+            return [r["image"] for r in self._ds.__getitems__([int(i) for i in indices])]
+        except Exception as e:
+            raise MissingDataError(self._corrupt(e)) from e
+
     def __getstate__(self):
         return {**self.__dict__, "_ds": None}
 

@@ -5,13 +5,13 @@ loop that re-embeds support and query images per episode repeats work: here ever
 a split is embedded once (:func:`embed_split`) and episodes are index arrays into that
 table (:func:`episode_accuracies`). All episodes of an ``EpisodeBatch`` share fixed padded
 shapes with masks, so one ``jax.vmap`` inside one ``jax.jit`` evaluates them all and nothing
-recompiles between episodes (README Evaluation).
+recompiles between episodes (docs/evaluation.md#evaluator).
 
 Classifier: nearest centroid (NCC). Prototypes are the masked mean support embedding of each
 class; logits are ``scale * cos(query, prototype)`` (``scale=10`` as SUR/URL/TSA and the
 paper) or the negative squared Euclidean distance (Prototypical Networks).
 
-Episodes: an ``EpisodeBatch`` (data/episodes.py; numpy, fixed shapes): ``support_*``
+Episodes: an ``EpisodeBatch`` (:mod:`flatfsc_jax.data.episodes`; numpy, fixed shapes): ``support_*``
 [E, S], ``query_*`` [E, Q] and the int ``max_ways`` (padded number of classes). Labels are
 ``0..ways-1``; padded slots are masked out (their indices only have to be valid array
 indices).
@@ -40,10 +40,8 @@ METRICS = ("cosine", "euclidean")
 # squared distance of real embeddings, so an absent class never wins.
 ABSENT_LOGIT = -1e30
 
-# Default number of episodes evaluated per jitted call. One call gathers about
-# chunk * (S + Q) * D * 4 bytes of embeddings: 8 Meta-Dataset-sized episodes (S = Q = 500,
-# D = 512) need 16 MB, which stays in a CPU's last-level cache; 32 (65 MB) measured 2-3x
-# slower on our 2-core machines, and the per-call dispatch cost is negligible at 8.
+# Episodes per jitted call: their gathered embeddings (chunk x (S + Q) x D x 4 bytes) should
+# stay in a CPU's last-level cache (docs/performance.md#evaluation-cost).
 DEFAULT_CHUNK = 8
 
 
@@ -94,8 +92,7 @@ def embed_split(model, variables: dict, split_data, *, batch_size: int = 256) ->
 
 def class_prototypes(support_emb, support_labels, support_mask, max_ways: int):
     """Masked class means [max_ways, D] and per-class support counts [max_ways]."""
-    # segment_sum, not a one-hot matmul: S * D additions instead of S * D * max_ways MACs
-    # (measured 1.5-2x faster for whole Meta-Dataset-sized episodes on CPU).
+    # segment_sum, not a one-hot matmul: S * D additions instead of S * D * max_ways MACs.
     weights = support_mask.astype(support_emb.dtype)
     sums = jax.ops.segment_sum(support_emb * weights[:, None], support_labels, max_ways)
     counts = jax.ops.segment_sum(weights, support_labels, max_ways)

@@ -24,7 +24,8 @@ is evaluated on them, so families are compared with paired differences:
   ``config.domains``) or unseen.
 
 Results are plain data (``dict``): ``results["domains"][domain]["families"][family]
-[adaptation] = list of per-episode accuracies``; report.py renders them.
+[adaptation] = list of per-episode accuracies``; ``flatfsc_jax.reporting.tables`` renders
+them.
 """
 
 from __future__ import annotations
@@ -166,9 +167,9 @@ def adapt_on_embeddings(config, domain, selections: dict, batch, embeddings, ada
     ``selections``: family -> :class:`Selection`; ``embeddings``: backbone -> embeddings of
     the domain's test split. The pairs not yet in ``adapted`` (``(adaptation, backbone) ->
     {episode: accuracy}``) are evaluated in one batched call per adaptation over
-    :func:`evaluate.tasks_on_one_table` and stored there. One call per domain instead of
-    one per (family, backbone) matters on unseen domains, where PARC spreads a family's
-    episodes over all its candidates: every small call compiled its own shapes.
+    :func:`ncc.tasks_on_one_table` and stored there. One call per domain, not one per
+    (family, backbone): on unseen domains PARC spreads a family's episodes over all its
+    candidates, and every small call would compile its own shapes.
     """
     ev = config.evaluation
     for adaptation in ev.adaptations:
@@ -343,7 +344,7 @@ def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dic
             domain,
             "test",
             config.data_dir,
-            **benchmarks.split_options(config.benchmark, config.get("class_splits", "shipped")),
+            **benchmarks.split_options(config.benchmark, config.data.class_splits),
         )
         batch = episodes_lib.EpisodeBatch.sample(
             split, ev.episodes, seed=evaluation_seed(config) + 1000

@@ -16,7 +16,7 @@ a large rate would erase what the general domain taught), and one cosine cycle o
 rate. Validation and best-checkpoint selection are as in backbone training.
 
 ``config.fusion.mode`` may name several modes, comma-separated: ``"full,distill"`` fuses
-by fine-tuning *and* trains the distillation students (``flatfsc_jax/distill.py``: one
+by fine-tuning *and* trains the distillation students (``flatfsc_jax/fusion/distill.py``: one
 ``<source_domain>/<method>+kd`` entry per method, from the per-domain teachers).
 """
 

@@ -9,7 +9,7 @@ cosine, frozen embeddings), keeps the best checkpoint in the zoo and logs to the
 Compilation is shared: the model's classification head is padded to
 ``config.model.head_classes`` (when set) with the padded logits masked, and the learning
 rate, restart period, rho and class count travel in ``TrainState.hparams`` as data
-(steps.py), so every entry of one architecture, batch size and method runs one compiled
+(training/step.py), so every entry of one architecture, batch size and method runs one compiled
 program (``_compiled_step`` caches it for the process). The stored backbone's head is cut
 back to the domain's classes, so zoo entries do not depend on the padding.
 
@@ -22,7 +22,6 @@ command ends with exactly the parameters of an uninterrupted run (tests/training
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -44,18 +43,11 @@ from flatfsc_jax.training.resumable import Cadence, ResumableRun, run_steps
 log = logging.getLogger(__name__)
 
 
-def _divergence_advice(cfg, domain: str, fused: bool, entry_dir, last_good: int | None) -> str:
+def _divergence_fix(cfg, domain: str, fused: bool) -> str:
     lr_key = "config.fusion.lr" if fused else f"config.per_domain.{domain}.lr"
-    kept = (
-        f"The last good checkpoint (step {last_good}; every saved one is finite) is kept in "
-        f"{str(entry_dir / 'train')!r}"
-        if last_good is not None
-        else "No checkpoint was saved"
-    )
     return (
-        f"{kept} and nothing was marked complete. Lower {lr_key} (now {cfg.lr}) or "
-        f"config.per_domain.{domain}.rho (now {cfg.sam.rho}) and re-run (an unfinished run "
-        "with other settings is restarted)."
+        f"Lower {lr_key} (now {cfg.lr}) or config.per_domain.{domain}.rho (now {cfg.sam.rho}) "
+        "and re-run (an unfinished run with other settings is restarted)."
     )
 
 
@@ -154,7 +146,7 @@ def train_and_evaluate(
     config_lib.validate(cfg, num_devices=mesh.size)
     entry_dir = zoo.entry_dir(cfg.benchmark, domain, entry_method)
 
-    options = benchmarks.split_options(cfg.benchmark, cfg.get("class_splits", "shipped"))
+    options = benchmarks.split_options(cfg.benchmark, cfg.data.class_splits)
     train_split = benchmarks.load_split(cfg.benchmark, domain, "train", cfg.data_dir, **options)
     valid_split = benchmarks.load_split(cfg.benchmark, domain, "valid", cfg.data_dir, **options)
     image_shape = train_split.image_shape
@@ -190,14 +182,18 @@ def train_and_evaluate(
             state = _load_trunk(state, init_variables, tx, train_lora)
         return state.replace(hparams=hparams)
 
-    process_index, process_count = jax.process_index(), jax.process_count()
+    process_index = jax.process_index()
+    augment = pipeline.AugmentConfig(**cfg.augment.to_dict())
+    # This process's rows of every global batch, read off the batch sharding.
+    block, blocks = pipeline.process_block(step_lib.batch_sharding(mesh), cfg.batch_size)
     iterator = pipeline.make_train_iterator(
         train_split,
         global_batch_size=cfg.batch_size,
         seed=cfg.seed,
-        augment=pipeline.AugmentConfig(**cfg.augment.to_dict()),
-        process_index=process_index,
-        process_count=process_count,
+        augment=augment,
+        process_index=block,
+        process_count=blocks,
+        **config_lib.data_settings(cfg),
     )
 
     desc = f"{cfg.benchmark}/{domain}/{entry_method}"
@@ -209,17 +205,14 @@ def train_and_evaluate(
         fresh_state=fresh_state,
         iterators={"train": iterator},
         record={"best_accuracy": -1.0, "best_step": -1, "best_ci95": 0.0},
-        advice=functools.partial(
-            _divergence_advice, cfg, domain, entry_method != method, entry_dir
-        ),
+        fix=_divergence_fix(cfg, domain, entry_method != method),
     )
     # The hyper-parameters are the config's, not the checkpoint's: the same command
     # resumes the same run.
     run.state = run.state.replace(hparams=step_lib.replicate(hparams, mesh))
 
     def next_batch():
-        host = next(iterator)
-        return step_lib.shard_batch({"images": host["image"], "labels": host["label"]}, mesh)
+        return pipeline.to_step_batch(step_lib.shard_batch(next(iterator), mesh), pad=augment.pad)
 
     def one_step(state, step, batch):
         return train_step(state, batch, jax.random.fold_in(step_rng, step))
