@@ -6,7 +6,7 @@ Command (one domain, or ``all`` eight seen domains in sequence; default ``all``)
   ./run.sh --config=configs/erm_resnet18.py --workdir=/ckpt/flatfsc   # all + fusion + eval
   ./run.sh --config=configs/erm_resnet18.py:omniglot --config.per_domain.omniglot.lr=0.01
 
-Needs the Meta-Dataset sources prepared with ``python -m flatfsc_jax.data.prepare``
+Needs the Meta-Dataset sources prepared with ``python -m flatfsc_jax.cli.prepare``
 (the run stops at once and lists what is missing). Per-domain batch size, learning rate,
 iterations, restart period and rho are the paper's table (``configs/meta_dataset_table.py``;
 docs/design.md#recipe says where each value comes from). Every domain, alone or with

@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
             prefetch=2,  # batches computed ahead
             device_augment=placeholder(bool),  # uint8 to the device, augmented there
             batched_read=True,  # one read per batch of a lazily read split
+            # Meta-Dataset: "shipped" class splits, or the classes each source was
+            # "prepared" with (a subset, e.g. the miniature of docs/meta-dataset.md).
+            class_splits="shipped",
         )
     )
 
@@ -380,6 +383,16 @@ def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
 
     if config.benchmark not in BENCHMARKS:
         raise ConfigError(f"config.benchmark={config.benchmark!r} is unknown; choose {BENCHMARKS}")
+    class_splits = config.data.class_splits
+    if class_splits not in ("shipped", "prepared"):
+        raise ConfigError(
+            f"config.data.class_splits={class_splits!r} is unknown; choose 'shipped' (MD's class "
+            "splits) or 'prepared' (the classes each prepared Meta-Dataset source holds)"
+        )
+    if class_splits == "prepared" and config.benchmark != "meta_dataset":
+        raise ConfigError(
+            "config.data.class_splits='prepared' applies to benchmark='meta_dataset' only"
+        )
     known = benchmark_domains(config.benchmark)
     if not config.domains:
         raise ConfigError("config.domains is empty; name at least one domain to train")

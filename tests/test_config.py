@@ -218,3 +218,19 @@ def test_entries_stored_with_the_old_zero_sentinels_are_not_stale():
     assert entry_keys.config_changes(old, c) == []
     old["validation"]["every"] = 250
     assert entry_keys.config_changes(old, c) == ["validation.every: 250 -> None"]
+
+
+def test_class_splits_key_is_validated_and_reaches_load_split():
+    from flatfsc_jax.data import benchmarks
+
+    config = _load("configs/sam_resnet18.py:miniature")
+    assert config.data.class_splits == "prepared" and tuple(config.domains) == ("omniglot", "dtd")
+    config_lib.validate(config)
+    assert benchmarks.split_options("meta_dataset", "prepared") == {"class_splits": "prepared"}
+    assert benchmarks.split_options("meta_dataset", "shipped") == {}
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.class_splits='prepard'"):
+        config_lib.validate(
+            _load("configs/sam_resnet18.py:omniglot", "--config.data.class_splits=prepard")
+        )
+    with pytest.raises(config_lib.ConfigError, match="meta_dataset' only"):
+        config_lib.validate(_load("configs/glyphs.py:tiny", "--config.data.class_splits=prepared"))

@@ -557,6 +557,17 @@ def _plan_for(data, spec: EpisodeSpec, class_groups, class_hierarchy, num_classe
                 "class_groups/class_hierarchy/num_classes are taken from the SplitData; "
                 "pass them only with a plain labels array"
             )
+        if (
+            spec.mode == "variable"
+            and spec.use_hierarchy is None
+            and data.class_hierarchy is None
+            and data.source.endswith("ilsvrc_2012")
+        ):
+            # MD draws ImageNet episodes from its WordNet graph; uniform classes would be a
+            # silently different benchmark. Imported here: meta_dataset needs TFDS.
+            from flatfsc_jax.data.meta_dataset.hierarchy import require_hierarchy
+
+            require_hierarchy(data.source, data.split, None)
         return _Plan(
             data.labels,
             spec,

@@ -52,6 +52,8 @@ class SplitData:
         (Omniglot's alphabet), used by the alphabet-first episode sampler.
       class_hierarchy: optional mapping node name -> int array of the class indices
         (leaves) under it (ImageNet's WordNet DAG restricted to the split).
+      provenance: optional dict: where the source's images came from and how they were
+        made (``meta_dataset.provenance``), as its metadata records it.
     """
 
     source: str
@@ -61,6 +63,7 @@ class SplitData:
     class_names: Sequence[str]
     class_groups: np.ndarray | None = None
     class_hierarchy: dict[str, np.ndarray] | None = None
+    provenance: dict | None = None
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, np.int32)
@@ -403,4 +406,5 @@ def read_prepared_split(
         class_hierarchy=None
         if hierarchy is None
         else {k: np.asarray(v, np.int32) for k, v in hierarchy.items()},
+        provenance=metadata.get("provenance"),
     )

@@ -351,7 +351,13 @@ def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dic
     ev = config.evaluation
     t0 = time.perf_counter()
     with PROFILE.section("evaluate/episodes"):
-        split = benchmarks.load_split(config.benchmark, domain, "test", config.data_dir)
+        split = benchmarks.load_split(
+            config.benchmark,
+            domain,
+            "test",
+            config.data_dir,
+            **benchmarks.split_options(config.benchmark, config.data.class_splits),
+        )
         batch = episodes_lib.EpisodeBatch.sample(
             split, ev.episodes, seed=evaluation_seed(config) + 1000
         )
@@ -388,6 +394,8 @@ def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dic
 
     seen = domain in tuple(config.domains)
     dom = {"seen": seen, "ways": batch.ways.tolist(), "families": {}, "selection": {}}
+    if split.provenance is not None:  # where the data came from, for the report
+        dom["provenance"] = dict(split.provenance)
     selections = {}
     for fam in fams:
         bar.set_description(f"evaluate {domain} {fam}: embed, select")

@@ -344,8 +344,12 @@ def measure_zoo(
     landscape_2d_domain: str | None = None,
     settings: FlatnessSettings | None = None,
     progress: Callable[[str], None] | None = None,
+    class_splits: str = "shipped",
 ) -> dict[str, Any]:
     """:func:`measure_entry` for every selected entry of the zoo at ``zoo_root``.
+
+    ``class_splits``: Meta-Dataset's "shipped" class splits or the "prepared" ones
+    (``config.data.class_splits``).
 
     Each domain's training split is read once from ``data_dir`` (Glyphs prepares
     missing domains); ``landscape_2d_domain`` adds 2-D landscapes for that domain's
@@ -362,7 +366,13 @@ def measure_zoo(
     start = time.perf_counter()
     # Every split first: a missing source fails before any backbone is measured.
     splits = {
-        domain: benchmarks.load_split(benchmark, domain, "train", data_dir)
+        domain: benchmarks.load_split(
+            benchmark,
+            domain,
+            "train",
+            data_dir,
+            **benchmarks.split_options(benchmark, class_splits),
+        )
         for domain in sorted({e.domain for e in entries})
     }
     results = []

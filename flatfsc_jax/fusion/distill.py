@@ -378,11 +378,14 @@ def distill(
     desc = f"{config.benchmark}/{source}/{name}"
 
     teachers = _load_teachers(config, zoo, method)
+    options = benchmarks.split_options(config.benchmark, config.data.class_splits)
     train_splits = {
-        d: benchmarks.load_split(config.benchmark, d, "train", config.data_dir) for d in domains
+        d: benchmarks.load_split(config.benchmark, d, "train", config.data_dir, **options)
+        for d in domains
     }
     valid_splits = {
-        d: benchmarks.load_split(config.benchmark, d, "valid", config.data_dir) for d in domains
+        d: benchmarks.load_split(config.benchmark, d, "valid", config.data_dir, **options)
+        for d in domains
     }
     num_classes = {d: train_splits[d].num_classes for d in domains}
     for d in domains:

@@ -146,8 +146,9 @@ def train_and_evaluate(
     config_lib.validate(cfg, num_processes=jax.process_count())
     entry_dir = zoo.entry_dir(cfg.benchmark, domain, entry_method)
 
-    train_split = benchmarks.load_split(cfg.benchmark, domain, "train", cfg.data_dir)
-    valid_split = benchmarks.load_split(cfg.benchmark, domain, "valid", cfg.data_dir)
+    options = benchmarks.split_options(cfg.benchmark, cfg.data.class_splits)
+    train_split = benchmarks.load_split(cfg.benchmark, domain, "train", cfg.data_dir, **options)
+    valid_split = benchmarks.load_split(cfg.benchmark, domain, "valid", cfg.data_dir, **options)
     image_shape = train_split.image_shape
     model_config = models.model_metadata(cfg, train_split.num_classes)
     if lora_rank > 0 and init_variables is None:
