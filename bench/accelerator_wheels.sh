@@ -11,7 +11,7 @@ PY="${PYTHON:-python3}"
 DEST="$ROOT/build/wheels"
 # The image holds jax, flax, optax, orbax, etils, absl, numpy, scipy, protobuf, pyarrow,
 # psutil, requests, tqdm, wrapt, attrs, six, PyYAML, typing-extensions, cloudpickle
-# (device README, KINDS.md); these are the rest of setup.cfg's needs and theirs.
+# (the accelerator image's package list); these are the rest of setup.cfg's needs and theirs.
 PACKAGES=(
   tensorflow-datasets array_record grain ml_collections importlib_resources tensorboardX
   dm-tree immutabledict promise simple-parsing docstring_parser tensorflow-metadata

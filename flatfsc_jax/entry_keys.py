@@ -37,6 +37,7 @@ BACKBONE_KEYS = (
     "validation.every",
     "validation.episodes",
     "validation.metric",
+    "data.class_splits",  # which classes of a prepared source are trained on
 )
 # Also compared for fused entries (``<domain>/<method>+ft`` / ``+lora``).
 FUSED_KEYS = ("fusion.source_domain", "fusion.mode", "fusion.lora_rank")
