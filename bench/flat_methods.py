@@ -3,9 +3,9 @@
     .venv/bin/python bench/flat_methods.py                      # cpu10, 3 repeats
     .venv/bin/python bench/flat_methods.py --models resnet10:0.25:28:1:32 --repeats 2
 
-For every method of ``flat_optimizers`` (and EMA weight averaging on top of ERM) one
+For every method of ``flat_methods`` (and EMA weight averaging on top of ERM) one
 jitted step is built the way ``training.step.train_step`` is: the model's training-mode
-cross-entropy as ``loss_fn``, ``flat_optimizers.make_flat_gradient`` for the gradient,
+cross-entropy as ``loss_fn``, ``flat_methods.make_flat_gradient`` for the gradient,
 the project's optimiser (``optim.make_optimizer``), BatchNorm statistics from ``aux``;
 jit over a mesh of all devices, donated state. ``training.step.train_step`` itself knows only
 SAM, so it cannot time the others; the production ERM and SAM steps are timed first by
@@ -15,13 +15,13 @@ Methods that change with the step (SAM every k, LookSAM, SAM-late) are timed ove
 window of ``--window`` consecutive steps, so a timed repeat holds a whole number of
 their cycles; SAM-late switches to SAM for the last ``--late_fraction`` of the window.
 They run as two programs (the two-pass and the one-pass branch), picked on the host by
-``flat_optimizers.takes_sam_step``; one extra LookSAM row runs them as one program with
+``flat_methods.takes_sam_step``; one extra LookSAM row runs them as one program with
 ``lax.cond`` on the traced step, to show what that costs on the machine at hand.
 Columns:
 
 * ``grads/step``: forward-backward passes per step over the window, as the compiled step
   reports them (``FlatDiagnostics.gradient_evaluations``; checked against the host-side
-  ``flat_optimizers.gradient_evaluations``);
+  ``flat_methods.gradient_evaluations``);
 * ``ms/step`` and ``x ERM``: median wall time per step over the interleaved repeats
   (ERM, SAM, ..., ERM, SAM, ...: drifting load hits all alike), and its ratio to this
   run's ERM row; ``min x``: the ratio of the fastest repeats (least disturbed on a
@@ -45,8 +45,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from bench import step as bench_step  # noqa: E402
-from flatfsc_jax import flat_optimizers as fo  # noqa: E402
 from flatfsc_jax import flat_methods as fm  # noqa: E402
+from flatfsc_jax import flat_optimizers as fo  # noqa: E402
 from flatfsc_jax import models  # noqa: E402
 from flatfsc_jax.training import optim  # noqa: E402
 from flatfsc_jax.training import step as steps  # noqa: E402
