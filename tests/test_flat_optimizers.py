@@ -186,16 +186,34 @@ def test_looksam_matches_the_papers_algorithm(k):
     np.testing.assert_allclose(_flat(params), expected_w, rtol=1e-4, atol=1e-5)
 
 
+# One jitted, sharded program per method (traced step, rho as data), compiled once and
+# shared by the tests below: compilation is most of this file's time.
+DISPATCH_RHO = 0.1
+
+
+def _settings(method):
+    return fm.FlatMethod(method=method, k=2, start_step=1, looksam_alpha=0.5, rho=DISPATCH_RHO)
+
+
+@functools.cache
+def _dispatch_program(method):
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    whole, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    flat_gradient = fm.make_flat_gradient(_settings(method))
+    return jax.jit(
+        lambda p, b, s, t: flat_gradient(_loss_fn, p, b, s, t, {"rho": jnp.float32(DISPATCH_RHO)}),
+        in_shardings=(whole, split, whole, whole),
+    )
+
+
 def test_looksam_under_jit_runs_one_branch_per_step_and_threads_its_state():
     params, batches = _problem(4)
-    step = jax.jit(
-        lambda p, b, s, t: fo.looksam_gradient(_loss_fn, p, b, s, t, k=2, alpha=0.5, rho=0.1)
-    )
+    step = _dispatch_program("looksam")
     state, eager_state = fo.looksam_init(params), fo.looksam_init(params)
     for t, batch in enumerate(batches):
         grads, _, diag, state = step(params, batch, state, jnp.int32(t))
         want, _, _, eager_state = fo.looksam_gradient(
-            _loss_fn, params, batch, eager_state, t, k=2, alpha=0.5, rho=0.1
+            _loss_fn, params, batch, eager_state, t, k=2, alpha=0.5, rho=DISPATCH_RHO
         )
         _close(grads, want, rtol=1e-5)
         _close(state, eager_state, rtol=1e-5)
@@ -205,12 +223,14 @@ def test_looksam_under_jit_runs_one_branch_per_step_and_threads_its_state():
 @pytest.mark.parametrize("method", fo.SWITCHING_METHODS)
 def test_host_decided_branch_matches_the_traced_switch(method):
     """Two programs picked on the host (``sam_step``) == one program with ``lax.cond``."""
-    settings = fm.FlatMethod(method=method, rho=0.1, k=3, start_step=2)
+    settings = _settings(method)
     params, batches = _problem(4)
     flat_gradient = fm.make_flat_gradient(settings)
-    traced = jax.jit(lambda p, b, s, t: flat_gradient(_loss_fn, p, b, s, t))
+    traced = _dispatch_program(method)
     host = jax.jit(
-        lambda p, b, s, t, sam_step: flat_gradient(_loss_fn, p, b, s, t, sam_step=sam_step),
+        lambda p, b, s, t, sam_step: flat_gradient(
+            _loss_fn, p, b, s, t, {"rho": jnp.float32(DISPATCH_RHO)}, sam_step=sam_step
+        ),
         static_argnames="sam_step",
     )
     state_traced = state_host = fm.init_state(settings, params)
@@ -479,15 +499,9 @@ def test_batchnorm_statistics_come_from_the_clean_pass_under_jit():
 
 @pytest.mark.parametrize("method", fo.METHODS)
 def test_dispatcher_under_jit_with_sharding_counts_its_gradients(method):
-    settings = fm.FlatMethod(method=method, k=2, start_step=1)
+    settings = _settings(method)
     params, batches = _problem(3)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    whole, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-    flat_gradient = fm.make_flat_gradient(settings)
-    step_fn = jax.jit(
-        lambda p, b, s, t: flat_gradient(_loss_fn, p, b, s, t, {"rho": jnp.float32(0.1)}),
-        in_shardings=(whole, split, whole, whole),
-    )
+    step_fn = _dispatch_program(method)
     state = fm.init_state(settings, params)
     for t, batch in enumerate(batches):
         grads, aux, diag, state = step_fn(params, batch, state, jnp.int32(t))
