@@ -1,7 +1,7 @@
 """The flat methods inside the jitted training step (training/step.py, flat_methods.py).
 
 References: the plain SAM program (which tests/training/test_step.py checks against
-hand-written SAM) and a hand-written EMA of its iterates.
+hand-written SAM) and a hand-written EMA of the run's own iterates.
 """
 
 import jax
@@ -52,39 +52,25 @@ def _close(a, b, **kw):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
 
 
-@pytest.fixture(scope="module")
-def plain_sam():
-    return _run(None)
+def _initial_params():
+    model = models.build_model("conv4", num_classes=5, width=0.125)
+    tx = optim.make_direction(momentum=0.9, weight_decay=7e-4)
+    state = S.create_train_state(model, tx, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    return jax.device_get(state.params)
 
 
-def test_ema_averages_the_sam_iterates(plain_sam):
-    _, sam_traj, sam_metrics = plain_sam
-    flat = fm.FlatMethod(method="sam", rho=RHO, average="ema", average_decay=DECAY)
-    state, traj, metrics = _run(flat)
-    _close(traj[-1], sam_traj[-1], rtol=1e-5, atol=1e-6)  # averaging leaves training alone
-    assert [m["gradient_evaluations"] for m in metrics] == [2.0] * STEPS
-    w0 = jax.device_get(
-        S.create_train_state(
-            models.build_model("conv4", num_classes=5, width=0.125),
-            optim.make_direction(momentum=0.9, weight_decay=7e-4),
-            jax.random.key(0),
-            jnp.zeros((1, 28, 28, 1)),
-        ).params
-    )
-    expected = w0
-    for w in sam_traj:
-        expected = jax.tree.map(lambda a, b: DECAY * a + (1 - DECAY) * b, expected, w)
-    _close(state.average["params"], expected, rtol=1e-5, atol=1e-6)
-
-
-def test_every_k_picks_the_sam_program_then_the_erm_one(plain_sam):
-    _, sam_traj, sam_metrics = plain_sam
-    flat = fm.FlatMethod(method="sam_every_k", rho=RHO, k=2)
-    _, traj, metrics = _run(flat, switching=True)
-    _close(traj[0], sam_traj[0], rtol=1e-5, atol=1e-6)  # step 0: a SAM step
+def test_every_k_with_ema_picks_the_sam_program_then_the_erm_one_and_averages():
+    _, sam_traj, sam_metrics = _run(None)  # the plain SAM program, the reference
+    flat = fm.FlatMethod(method="sam_every_k", rho=RHO, k=2, average="ema", average_decay=DECAY)
+    state, traj, metrics = _run(flat, switching=True)
+    _close(traj[0], sam_traj[0], rtol=1e-5, atol=1e-6)  # step 0: a SAM step, averaging aside
     assert [m["gradient_evaluations"] for m in metrics] == [2.0, 1.0]
+    assert metrics[0]["sharpness"] == pytest.approx(sam_metrics[0]["sharpness"], rel=1e-4)
     assert metrics[1]["sharpness"] == 0.0  # step 1: ERM, from the same weights as SAM's
     assert metrics[1]["loss"] == pytest.approx(sam_metrics[1]["loss"], rel=1e-5)
-    assert metrics[0]["sharpness"] == pytest.approx(sam_metrics[0]["sharpness"], rel=1e-4)
+    expected = _initial_params()  # the EMA starts at w0, average_start 0
+    for w in traj:
+        expected = jax.tree.map(lambda a, b: DECAY * a + (1 - DECAY) * b, expected, w)
+    _close(state.average["params"], expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pass sam_step=flat_methods.takes_sam_step"):
         _run(flat, switching=False)
