@@ -20,7 +20,7 @@ altered ``best/``: the train stage retrains it, evaluation names it and the fix)
 
 Reuse rules (``reuse_or_begin``): an entry is reused only when the keys that define it
 (``entry_keys``: backbones, fused entries and students each have their own) equal those of
-the effective config the run would train it with; a fused entry also records the sha256 of the run would train it with; a fused entry also records the sha256 of
+the effective config the run would train it with; a fused entry also records the sha256 of
 its source backbone's ``best/`` and is stale once that source is retrained.
 """
 
