@@ -3,9 +3,9 @@
 ``synthetic_md_split(data_dir, num_images)`` prepares ``meta_dataset/ilsvrc_2012``'s
 train split in ``data_dir`` through ``meta_dataset.prepare`` (the TFDS builder that
 writes real sources: 84x84x3 uint8, zlib-compressed tensors in array_record shards), with
-generated pixels and a reduced class list, and reads it back lazily through
-``benchmarks.load_split``: the same read path as a prepared ImageNet train split. It is
-written once per ``(data_dir, num_images, num_classes)`` and reused.
+generated pixels and the first ``num_classes`` of ImageNet's train classes, and reads it
+back lazily through ``benchmarks.load_split``: the same read path as a prepared ImageNet
+train split. It is written once per ``(data_dir, num_images, num_classes)`` and reused.
 
 The pixels are smooth colour fields plus mild noise, so zlib has about as much to do as
 on photographs (random noise would not compress; flat images would compress to nothing).
@@ -23,7 +23,11 @@ SOURCE = "ilsvrc_2012"
 def _class_splits(num_classes: int):
     from flatfsc_jax.data import meta_dataset as md
 
-    names = tuple(f"synthetic_{c:04d}" for c in range(num_classes))
+    # Real ImageNet train synsets: preparing ImageNet builds MD's class graph from the
+    # shipped spec, whose leaves these must be.
+    names = md.load_class_splits(SOURCE).classes["train"][:num_classes]
+    if len(names) < num_classes:
+        raise ValueError(f"num_classes={num_classes} exceeds ImageNet's {len(names)} train classes")
     return md.ClassSplits(SOURCE, {"train": names, "valid": (), "test": ()})
 
 
@@ -40,13 +44,13 @@ def _image(index: int, num_classes: int) -> np.ndarray:
 def synthetic_md_split(data_dir: str, num_images: int, num_classes: int = 100):
     """The lazily read ``SplitData`` of a synthetic MD-format train split of
     ``num_images`` 84-px images in ``num_classes`` classes, prepared under ``data_dir``
-    (``<data_dir>/n<num_images>_c<num_classes>``) unless it is there already."""
+    (``<data_dir>/imagenet_n<num_images>_c<num_classes>``) unless it is there already."""
     from flatfsc_jax.data import benchmarks
     from flatfsc_jax.data import meta_dataset as md
 
     if num_images < num_classes:
         raise ValueError(f"num_images={num_images} must be >= num_classes={num_classes}")
-    root = os.path.join(os.path.abspath(data_dir), f"n{num_images}_c{num_classes}")
+    root = os.path.join(os.path.abspath(data_dir), f"imagenet_n{num_images}_c{num_classes}")
     splits = _class_splits(num_classes)
 
     def examples():

@@ -112,6 +112,9 @@ class SplitRows:
         self.rows = np.asarray(rows, np.int64)
         self.source, self.split = split_data.source, split_data.split
         self.labels = np.asarray(split_data.labels)[self.rows]
+        # The split's own facts, for the report (the rows do not change them).
+        self.class_names = split_data.class_names
+        self.provenance = getattr(split_data, "provenance", None)
 
     def __len__(self) -> int:
         return len(self.rows)

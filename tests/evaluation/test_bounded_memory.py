@@ -73,7 +73,9 @@ def test_compact_evaluation_equals_the_full_table_on_a_small_split(backbone):
     rng = np.random.default_rng(1)
     labels = np.repeat(np.arange(20), 12)
     images = rng.integers(0, 256, (len(labels), 16, 16, 1), dtype=np.uint8)
-    split = sources.SplitData("fake/x", "test", images, labels, [str(c) for c in range(20)])
+    split = sources.SplitData(
+        "fake/x", "test", images, labels, [str(c) for c in range(20)], provenance={"from": "t"}
+    )
     episodes = EpisodeBatch.sample(split, 5, seed=3)
     full = ncc_lib.embed_split(model, variables, split, batch_size=64)
     for metric in ncc_lib.METRICS:
@@ -86,3 +88,6 @@ def test_compact_evaluation_equals_the_full_table_on_a_small_split(backbone):
     assert len(rows) < len(split)
     np.testing.assert_array_equal(rows[compact.support_idx], episodes.support_idx)
     np.testing.assert_array_equal(rows[compact.query_idx], episodes.query_idx)
+    # The view keeps what the report reads from the split.
+    view = ncc_lib.SplitRows(split, rows)
+    assert view.provenance == {"from": "t"} and view.class_names == split.class_names

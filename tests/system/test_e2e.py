@@ -64,7 +64,8 @@ def test_tiny_glyphs_run_end_to_end_and_rerun_reuses_the_zoo(tmp_path):
         "--config=configs/glyphs.py:tiny", f"--workdir={work}", cache, "--stages=train,fuse"
     )
     assert second.returncode == 0, second.stderr[-5000:]
-    assert second.stdout.count("complete, reusing it") == 4  # 2 domains x erm/sam
+    # 2 domains x erm/sam backbones, and the two fused entries (latin erm+ft, sam+ft)
+    assert second.stdout.count("complete, reusing it") == 6
     assert "[fuse] glyphs/latin/sam+ft: best validation accuracy" in second.stdout
     # Nothing was trained again: no zoo file was added, removed or rewritten.
     assert _zoo_files(work / "zoo") == zoo_before
