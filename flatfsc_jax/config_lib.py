@@ -36,6 +36,7 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from flatfsc_jax import errors
 from flatfsc_jax.checks import check_int, check_number
 from flatfsc_jax.data import meta_dataset_spec
 
@@ -60,7 +61,7 @@ ROW_KEYS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.FlatfscError, ValueError):
     """A config key has a wrong value; the message names the key and the fix."""
 
 
@@ -436,6 +437,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     for key in ("pa_steps", "tsa_episodes", "tsa_steps"):
         _int(ev.get(key, 0), f"evaluation.{key}", minimum=0)
     if ev.enabled:
+        if not ev.domains:
+            raise ConfigError(
+                "config.evaluation.domains is empty; name the domains to evaluate (or set "
+                "--config.evaluation.enabled=False)"
+            )
         for d in ev.domains:
             if d not in known:
                 raise ConfigError(
@@ -447,10 +453,46 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
             raise ConfigError(
                 f"config.evaluation.metric must be cosine or euclidean, got {ev.metric!r}"
             )
+        if not ev.adaptations:
+            raise ConfigError(
+                f"config.evaluation.adaptations is empty; choose from {ADAPTATIONS} (or set "
+                "--config.evaluation.enabled=False)"
+            )
         for a in ev.adaptations:
             if a not in ADAPTATIONS:
                 raise ConfigError(
                     f"config.evaluation.adaptations has {a!r}; choose from {ADAPTATIONS}"
+                )
+        # A repeated adaptation would count each domain twice (a CI too narrow by sqrt 2).
+        repeated = sorted({a for a in ev.adaptations if list(ev.adaptations).count(a) > 1})
+        if repeated:
+            raise ConfigError(
+                f"config.evaluation.adaptations={tuple(ev.adaptations)} repeats {repeated}; "
+                "name each adaptation once"
+            )
+        # An adaptation with no episodes or no steps would report an empty or NCC table.
+        needs = {
+            "pa": ("pa_steps",),
+            "tsa": ("tsa_episodes", "tsa_steps"),
+            "finetune": ("finetune_episodes",),
+            "lora": ("finetune_episodes",),
+        }
+        for a in ev.adaptations:
+            for key in needs.get(a, ()):
+                if ev[key] == 0:
+                    raise ConfigError(
+                        f"config.evaluation.{key}=0 but config.evaluation.adaptations has "
+                        f"{a!r}; give it at least 1 or drop {a!r} from the adaptations"
+                    )
+        if ev.finetune_families:
+            from flatfsc_jax import families
+
+            produced = families.families(config)
+            unknown = [f for f in ev.finetune_families if f not in produced]
+            if unknown:
+                raise ConfigError(
+                    f"config.evaluation.finetune_families has {unknown}, not a family this "
+                    f"run produces ({produced})"
                 )
         if any(a != "ncc" for a in ev.adaptations):
             _int(ev.finetune_steps, "evaluation.finetune_steps")

@@ -29,13 +29,14 @@ import time
 import jax
 import ml_collections
 
-from flatfsc_jax import config_lib, families, profiling
+from flatfsc_jax import config_lib, errors, families, lock, profiling
 from flatfsc_jax import zoo as zoo_lib
-from flatfsc_jax.data import benchmarks
+from flatfsc_jax.data import benchmarks, sources
+from flatfsc_jax.data import glyphs as glyphs_data
 from flatfsc_jax.evaluation import protocol
 from flatfsc_jax.fusion import distill, finetune
 from flatfsc_jax.profiling import PROFILE
-from flatfsc_jax.reporting import convergence, tables
+from flatfsc_jax.reporting import atomic, convergence, tables
 from flatfsc_jax.training import loop
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "fuse", "evaluate")
 
 
-class WorkdirError(ValueError):
+class WorkdirError(errors.FlatfscError, ValueError):
     """``--workdir`` is not a writable directory."""
 
 
@@ -234,7 +235,10 @@ def check_data(config, stages) -> None:
     if "evaluate" in stages and config.evaluation.enabled:
         for d in config.evaluation.domains:
             splits.setdefault(d, set()).add("test")
-    benchmarks.ensure_prepared(config.benchmark, splits, config.data_dir)
+    try:
+        benchmarks.ensure_prepared(config.benchmark, splits, config.data_dir)
+    except (sources.MissingDataError, glyphs_data.AssetChecksumError) as e:
+        raise errors.DataError(str(e)) from e
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progress=True):
@@ -251,6 +255,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
     config_lib.validate(config, num_devices=jax.device_count())
     plan(config)  # every entry's effective config is valid
     check_workdir(workdir)
+    # One writer per workdir (a second run would corrupt checkpoints and metrics).
+    with lock.workdir_lock(workdir, take=jax.process_index() == 0):
+        return _run_stages(config, workdir, stages, progress, t_start, setup_seconds)
+
+
+def _run_stages(config, workdir, stages, progress, t_start, setup_seconds):
     zoo = zoo_lib.Zoo(os.path.join(workdir, "zoo"))
     check_reuse(config, zoo)
     with PROFILE.section("data"):
@@ -318,14 +328,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
 
 
 def write_convergence(config, zoo: zoo_lib.Zoo, path: str) -> None:
-    """Validation curves of this run's domains (every method in the zoo), budget marked."""
-    curves = convergence.read_curves(zoo, config.benchmark)
-    curves = {d: curves[d] for d in config.domains if d in curves}
-    if not curves:
+    """Validation curves of this run's domains (every method in the zoo), budget marked.
+
+    Never fatal: the plot is a by-product of trained entries, so a failure is a warning
+    naming the file (the zoo is complete either way).
+    """
+    try:
+        curves = convergence.read_curves(zoo, config.benchmark)
+        curves = {d: curves[d] for d in config.domains if d in curves}
+        if not curves:
+            return
+        budgets = {d: int(config_lib.domain_config(config, d, "erm").num_steps) for d in curves}
+        with atomic.staged(os.path.dirname(path)) as tmp:
+            staged = os.path.join(tmp, os.path.basename(path))
+            convergence.plot_convergence(curves, staged, budgets=budgets, title=config.benchmark)
+    except Exception as e:  # noqa: BLE001 - a plot must not stop a run whose entries are done
+        log.warning(
+            "validation curves not written to %s (%s: %s); the zoo entries are complete",
+            path,
+            type(e).__name__,
+            e,
+        )
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    budgets = {d: int(config_lib.domain_config(config, d, "erm").num_steps) for d in curves}
-    convergence.plot_convergence(curves, path, budgets=budgets, title=config.benchmark)
     _print(f"validation curves written: {path}")
 
 

@@ -69,12 +69,11 @@ def setup_jax() -> None:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Failures a user can fix from the message alone (no traceback shown)."""
-    from flatfsc_jax import zoo as zoo_lib
-    from flatfsc_jax.training import resumable
+    from flatfsc_jax import errors
 
-    # ConfigError, ZooError, IncompatibleCheckpointError and WorkdirError are ValueErrors;
-    # missing data is a FileNotFoundError (sources.MissingDataError).
-    return (ValueError, OSError, resumable.NonFiniteError, zoo_lib.ZooError)
+    # Only our own types: a ValueError or OSError from anywhere else is a bug and keeps
+    # its traceback. Data errors are wrapped by experiment.check_data.
+    return (errors.FlatfscError,)
 
 
 def dry_run(config, workdir: str, stages) -> None:

@@ -23,7 +23,6 @@ command ends with exactly the parameters of an uninterrupted run (tests/training
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from typing import Any
@@ -37,7 +36,7 @@ from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, pipeline, sources
 from flatfsc_jax.data.episodes import EpisodeBatch
 from flatfsc_jax.evaluation.ncc import FewShotEvaluator
-from flatfsc_jax.training import optim
+from flatfsc_jax.training import metrics_writer, optim
 from flatfsc_jax.training import step as step_lib
 from flatfsc_jax.training.resumable import Cadence, ResumableRun, run_steps
 
@@ -311,7 +310,5 @@ def _load_trunk(state, init_variables: dict, tx, train_lora: bool) -> Any:
 
 
 def read_metrics(entry_dir) -> list[dict]:
-    path = entry_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The run's metric records (bad lines skipped with one warning naming the file)."""
+    return metrics_writer.read_jsonl(entry_dir / metrics_writer.JSONL_NAME)
