@@ -336,13 +336,17 @@ def _finite_positive(value, key):
     _number(value, key, positive=True)
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+def validate(
+    config: ml_collections.ConfigDict, num_devices: int = 1, *, evaluation: bool = True
+) -> None:
     """Raises ``ConfigError`` naming the first bad key; cheap, run before compiling.
 
     Checks every key a run reads: benchmark, domains and their table rows, methods,
     model, optimiser, SAM, validation, checkpoint/log intervals, fusion and evaluation
     settings. The library functions these keys reach check their own arguments again
     only where they must (shapes known at call time), naming the argument.
+    ``evaluation=False``: the training stages' own re-check (they read no evaluation key;
+    the run and ``--dry_run`` checked them already).
     """
     from flatfsc_jax import models
 
@@ -432,6 +436,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         _int(f.restart_period, "fusion.restart_period")
         if "lora" in modes:
             _int(f.lora_rank, "fusion.lora_rank")
+    if evaluation:
+        _validate_evaluation(config, known)
+    # A per-entry config (domain_config: one domain) trains one backbone, never a student.
+    if config.fusion.enabled and "distill" in modes and len(config.domains) > 1:
+        validate_distill(config, num_devices)
+
+
+def _validate_evaluation(config, known) -> None:
     ev = config.evaluation
     _int(ev.get("pa_episodes"), "evaluation.pa_episodes", none="all episodes")
     for key in ("pa_steps", "tsa_episodes", "tsa_steps"):
@@ -490,9 +502,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
             produced = families.families(config)
             unknown = [f for f in ev.finetune_families if f not in produced]
             if unknown:
+                kept = tuple(f for f in ev.finetune_families if f in produced)
                 raise ConfigError(
                     f"config.evaluation.finetune_families has {unknown}, not a family this "
-                    f"run produces ({produced})"
+                    f"run produces ({produced}); drop it, e.g. "
+                    f'--config.evaluation.finetune_families="{kept}"'
                 )
         if any(a != "ncc" for a in ev.adaptations):
             _int(ev.finetune_steps, "evaluation.finetune_steps")
@@ -501,9 +515,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                 _int(ev.lora_rank, "evaluation.lora_rank")
             _number(ev.finetune_lr, "evaluation.finetune_lr", positive=True, none="the default")
         _int(ev.parc_max_support, "evaluation.parc_max_support", none="all support images")
-    # A per-entry config (domain_config: one domain) trains one backbone, never a student.
-    if config.fusion.enabled and "distill" in modes and len(config.domains) > 1:
-        validate_distill(config, num_devices)
 
 
 def validate_distill(config, num_devices: int = 1) -> None:

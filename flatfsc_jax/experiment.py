@@ -1,9 +1,10 @@
 """The main job: data check -> backbone zoo -> fusion -> evaluation -> report.
 
 ``run(config, workdir, stages)`` is what ``./run.sh`` / ``python -m flatfsc_jax.main``
-execute. Every stage checks its inputs before compiling anything (config keys, stages,
-a writable workdir, the data, the zoo entries it will reuse) and reuses what is already
-complete in ``<workdir>/zoo``, under the reuse rules of README "Reliability":
+execute, holding the workdir's lock (``lock.py``: one writer per workdir). Every stage
+checks its inputs before compiling anything (config keys, stages, a writable workdir,
+the data, the zoo entries it will reuse) and reuses what is already complete in
+``<workdir>/zoo``, under the reuse rules of docs/zoo.md#reliability:
 
 * a complete entry is reused only if the keys that define its backbone
   (``zoo.BACKBONE_KEYS``) equal those of the effective config the run would train it

@@ -10,9 +10,10 @@ cache, multi-host), hand over to ``experiment.run``. ``./run.sh`` forwards its f
                            effective batch size / lr / steps / restart period / rho
   --traceback              show the traceback of an expected failure
 
-Expected failures (a bad config value, missing data, a damaged or stale zoo entry, an
-unwritable workdir, a diverged run) print one message naming the key or path and the
-fix and exit with status 2; anything else is a bug and shows its traceback.
+Expected failures (``errors.FlatfscError``: a bad config value, missing data, a damaged
+or stale zoo entry, an unwritable or busy workdir, a diverged run) print one message
+naming the key or path and the fix and exit with status 2; anything else is a bug and
+shows its traceback.
   --distributed            call jax.distributed.initialize() (SLURM / TPU pods detect
                            everything; otherwise give --coordinator_address,
                            --num_processes and --process_id)

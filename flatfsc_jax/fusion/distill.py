@@ -460,7 +460,7 @@ def distill(
 ) -> zoo_lib.ZooEntry:
     """Trains (or resumes) the ``<method>+kd`` student and returns its zoo entry."""
     mesh = step_lib.make_mesh()
-    config_lib.validate(config, num_devices=mesh.size)
+    config_lib.validate(config, num_devices=mesh.size, evaluation=False)
     config_lib.validate_distill(config, num_devices=mesh.size)
     if method not in config_lib.METHODS:
         raise ValueError(f"method {method!r} must be one of {config_lib.METHODS}")

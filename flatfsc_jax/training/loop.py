@@ -150,7 +150,7 @@ def train_and_evaluate(
     cfg = config_lib.domain_config(config, domain, method)
     entry_method = entry_method or method
     mesh = step_lib.make_mesh()
-    config_lib.validate(cfg, num_devices=mesh.size)
+    config_lib.validate(cfg, num_devices=mesh.size, evaluation=False)
     entry_dir = zoo.entry_dir(cfg.benchmark, domain, entry_method)
 
     train_split = benchmarks.load_split(cfg.benchmark, domain, "train", cfg.data_dir)
