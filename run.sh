@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job. Sets up .venv (pinned packages) on first use, then forwards every flag to
 # `python -m flatfsc_jax.main`. Without --config it runs the embedded Glyphs default.
-#   ./run.sh                                        # Glyphs, 11-16 min on 2 CPU cores (README)
+#   ./run.sh                                        # Glyphs (time: docs/performance.md#scaling-with-the-machine)
 #   ./run.sh --config=configs/sam_resnet18.py:omniglot --workdir=/tmp/w --config.per_domain.omniglot.rho=0.1
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

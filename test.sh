@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite (the README's second command and what CI runs): sets up .venv on first
+# The test suite (what CI runs; CONTRIBUTING.md): sets up .venv on first
 # use, checks lint and formatting (ruff), then runs pytest on 2 workers.
 # Extra arguments go to pytest, e.g. ./test.sh -k sam
 set -euo pipefail

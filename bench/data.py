@@ -3,7 +3,8 @@
 The pipeline (flatfsc_jax/data/pipeline.py) must never be the bottleneck: on the 2-core
 CPU machines it shares the cores with the training step. This prints images/s of the
 augmented pipeline (batch 64, synthetic uint8 data, 28x28x1 and 84x84x3) in its three
-modes - synchronous, one prefetch thread (the default), grain worker processes - and,
+modes - synchronous, one prefetch thread (the default), grain worker processes, uint8
+batches whose augmentation the device applies (``device_augment``) - and,
 where ``flatfsc_jax.training.step`` is importable, of the ERM training step alone (one fixed
 batch) and fed by the pipeline.
 
@@ -11,13 +12,7 @@ batch) and fed by the pipeline.
     .venv/bin/python bench/data.py --no-step       # pipeline only, about 30 s
     .venv/bin/python bench/data.py --arch conv4    # step of another backbone
 
-Measured on the 2-core CPU machine while other jobs loaded it (load average ~11, so all
-absolute numbers are pessimistic): pipeline 28x28x1 5e4-2.6e5 img/s, 84x84x3 1e3-1.7e3
-img/s (HSV saturation/hue dominates: ~5x faster without augmentation); 2 grain worker
-processes are no faster than the in-process prefetch thread on 2 cores. The ResNet-18
-ERM step, same machine and load: 4-7 img/s (README Benchmarks: ~19 img/s unloaded at 84 px),
-conv4: 15 img/s at 84 px, 160 img/s at 28 px. On CPU the pipeline is >100x faster than
-the step. On an accelerator at 84 px one host core is not enough: use worker_count > 0.
+What it measured: docs/benchmarks.md#input-pipeline.
 """
 
 from __future__ import annotations
@@ -58,6 +53,7 @@ def bench_pipeline(shape, seconds: float) -> None:
         ("synchronous", dict(prefetch=0), True),
         ("prefetch thread (default)", dict(prefetch=2), True),
         ("2 worker processes", dict(worker_count=2, prefetch=2), True),
+        ("uint8 + parameters (device_augment)", dict(prefetch=2, device_augment=True), True),
     ]
     for name, kwargs, augment in modes:
         config = pipeline.AugmentConfig.for_image_size(shape[0], enabled=augment)
@@ -66,11 +62,6 @@ def bench_pipeline(shape, seconds: float) -> None:
         ) as iterator:
             rate = images_per_second(lambda it=iterator: next(it), seconds)
         print(f"pipeline {'x'.join(map(str, shape))} batch {BATCH}, {name}: {rate:10.0f} img/s")
-
-
-def as_step_batch(batch):
-    """pipeline batch (image, label) -> the step's batch (images, labels)."""
-    return {"images": batch["image"], "labels": batch["label"]}
 
 
 def bench_step(shape, arch: str, width: float, num_steps: int) -> None:
@@ -96,7 +87,13 @@ def bench_step(shape, arch: str, width: float, num_steps: int) -> None:
     with pipeline.make_train_iterator(
         split, global_batch_size=BATCH, seed=0, augment=augment
     ) as iterator:
-        fixed = step_lib.shard_batch(as_step_batch(next(iterator)), mesh)
+
+        def feed():
+            return pipeline.to_step_batch(
+                step_lib.shard_batch(next(iterator), mesh), pad=augment.pad
+            )
+
+        fixed = feed()
 
         def run(feed) -> float:
             nonlocal state
@@ -109,7 +106,7 @@ def bench_step(shape, arch: str, width: float, num_steps: int) -> None:
             return num_steps * BATCH / (time.perf_counter() - start)
 
         alone = run(lambda: fixed)
-        fed = run(lambda: step_lib.shard_batch(as_step_batch(next(iterator)), mesh))
+        fed = run(feed)
     label = f"train step {arch} x{width:g} ERM {'x'.join(map(str, shape))} batch {BATCH}"
     print(f"{label}, one fixed batch: {alone:10.1f} img/s")
     print(f"{label}, fed by the pipeline: {fed:10.1f} img/s")

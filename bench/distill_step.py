@@ -4,7 +4,7 @@
     .venv/bin/python bench/distill_step.py --repeats 10 --rho 0.005
 
 Steps timed side by side, interleaved (ERM, KD, SAM-KD, ERM, ...) so drifting machine
-load hits all alike, through the production paths: ``steps.compile_train_step`` for the
+load hits all alike, through the production paths: ``step.compile_train_step`` for the
 ERM step of ``bench/step.py --models cpu18`` (ResNet-18 x0.25, 28x28x1, batch 64) and
 ``distill.compile_distill_step`` for the student of ``configs/glyphs.py:kd`` (five
 domains, batches CJK 448 + 4 x 64, the five teachers' forward passes included).

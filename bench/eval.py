@@ -1,6 +1,6 @@
 """Few-shot evaluation speed: cached embeddings + vmapped episodes vs URL-style re-embedding.
 
-Two numbers per scale (README Benchmarks):
+Two numbers per scale:
 
 (a) the time to evaluate 600 variable-way variable-shot episodes (Meta-Dataset sampler,
     padded to 50 ways / 500 support / 500 query) on cached embeddings, after compilation;
@@ -17,16 +17,8 @@ Images and embeddings are synthetic: only shapes matter for timing.
     .venv/bin/python bench/eval.py --scale glyphs       # ~1 minute
     .venv/bin/python bench/eval.py --timed-episodes 1   # quicker (a) + (b) estimate
 
-Measured on the 2-core CPU machine while other jobs loaded it (load average ~5, so
-absolute times are pessimistic), jax 0.10.2:
-
-    scale         (a) 600 cached episodes   embed/image   URL-style, 600 (extrap.)   speed-up
-    meta_dataset  0.44 s (0.73 ms each)     16 ms         6634 s (13.6 s each)       15000x, 21x e2e
-    glyphs        0.12 s (0.19 ms each)     0.06 ms       22 s                       190x, 59x e2e
-
-"e2e" includes embedding the whole split once; it is bounded by the ratio of images in
-all episodes to images in the split (415k / 20k at the Meta-Dataset scale; the real test
-splits of Aircraft, CUB or DTD hold 1-2k images, where the ratio is 200-400).
+"End to end" is bounded by the ratio of images in all episodes to images in the split.
+What it measured: docs/benchmarks.md#evaluation.
 """
 
 from __future__ import annotations
@@ -39,7 +31,7 @@ import numpy as np
 
 from flatfsc_jax import models
 from flatfsc_jax.data import episodes as episodes_lib
-from flatfsc_jax.data import sources
+from flatfsc_jax.data import sampling, sources
 from flatfsc_jax.evaluation import ncc
 
 SCALES = {
@@ -52,7 +44,7 @@ EMBED_BATCH = 128
 
 
 def sample_batch(labels: np.ndarray, num_episodes: int, seed: int = 0):
-    spec = episodes_lib.EpisodeSpec()  # Meta-Dataset defaults: up to 50 ways, 500 support
+    spec = sampling.EpisodeSpec()  # Meta-Dataset defaults: up to 50 ways, 500 support
     sampler = episodes_lib.EpisodeSampler(labels, spec, seed)
     return episodes_lib.pad_episodes(sampler.sample(num_episodes), spec=spec)
 

@@ -6,7 +6,7 @@
 # config (every stage) on the CPU from outside the source tree.
 #   bench/jax_versions.sh                      # python3.11 and python3.12
 #   bench/jax_versions.sh python3.12           # one interpreter (name or path)
-# About 2-3 minutes per Python on 2 cores (install ~1 min, tiny run ~1.5 min).
+# Time: docs/install.md#checking-both-ends-of-the-version-range.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHONS=("$@")

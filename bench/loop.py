@@ -1,4 +1,4 @@
-"""The training loop against its bare jitted step: how close is ``train.py`` to the step?
+"""The training loop against its bare jitted step: how close is ``training/loop.py`` to the step?
 
     .venv/bin/python bench/loop.py                 # latin, 1000 steps of ERM and of SAM
     .venv/bin/python bench/loop.py --domain=cjk --steps=500
@@ -6,9 +6,9 @@
 For ERM and SAM on one Glyphs script with the default config's model (the shared,
 padded head included), in one process:
 
-* bare: the compiled step that ``train.py`` uses, called back to back on one
+* bare: the compiled step that the loop uses, called back to back on one
   device-resident batch (no input pipeline, no logging), timed after its compilation;
-* loop: ``train.train_and_evaluate`` itself for the same number of steps (input pipeline,
+* loop: ``training.loop.train_and_evaluate`` itself for the same number of steps (input pipeline,
   augmentation, metrics, progress bar; one validation and one checkpoint at the end),
   whose steps are timed by the job profile (``train/steps``: compilation, validation
   and checkpointing excluded; profiling.py).

@@ -2,8 +2,8 @@
 
 Trains each candidate on the seen scripts' train classes and reports the best NCC
 accuracy on their validation classes (the same 100 validation episodes per domain as
-training uses). The table it prints is how configs/glyphs.py was chosen; README
-"Choosing the Glyphs recipe" quotes it.
+training uses). The table it prints is how configs/glyphs.py was chosen
+(docs/results.md#choosing-the-glyphs-recipe).
 
   .venv/bin/python bench/tune_glyphs.py --domains=latin,kana --archs=resnet10:0.25,resnet18:0.25 \
       --rhos=0,0.02,0.05,0.1 --workdir=/tmp/tune

@@ -6,7 +6,7 @@ Command (one domain, or ``all`` eight seen domains in sequence; default ``all``)
   ./run.sh --config=configs/erm_resnet18.py --workdir=/ckpt/flatfsc   # all + fusion + eval
   ./run.sh --config=configs/erm_resnet18.py:omniglot --config.per_domain.omniglot.lr=0.01
 
-Needs the Meta-Dataset sources prepared with ``python -m flatfsc_jax.data.prepare``
+Needs the Meta-Dataset sources prepared with ``python -m flatfsc_jax.cli.prepare``
 (the run stops at once and lists what is missing). Per-domain batch size, learning rate,
 iterations, restart period and rho are the paper's table (``configs/meta_dataset_table.py``;
 docs/design.md#recipe says where each value comes from). Every domain, alone or with
@@ -15,9 +15,10 @@ others, trains with its row: override it with ``--config.per_domain.<domain>.rho
 ``restart_period`` would be ignored, so they are errors that name the ``per_domain`` key).
 ``--dry_run`` prints every entry's effective values.
 
-Expected run time: 80.8M training images per method over the 8 domains; ~48 (ERM) /
-~84 (SAM) days on our 2-core CPU (measured step rate), an *estimated* ~4 / ~8 hours on
-one accelerator sustaining 30 TFLOP/s (README "Benchmarks and expected cost").
+Expected cost: 80.8M training images per method over the 8 domains; ~48 (ERM) / ~84 (SAM)
+days on a 2-core CPU where ``bench/step.py`` runs this ResNet-18 at 19.4 / 11.1 img/s
+(measured step rate), an *estimated* ~4 / ~8 hours on one accelerator sustaining
+30 TFLOP/s (docs/benchmarks.md#expected-cost-of-the-papers-full-job).
 Expected result (paper, Meta-Dataset, 600 episodes, NCC on ERM backbones): seen average
 75.99%, unseen 76.84%; with fine-tuning fusion (ERM+FT) 80.02% / 76.92%.
 """

@@ -1,58 +1,24 @@
 """The embedded default: the paper's whole protocol on the Glyphs benchmark, on a CPU.
 
-Command (the README's first command; no arguments needed):
+Command (no arguments needed):
 
-  ./run.sh                                   # = --config=configs/glyphs.py
-  ./run.sh --config=configs/glyphs.py:tiny   # a 1-minute smoke run (what the e2e test runs)
+  ./run.sh                                    # = --config=configs/glyphs.py
+  ./run.sh --config=configs/glyphs.py:tiny    # a 1-minute smoke run (what the e2e test runs)
+  ./run.sh --config=configs/glyphs.py:kd      # + distillation (erm+kd, sam+kd); "tiny,kd" too
+  ./run.sh --config=configs/glyphs.py:long    # GPU/TPU: 5x training, fine-tuning, distillation
   ./run.sh --config.per_domain.latin.rho=0.1  # any key can be overridden (--dry_run to see)
-  ./run.sh --config=configs/glyphs.py:kd     # + fusion by distillation (erm+kd, sam+kd);
-                                             # ":long" includes it, "tiny,kd" combines
 
-Each seen script trains with its row of GLYPHS_TABLE (``config.per_domain.<script>``),
-also when only some are trained (``--config.domains='("latin",)'``). A workdir whose zoo
-already holds a latin/sam backbone trained with another rho stops and names the choices
-(README "Reliability").
+Expected cost: 11 min 7 s from a fresh clone on 2 cores of an AMD EPYC machine where
+``bench/step.py --models cpu18`` gives 2373 / 1190 img/s (ERM / SAM); its split:
+docs/performance.md#where-the-time-goes. ":long" has not been run as a whole; its shorter
+accelerator run: docs/performance.md#the-long-config-on-an-accelerator.
 
-Trains ERM and SAM backbones for the five seen scripts (CJK is the large "general"
-domain, like ImageNet; 2000 steps, cosine restarts every 500; the others 500 steps,
-restarts every 250: the budget at which every script's validation accuracy has
-plateaued for ERM and SAM, README "Convergence"), fuses by fine-tuning the CJK backbone
-on the other seen scripts, evaluates seen scripts with their own backbone and the seven
-unseen scripts with the PARC-selected one, with NCC (600 episodes per domain) and PA
-(URL's pre-classifier alignment on cached embeddings, the first 100 of them), and
-writes work/report/ (tables, headline.png, convergence.png, profile.json).
+Expected result, SAM - ERM with NCC on the same 600 test episodes per domain, mean ± 95%
+t-interval [range] over 3 training seeds: seen scripts -0.28 ± 0.48 [-0.48, -0.09],
+unseen scripts -1.28 ± 3.51 [-2.26, +0.34] (docs/results.md#over-training-seeds).
 
-":long" (for a GPU/TPU) trains 5x longer, fuses for 1000 steps, distils (erm+kd,
-sam+kd), and evaluates PA on all 600 episodes and test-time fine-tuning (40 steps) on
-600 episodes for every family.
-
-Expected cost and result of ":long" (estimates; it has not been run as a whole). The
-one accelerator measurement is of a shorter version of it: CJK 2000 and the other seen
-scripts 1000 steps, rho 0.05 everywhere, NCC only, on one NVIDIA H200 (jax 0.11.2): it
-trained the zoo in about 5 minutes (compilation included), evaluated NCC in under one,
-and gave SAM - ERM = +0.45 +- 0.09 on seen and +0.94 +- 0.18 on unseen scripts (one
-seed, 600 paired episodes; 5 of 7 unseen scripts better). ":long" trains 5x the default
-table (CJK 10,000, others 2,500 steps: ~2.5x that run's steps, so ~15 min), two
-distilled students (5,000 steps of ~20x an ERM step each: ~30 min) and fine-tunes ~29k
-(backbone, episode) tasks for 40 steps (~40 min at ~80 ms per task): about 1.5 hours on
-one H200. One seed of it says as little as one seed of the CPU default (README "Over
-training seeds"): run it for several seeds (scripts/run_seeds.sh takes the config).
-
-TSA (task-specific adapters + PA, tsa.py) is not in the default; add it with
-
-  ./run.sh --config.evaluation.adaptations="('ncc','pa','tsa')"
-
-It runs on the first ``evaluation.tsa_episodes`` = 10 episodes of each domain for the
-ERM and SAM families (``finetune_families``) with the reference recipe's 40 steps; a
-step costs about one full fine-tuning step, so it adds about an hour on 2 cores.
-
-Model, per-domain steps and rho were chosen on the *validation* classes (README
-"Choosing the Glyphs recipe"), never on test classes. The benchmark's design (scripts,
-roles, class splits) and every way this recipe departs from the paper's:
-docs/design.md#glyphs.
-
-Expected run time and result: README "What ./run.sh does, and what it found" (time
-split, per-seed SAM - ERM with paired intervals, and the spread over training seeds).
+The recipe (five seen scripts trained, CJK fused into the others, seven unseen scripts
+evaluated through PARC), its choices and its departures from the paper: docs/design.md#glyphs.
 """
 
 import ml_collections
@@ -63,8 +29,11 @@ SEEN = ("cjk", "latin", "greek", "cyrillic", "kana")
 UNSEEN = ("digits", "hangul", "thai", "arabic", "hebrew", "devanagari", "bengali")
 
 # Per-domain recipe for 28x28 glyphs. Steps: where validation accuracy has plateaued for
-# ERM and SAM (docs/convergence.png); rho: the best of {0.01, 0.02, 0.05, 0.1} on each
-# script's validation classes at this budget (README "Choosing the Glyphs recipe").
+# ERM and SAM (docs/results.md#convergence-and-the-budget); rho: the best of
+# {0.01, 0.02, 0.05, 0.1} on each script's validation classes at this budget
+# (docs/results.md#choosing-the-glyphs-recipe).
+# Every seen script trains with its row, also when only some are trained; a zoo entry
+# trained with another row stops the run (docs/zoo.md#reliability).
 GLYPHS_TABLE = {
     "cjk": dict(batch_size=64, lr=5e-2, num_steps=2000, restart_period=500, rho=0.1),
     "latin": dict(batch_size=64, lr=5e-2, num_steps=500, restart_period=250, rho=0.1),
@@ -73,7 +42,7 @@ GLYPHS_TABLE = {
     "kana": dict(batch_size=64, lr=5e-2, num_steps=500, restart_period=250, rho=0.02),
 }
 # The largest seen script's training classes (CJK): every head is padded to it so all
-# domains share one compiled training step (train.py).
+# domains share one compiled training step (training/step.py).
 HEAD_CLASSES = 280
 
 
@@ -127,18 +96,20 @@ def get_config(arg=None):
     c.fusion.lr = 1e-2
     c.evaluation.domains = SEEN + UNSEEN
     c.evaluation.episodes = 600
-    # Test-time fine-tuning and TSA cost ~1-2 s per episode on 2 CPU cores (a backbone
-    # pass per step), NCC ~1 ms: 100 fine-tuning episodes x 12 domains x 2 families would
-    # take over an hour, so the default evaluates NCC and PA on cached embeddings and
-    # leaves fine-tuning to ":long" (README "Evaluation that counts").
+    # Test-time fine-tuning and TSA run the backbone at every step, too slow on a CPU for
+    # the default (docs/performance.md#evaluation-cost): NCC and PA run on cached
+    # embeddings, fine-tuning in ":long" (docs/evaluation.md#evaluation-that-counts).
     c.evaluation.adaptations = ("ncc", "pa")
-    # PA trains a d x d map for 40 steps per task (14-25 ms per episode on our 2-core machines,
-    # x 4 families x 12 domains): the first 100 of the 600 episodes keep it within budget;
-    # ":long" runs all 600.
+    # PA trains a d x d map for 40 steps per task: the first 100 of the 600 episodes keep
+    # it within the CPU budget (docs/performance.md#evaluation-cost); ":long" runs all 600.
     c.evaluation.pa_episodes = 100
     c.evaluation.finetune_episodes = 600
     c.evaluation.finetune_steps = 40
-    c.evaluation.tsa_episodes = 10  # only with the TSA override (module docstring)
+    # TSA (evaluation/tsa.py) is not in the default: a step costs about one fine-tuning
+    # step (docs/benchmarks.md#pa-and-tsa). Add it with
+    #   --config.evaluation.adaptations="('ncc','pa','tsa')"
+    # for the first 10 episodes of each domain, ERM and SAM families (finetune_families).
+    c.evaluation.tsa_episodes = 10
     c.evaluation.finetune_families = ("erm", "sam")
     # PARC compares all support pairs (O(S^2) plus a sort): 100 images per task suffice
     # to rank 5 backbones and keep 600 tasks x 5 backbones x 7 unseen scripts cheap.

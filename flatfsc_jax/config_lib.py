@@ -10,7 +10,7 @@ An optional key is ``None`` when unset, never a sentinel 0:
 
 * ``sam.m``: one perturbation from the whole batch;
 * ``validation.every``, ``fusion.distill.validation_every``: every restart period;
-* ``evaluation.finetune_lr``: adapt.py's default for the mode;
+* ``evaluation.finetune_lr``: evaluation/adapt.py's default for the mode;
 * ``evaluation.pa_episodes``: all episodes;
 * ``evaluation.parc_max_support``: the whole support set;
 * ``model.head_classes``: no padding.
@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.retrain = False  # True: retrain zoo entries that are already complete
 
     # head_classes pads every domain's classification head to that many classes
-    # (masked logits) so all domains share one compiled training step (train.py); None
+    # (masked logits) so all domains share one compiled training step (training/step.py); None
     # gives each domain its own head width (and its own compilation).
     c.model = ml_collections.ConfigDict(
         dict(
@@ -110,6 +110,40 @@ def base_config() -> ml_collections.ConfigDict:
     c.sam = ml_collections.ConfigDict(dict(adaptive=False, m=placeholder(int), eps=1e-12))
     c.sam.rho = placeholder(float)  # per_domain.<domain>.rho (0 for ERM entries)
     c.per_domain = ml_collections.ConfigDict()
+    # The algorithm of the "sam" entries (docs/flat_methods.md); "erm" entries stay ERM.
+    # rho, adaptive and eps are the sam keys above; MSAM's buffer uses momentum and
+    # weight_decay; RWP's noise seed is config.seed.
+    c.flat = ml_collections.ConfigDict(
+        dict(
+            method="sam",  # erm, sam, sam_late, sam_every_k, looksam, msam, rwp, gsam
+            k=5,  # sam_every_k / looksam: a full SAM step every k steps
+            looksam_alpha=0.7,
+            noise_std=0.01,  # rwp: noise relative to each filter's norm
+            clean_mix=0.5,  # rwp: weight of the clean gradient
+            gsam_alpha=0.1,
+            gsam_rho_min=placeholder(float),  # None: constant radius
+            late_start=placeholder(int),  # sam_late's first SAM step; None: the final cycle
+            clean_statistics=True,
+            average="none",  # none, ema or swa (of the weights the entry stores)
+            average_decay=0.999,
+            average_start=0,
+            average_period=1,
+        )
+    )
+
+    # The input pipeline. None picks by backend (data_settings): on CPU the step is far
+    # slower than one host thread, on an accelerator the host must not be the bottleneck.
+    c.data = ml_collections.ConfigDict(
+        dict(
+            worker_count=placeholder(int),  # grain worker processes; 0 = this process
+            prefetch=2,  # batches computed ahead
+            device_augment=placeholder(bool),  # uint8 to the device, augmented there
+            batched_read=True,  # one read per batch of a lazily read split
+            # Meta-Dataset: "shipped" class splits, or the classes each source was
+            # "prepared" with (a subset, e.g. the miniature of docs/meta-dataset.md).
+            class_splits="shipped",
+        )
+    )
 
     # the paper augmentation; pad is 8 px at 84 px.
     c.augment = ml_collections.ConfigDict(
@@ -134,7 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
             num_steps=10_000,
             lr=3e-3,
             restart_period=10_000,
-            # Fusion by distillation (URL; flatfsc_jax/distill.py). The per-domain tables
+            # Fusion by distillation (URL; flatfsc_jax/fusion/distill.py). The per-domain tables
             # (batch_size, lambda_f, lambda_p, anneal) are filled by set_distill_recipe.
             distill=dict(
                 num_steps=240_000,
@@ -163,12 +197,12 @@ def base_config() -> ml_collections.ConfigDict:
             finetune_episodes=600,  # episodes for the (slower) fine-tuning adaptations
             finetune_families=(),  # families fine-tuned at test time; () = all
             finetune_steps=40,
-            finetune_lr=placeholder(float),  # None -> adapt.py's default for the mode
+            finetune_lr=placeholder(float),  # None -> evaluation/adapt.py's default for the mode
             lora_rank=4,
-            # PA (pa.py) on cached embeddings; None -> all ``episodes``.
+            # PA (evaluation/pa.py) on cached embeddings; None -> all ``episodes``.
             pa_episodes=placeholder(int),
             pa_steps=40,
-            # TSA (tsa.py) costs ~40 backbone passes per task, like fine-tuning.
+            # TSA (evaluation/tsa.py) runs the backbone at every step, like fine-tuning.
             tsa_episodes=600,
             tsa_steps=40,
             parc_support=True,  # unseen domains: pick the backbone per task with PARC
@@ -291,6 +325,8 @@ def domain_config(config: ml_collections.ConfigDict, domain: str, method: str):
     row = ml_collections.ConfigDict(config.per_domain[domain].to_dict())
     if method == "erm":
         row.rho = 0.0
+        if "flat" in c:  # config.flat is the algorithm of "sam" entries only
+            c.flat = base_config().flat
     c.batch_size, c.lr = row.batch_size, row.lr
     c.num_steps, c.restart_period = row.num_steps, row.restart_period
     c.sam.rho = row.rho
@@ -336,8 +372,64 @@ def _finite_positive(value, key):
     _number(value, key, positive=True)
 
 
+def data_settings(config) -> dict:
+    """``config.data`` with its None defaults resolved for this backend (the pipeline's
+    keyword arguments). CPU: no worker processes, host augmentation (the reference).
+    Accelerators: up to 8 workers (half the host's cores) and augmentation on the device."""
+    import jax
+
+    accelerator = jax.default_backend() != "cpu"
+    d = config.data
+    workers = d.worker_count
+    if workers is None:
+        workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if accelerator else 0
+    device_augment = d.device_augment
+    if device_augment is None:
+        device_augment = accelerator
+    return dict(
+        worker_count=int(workers),
+        prefetch=int(d.prefetch),
+        device_augment=bool(device_augment),
+        batched_read=bool(d.batched_read),
+    )
+
+
+def flat_settings(cfg: ml_collections.ConfigDict):
+    """The ``FlatMethod`` of one entry's effective config (``domain_config``), or ``None``
+    for an ERM entry (rho 0: plain ERM whatever ``config.flat`` says).
+
+    ``ConfigError`` names the ``config.flat.*`` key at fault.
+    """
+    from flatfsc_jax import flat_methods, flat_optimizers
+
+    if not cfg.sam.rho:
+        return None
+    values = dict(cfg.flat.to_dict())
+    known = set(base_config().flat)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"config.flat.{unknown[0]} is not a flat-method key; the keys are {sorted(known)} "
+            "(rho, adaptive and eps are config.per_domain.<domain>.rho and config.sam.*)"
+        )
+    late_start = values.pop("late_start")
+    if late_start is None:
+        late_start = flat_optimizers.final_cycle_start(cfg.num_steps, cfg.restart_period)
+    values.update(
+        start_step=late_start,
+        rho=cfg.sam.rho,
+        adaptive=cfg.sam.adaptive,
+        eps=cfg.sam.eps,
+        m=cfg.sam.m,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+    )
+    return flat_methods.FlatMethod.from_config(values, prefix="config.flat.", error=ConfigError)
+
+
 def validate(
-    config: ml_collections.ConfigDict, num_devices: int = 1, *, evaluation: bool = True
+    config: ml_collections.ConfigDict, num_processes: int = 1, *, evaluation: bool = True
 ) -> None:
     """Raises ``ConfigError`` naming the first bad key; cheap, run before compiling.
 
@@ -352,6 +444,16 @@ def validate(
 
     if config.benchmark not in BENCHMARKS:
         raise ConfigError(f"config.benchmark={config.benchmark!r} is unknown; choose {BENCHMARKS}")
+    class_splits = config.data.class_splits
+    if class_splits not in ("shipped", "prepared"):
+        raise ConfigError(
+            f"config.data.class_splits={class_splits!r} is unknown; choose 'shipped' (MD's class "
+            "splits) or 'prepared' (the classes each prepared Meta-Dataset source holds)"
+        )
+    if class_splits == "prepared" and config.benchmark != "meta_dataset":
+        raise ConfigError(
+            "config.data.class_splits='prepared' applies to benchmark='meta_dataset' only"
+        )
     known = benchmark_domains(config.benchmark)
     if not config.domains:
         raise ConfigError("config.domains is empty; name at least one domain to train")
@@ -366,6 +468,13 @@ def validate(
                 f"{tuple(config.per_domain)}); train a domain that has a row, or add one "
                 f"with batch_size, lr, num_steps, restart_period and rho"
             )
+    if "data" in config:
+        _int(config.data.worker_count, "data.worker_count", minimum=0, none="by backend")
+        _int(config.data.prefetch, "data.prefetch", minimum=0)
+        for key in ("device_augment", "batched_read"):
+            value = config.data[key]
+            if not (isinstance(value, bool) or (value is None and key == "device_augment")):
+                raise ConfigError(f"config.data.{key}={value!r} must be True or False")
     if not config.methods:
         raise ConfigError(f"config.methods is empty; choose from {METHODS}")
     for m in config.methods:
@@ -395,10 +504,12 @@ def validate(
         _finite_positive(row.lr, prefix + "lr")
         for key in ("batch_size", "num_steps", "restart_period"):
             _int(row[key], prefix + key)
-        if row.batch_size % num_devices:
+        # Only processes must divide a batch: each process's mesh takes as many of its
+        # devices as divide its slice (training/step.py make_mesh).
+        if row.batch_size % num_processes:
             raise ConfigError(
                 f"config.{prefix}batch_size={row.batch_size} is not divisible by the "
-                f"{num_devices} devices of the mesh; use a multiple of {num_devices}"
+                f"{num_processes} processes; use a multiple of {num_processes}"
             )
         m = config.sam.m
         if m is not None and row.batch_size % m:
@@ -438,9 +549,10 @@ def validate(
             _int(f.lora_rank, "fusion.lora_rank")
     if evaluation:
         _validate_evaluation(config, known)
+    _validate_flat(config)
     # A per-entry config (domain_config: one domain) trains one backbone, never a student.
     if config.fusion.enabled and "distill" in modes and len(config.domains) > 1:
-        validate_distill(config, num_devices)
+        validate_distill(config, num_processes)
 
 
 def _validate_evaluation(config, known) -> None:
@@ -517,7 +629,7 @@ def _validate_evaluation(config, known) -> None:
         _int(ev.parc_max_support, "evaluation.parc_max_support", none="all support images")
 
 
-def validate_distill(config, num_devices: int = 1) -> None:
+def validate_distill(config, num_processes: int = 1) -> None:
     """Checks ``config.fusion.distill`` for ``config.domains``; ``ConfigError`` names the key."""
     d = config.fusion.distill
     src = config.fusion.source_domain
@@ -543,12 +655,26 @@ def validate_distill(config, num_devices: int = 1) -> None:
             value = d[table][domain]
             if table == "batch_size":
                 _int(value, key)
-                if value % num_devices:
+                if value % num_processes:
                     raise ConfigError(
-                        f"config.{key}={value} is not divisible by the {num_devices} devices "
-                        f"of the mesh; use a multiple of {num_devices}"
+                        f"config.{key}={value} is not divisible by the {num_processes} "
+                        f"processes; use a multiple of {num_processes}"
                     )
             elif table == "anneal":
                 _finite_positive(value, key)
             else:
                 _number(value, key)
+
+
+def _validate_flat(config) -> None:
+    """Checks ``config.flat`` with every seen domain's row (``ConfigError`` names the key)."""
+    if "flat" not in config:
+        return
+    if config.flat.late_start is not None:
+        _int(config.flat.late_start, "flat.late_start", minimum=0)
+    for d in config.domains:
+        row = config.per_domain[d]
+        entry = ml_collections.ConfigDict(config.to_dict())
+        entry.num_steps, entry.restart_period = row.num_steps, row.restart_period
+        entry.sam.rho = row.rho or 1.0  # the flat settings of a "sam" entry of this row
+        flat_settings(entry)

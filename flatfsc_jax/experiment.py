@@ -7,7 +7,7 @@ the data, the zoo entries it will reuse) and reuses what is already complete in
 ``<workdir>/zoo``, under the reuse rules of docs/zoo.md#reliability:
 
 * a complete entry is reused only if the keys that define its backbone
-  (``zoo.BACKBONE_KEYS``) equal those of the effective config the run would train it
+  (``entry_keys.BACKBONE_KEYS``) equal those of the effective config the run would train it
   with; otherwise the run stops *before training anything*, naming each such entry, the
   changed keys and the choices (``--retrain``, delete the entry, another ``--workdir``):
   a complete backbone may have cost hours and is never thrown away silently;
@@ -29,8 +29,9 @@ import time
 
 import jax
 import ml_collections
+from etils import epath
 
-from flatfsc_jax import config_lib, errors, families, lock, profiling
+from flatfsc_jax import config_lib, entry_keys, errors, families, lock, profiling
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, sources
 from flatfsc_jax.data import glyphs as glyphs_data
@@ -63,9 +64,12 @@ def check_stages(stages) -> tuple[str, ...]:
 def check_workdir(workdir: str) -> None:
     """Fails with the path and the fix unless ``workdir`` is (or can be) a writable dir."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
+        if "://" in workdir:  # cloud storage: epath, never a local "gs:" folder
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=workdir):
+                pass
     except OSError as e:
         raise WorkdirError(
             f"--workdir={workdir} is not a writable directory ({type(e).__name__}: "
@@ -85,7 +89,7 @@ class Planned:
 
     @property
     def kind(self) -> str:
-        return zoo_lib.entry_kind(self.entry_method)
+        return entry_keys.entry_kind(self.entry_method)
 
     def stored_config(self) -> dict:
         """The config recorded in (and compared with) the entry's metadata."""
@@ -120,6 +124,53 @@ def plan(config: ml_collections.ConfigDict) -> list[Planned]:
     return out
 
 
+def entry_cost(p: Planned) -> float:
+    """Relative training cost of a planned entry: images per step times steps, twice for
+    SAM (two forward-backward passes; the measured ratio is ~1.6x, docs/scale.md)."""
+    if p.kind == "student":
+        dc = p.cfg.fusion.distill
+        images = sum(int(dc.batch_size[d]) for d in p.cfg.domains) * int(dc.num_steps)
+    else:
+        images = int(p.cfg.batch_size) * int(p.cfg.num_steps)
+    return images * (2.0 if p.method == "sam" else 1.0)
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"k/n"`` -> ``(k, n)`` with ``0 <= k < n``; the error names the flag and the fix."""
+    try:
+        k, n = (int(x) for x in str(spec).split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        raise ValueError(
+            f"--entries={spec!r} must be k/n with 0 <= k < n (this process's share of n), "
+            f"e.g. --entries=0/8"
+        )
+    return k, n
+
+
+def shard_entries(config, spec: str) -> set[tuple[str, str]]:
+    """The ``(domain, entry_method)`` entries process ``k`` of ``n`` trains or fuses.
+
+    Deterministic (every process computes the same split from the config alone) and
+    balanced: per phase (backbones, then fused entries, which start from trained
+    backbones) the most costly entry goes to the least loaded share (:func:`entry_cost`).
+    The shares of all ``k`` are disjoint and cover :func:`plan`
+    (docs/scale.md#one-process-per-gpu).
+    """
+    k, n = parse_shard(spec)
+    mine = set()
+    for fused in (False, True):
+        load = [0.0] * n
+        phase = [p for p in plan(config) if p.fused == fused]
+        for p in sorted(phase, key=lambda p: (-entry_cost(p), p.domain, p.entry_method)):
+            share = min(range(n), key=lambda i: (load[i], i))
+            load[share] += entry_cost(p)
+            if share == k:
+                mine.add((p.domain, p.entry_method))
+    return mine
+
+
 def stale_entries(config, zoo: zoo_lib.Zoo) -> list[tuple[Planned, list[str]]]:
     """Complete planned entries whose backbone-defining keys differ from the config."""
     out = []
@@ -130,7 +181,7 @@ def stale_entries(config, zoo: zoo_lib.Zoo) -> list[tuple[Planned, list[str]]]:
         if not isinstance(stored, dict):
             changes = ["config: not recorded in metadata.json"]
         else:
-            changes = zoo_lib.config_changes(
+            changes = entry_keys.config_changes(
                 stored,
                 p.stored_config(),
                 fused=p.kind == "fused",
@@ -222,7 +273,7 @@ def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
             c.data_dir = os.path.join(workdir, "data")
         else:
             c.data_dir = benchmarks.resolve_data_dir(c.data_dir)
-    c.data_dir = os.path.abspath(os.path.expanduser(c.data_dir))
+    c.data_dir = zoo_lib.resolve_path(c.data_dir)  # a gs:// URL stays one
     return c
 
 
@@ -242,8 +293,20 @@ def check_data(config, stages) -> None:
         raise errors.DataError(str(e)) from e
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progress=True):
-    """Runs the requested stages; returns the evaluation results (or None)."""
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stages=STAGES,
+    *,
+    progress=True,
+    entries: str | None = None,
+):
+    """Runs the requested stages; returns the evaluation results (or None).
+
+    ``entries="k/n"``: train and fuse only this process's share (:func:`shard_entries`),
+    so n processes, one per GPU, fill one zoo concurrently; then one run evaluates
+    (docs/scale.md#one-process-per-gpu).
+    """
     t_start = time.perf_counter()
     PROFILE.reset()
     # run.sh passes the seconds its virtual-environment check took (set-up).
@@ -251,17 +314,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages=STAGES, *, progr
     if setup_seconds:
         PROFILE.add("setup", setup_seconds)
     stages = check_stages(stages)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = zoo_lib.resolve_path(workdir)  # a gs:// URL stays one (etils.epath)
     config = resolve_paths(config, workdir)
-    config_lib.validate(config, num_devices=jax.device_count())
+    config_lib.validate(config, num_processes=jax.process_count())
     plan(config)  # every entry's effective config is valid
+    mine = None if entries is None else shard_entries(config, entries)
     check_workdir(workdir)
-    # One writer per workdir (a second run would corrupt checkpoints and metrics).
-    with lock.workdir_lock(workdir, take=jax.process_index() == 0):
-        return _run_stages(config, workdir, stages, progress, t_start, setup_seconds)
+    # One writer per workdir (a second run would corrupt checkpoints and metrics); shares
+    # of one zoo write together, entry by entry (lock.py).
+    with lock.workdir_lock(workdir, take=jax.process_index() == 0, shared=mine is not None):
+        return _run_stages(config, workdir, stages, progress, t_start, setup_seconds, entries, mine)
 
 
-def _run_stages(config, workdir, stages, progress, t_start, setup_seconds):
+def _run_stages(config, workdir, stages, progress, t_start, setup_seconds, entries, mine):
     zoo = zoo_lib.Zoo(os.path.join(workdir, "zoo"))
     check_reuse(config, zoo)
     with PROFILE.section("data"):
@@ -275,31 +340,36 @@ def _run_stages(config, workdir, stages, progress, t_start, setup_seconds):
     if "train" in stages:
         for method in config.methods:
             for domain in config.domains:
-                cfg = config_lib.domain_config(config, domain, method)
-                reused = zoo.reuse_or_begin(
-                    config.benchmark,
-                    domain,
-                    method,
-                    {"config": cfg.to_dict()},
-                    retrain=config.retrain,
-                    stage="train",
-                )
-                if reused is not None:
+                if mine is not None and (domain, method) not in mine:
                     continue
-                entry = loop.train_and_evaluate(config, zoo, domain, method, progress=progress)
+                cfg = config_lib.domain_config(config, domain, method)
+                with zoo.entry_lock(config.benchmark, domain, method):
+                    reused = zoo.reuse_or_begin(
+                        config.benchmark,
+                        domain,
+                        method,
+                        {"config": cfg.to_dict()},
+                        retrain=config.retrain,
+                        stage="train",
+                    )
+                    if reused is not None:
+                        continue
+                    entry = loop.train_and_evaluate(config, zoo, domain, method, progress=progress)
                 _print(
                     f"[train] {entry.key}: best validation accuracy "
                     f"{100 * entry.best_accuracy:.2f}%"
                 )
 
     if "fuse" in stages and config.fusion.enabled:
+        only = None if mine is None else (lambda d, m: (d, m) in mine)
         for method in config.methods:
-            for entry in finetune.fuse(config, zoo, method, progress=progress):
+            for entry in finetune.fuse(config, zoo, method, progress=progress, only=only):
                 _print(
                     f"[fuse] {entry.key}: best validation accuracy {100 * entry.best_accuracy:.2f}%"
                 )
 
-    if jax.process_index() == 0 and ("train" in stages or "fuse" in stages):
+    # A share (entries=k/n) leaves the figure to avoid n processes writing one file.
+    if jax.process_index() == 0 and ("train" in stages or "fuse" in stages) and mine is None:
         with PROFILE.section("report"):
             write_convergence(config, zoo, os.path.join(workdir, "report", "convergence.png"))
 
@@ -321,9 +391,12 @@ def _run_stages(config, workdir, stages, progress, t_start, setup_seconds):
     summary = PROFILE.summary(total)
     if jax.process_index() == 0:
         _print("\nwhere the time went (profiling.py):\n" + profiling.format_summary(summary))
-        os.makedirs(os.path.join(workdir, "report"), exist_ok=True)
-        with open(os.path.join(workdir, "report", "profile.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        report = epath.Path(workdir) / "report"
+        report.mkdir(parents=True, exist_ok=True)
+        name = (
+            "profile.json" if entries is None else f"profile-{'of'.join(entries.split('/'))}.json"
+        )
+        (report / name).write_text(json.dumps(summary, indent=2))
     _print(f"done in {total:.0f} s")
     return results
 

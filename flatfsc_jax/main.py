@@ -32,6 +32,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/glyphs.py", "Experi
 _WORKDIR = flags.DEFINE_string("workdir", "work", "Zoo, logs and reports go here.")
 _STAGES = flags.DEFINE_list("stages", ["train", "fuse", "evaluate"], "Stages to run.")
 _RETRAIN = flags.DEFINE_bool("retrain", False, "Retrain complete zoo entries.")
+_ENTRIES = flags.DEFINE_string(
+    "entries",
+    None,
+    "k/n: train and fuse only this process's share of the zoo (one process per GPU, "
+    "docs/scale.md#one-process-per-gpu).",
+)
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: jax.distributed.initialize().")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
@@ -58,7 +64,8 @@ def setup_jax() -> None:
         jax.config.update("jax_compilation_cache_dir", _CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if _DISTRIBUTED.value:
-        # CPU collectives across processes need gloo (README Benchmarks); the setting only
+        # CPU collectives across processes need gloo (docs/install.md#multi-device-and-multi-host);
+        # the setting only
         # affects the CPU backend, so it is harmless on GPU/TPU hosts.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
@@ -112,7 +119,7 @@ def main(argv) -> None:
         setup_jax()
         from flatfsc_jax import experiment
 
-        experiment.run(config, _WORKDIR.value, tuple(_STAGES.value))
+        experiment.run(config, _WORKDIR.value, tuple(_STAGES.value), entries=_ENTRIES.value)
     except expected_errors() as e:
         if _TRACEBACK.value:
             raise

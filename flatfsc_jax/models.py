@@ -29,7 +29,8 @@ ResNet-10; every convolution of Conv4) gets a parallel 1x1 convolution ``alpha``
 same stride whose output is added before BN. ``alpha`` starts at ``1e-4 * eye(C_out,
 C_in)`` (rectangular identity when the widths differ), so the adapted network starts
 within ~1e-4 of the pre-trained one. The stem and the downsample convolutions get none.
-Adapters live in collection ``'tsa'`` (built by ``Model.with_tsa``); see tsa.py.
+Adapters live in collection ``'tsa'`` (built by ``Model.with_tsa``); see
+``flatfsc_jax/evaluation/tsa.py``.
 """
 
 from __future__ import annotations

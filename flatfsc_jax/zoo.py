@@ -18,16 +18,18 @@ warning and skipped, never loaded half-written. ``status`` tells the stages apar
 absent / incomplete (an unfinished run) / damaged (complete metadata but a missing or
 altered ``best/``: the train stage retrains it, evaluation names it and the fix).
 
-Reuse rules (``config_changes``): an entry is reused only when the keys that define its
-backbone (``BACKBONE_KEYS``; for fused entries also ``FUSED_KEYS``) equal those of the
-effective config the run would train it with; a fused entry also records the sha256 of
+Reuse rules (``reuse_or_begin``): an entry is reused only when the keys that define it
+(``entry_keys``: backbones, fused entries and students each have their own) equal those of
+the effective config the run would train it with; a fused entry also records the sha256 of
 its source backbone's ``best/`` and is stale once that source is retrained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -43,7 +45,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flatfsc_jax import config_lib, errors, models
+from flatfsc_jax import errors, models
+from flatfsc_jax.entry_keys import config_changes, entry_kind
 
 log = logging.getLogger(__name__)
 
@@ -62,117 +65,16 @@ class DamagedEntryError(ZooError):
     """A complete entry whose ``best/`` checkpoint is missing, altered or unreadable."""
 
 
+class EntryLockedError(ZooError):
+    """Another process holds the entry's lock (``Zoo.entry_lock``)."""
+
+
 class StaleEntryError(ZooError):
     """Complete entries trained with other backbone-defining keys than the config says."""
 
 
 class MissingEntryError(ZooError, FileNotFoundError):
     """A zoo entry a stage needs is absent or unfinished."""
-
-
-# Effective-config keys (``config_lib.domain_config``) that define a backbone: a complete
-# entry is reused only when all of them are unchanged. Evaluation, logging, checkpoint
-# intervals and paths do not change the stored backbone and are not compared. Validation
-# settings are: they choose which step's weights become ``best/``.
-BACKBONE_KEYS = (
-    "benchmark",
-    "domains",
-    "methods",
-    "seed",
-    "model.arch",
-    "model.width",
-    "model.dtype",
-    "batch_size",
-    "lr",
-    "num_steps",
-    "restart_period",
-    "momentum",
-    "weight_decay",
-    "label_smoothing",
-    "sam.rho",
-    "sam.adaptive",
-    "sam.m",
-    "sam.eps",
-    "augment.",  # every augmentation key
-    "validation.every",
-    "validation.episodes",
-    "validation.metric",
-)
-# Also compared for fused entries (``<domain>/<method>+ft`` / ``+lora``).
-FUSED_KEYS = ("fusion.source_domain", "fusion.mode", "fusion.lora_rank")
-# What defines a distilled student (``<source>/<method>+kd``): its own recipe, the seen
-# domains, and every teacher's row (a teacher's rho or lr changes the teacher). The
-# student's config (``distill.student_config``) holds exactly these keys. The teachers'
-# checksums are compared besides (``Zoo.begin``, ``experiment.check_fused_sources``).
-STUDENT_KEYS = (
-    "benchmark",
-    "domains",
-    "seed",
-    "model.arch",
-    "model.width",
-    "model.dtype",
-    "momentum",
-    "weight_decay",
-    "sam.adaptive",
-    "sam.eps",
-    "augment.",
-    "validation.episodes",
-    "validation.metric",
-    "fusion.source_domain",
-    "fusion.distill.",
-    "per_domain.",
-)
-# Keys whose "unset" was stored as 0 before configs used None (config_lib): an entry
-# written then with 0 was trained exactly as one with None is, so it is not stale.
-LEGACY_UNSET = {"sam.m": 0, "validation.every": 0}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def entry_kind(method: str) -> str:
-    """``backbone`` (erm, sam), ``student`` (``+kd``) or ``fused`` (``+ft``, ``+lora``)."""
-    if method.endswith("+kd"):
-        return "student"
-    return "fused" if "+" in method else "backbone"
-
-
-def config_changes(stored: dict, wanted: dict, *, fused: bool = False, student=False) -> list[str]:
-    """``"key: old -> new"`` for every backbone-defining key that differs.
-
-    The keys are ``BACKBONE_KEYS`` (plus ``FUSED_KEYS`` for a fused entry), or
-    ``STUDENT_KEYS`` for a distilled student.
-
-    A key missing from ``stored`` (an entry written before the key existed) is not
-    compared: the entry was trained without it. A stored legacy 0 of ``LEGACY_UNSET``
-    compares as None.
-    """
-    old, new = _flatten(stored), _flatten(wanted)
-    for k, unset in LEGACY_UNSET.items():
-        if k in old and old[k] == unset:
-            old[k] = None
-    # A fused entry depends on its own mode only; entries written before fused configs
-    # stored that one mode hold the run's whole list (e.g. "full,distill" for a +ft entry).
-    mode = new.get("fusion.mode")
-    if fused and mode and mode in config_lib.parse_fusion_modes(old.get("fusion.mode", "")):
-        old["fusion.mode"] = mode
-    patterns = STUDENT_KEYS if student else BACKBONE_KEYS + (FUSED_KEYS if fused else ())
-    keys = sorted(
-        k
-        for k in set(old) | set(new)
-        if any(k == p or (p.endswith(".") and k.startswith(p)) for p in patterns)
-    )
-    # A student's stored config may hold rows of domains it never saw (written whole).
-    keys = [k for k in keys if k in old and (k in new or not student)]
-    return [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in keys if old[k] != new.get(k)]
-
 
 def checksum(path) -> str:
     """sha256 over the relative names and bytes of every file under ``path`` (sorted)."""
@@ -292,15 +194,55 @@ class LoadedBackbone:
         return self.model.embed(self.variables, images)
 
 
+def resolve_path(path) -> str:
+    """An absolute local path, or a URL (``gs://bucket/x``) unchanged.
+
+    Orbax refuses relative checkpoint paths (e.g. the default "work"), but
+    ``os.path.abspath`` would turn ``gs://bucket/x`` into the local folder
+    ``<cwd>/gs:/bucket/x``; epath, Orbax and TFDS read the URL itself.
+    """
+    path = str(path)
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 class Zoo:
-    """The zoo at ``root``: list, load and write entries."""
+    """The zoo at ``root`` (a local folder or a ``gs://`` URL): list, load and write entries."""
 
     def __init__(self, root):
-        # Absolute: Orbax refuses relative checkpoint paths (e.g. the default "work").
-        self.root = epath.Path(os.path.abspath(os.path.expanduser(str(root))))
+        self.root = epath.Path(resolve_path(root))
 
     def entry_dir(self, benchmark: str, domain: str, method: str) -> epath.Path:
         return self.root / benchmark / domain / method
+
+    @contextlib.contextmanager
+    def entry_lock(self, benchmark: str, domain: str, method: str):
+        """Holds ``<domain>/<method>.lock`` (an exclusive ``flock``) while one process
+        checks, trains and completes an entry, so processes filling one zoo concurrently
+        (one per GPU: docs/scale.md#one-process-per-gpu) never write the same entry; a
+        second process fails at once naming the entry. The lock is a file beside the entry
+        folder, so zoo listings skip it. Not taken on cloud storage (no ``flock`` there:
+        give processes disjoint ``--entries``) nor by processes > 0 of a multi-host job
+        (they train the entry together with process 0, which holds it).
+        """
+        if "://" in str(self.root) or jax.process_index() > 0:
+            yield
+            return
+        parent = os.fspath(self.entry_dir(benchmark, domain, method).parent)
+        os.makedirs(parent, exist_ok=True)
+        with open(os.path.join(parent, f"{method}.lock"), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise EntryLockedError(
+                    f"zoo entry {benchmark}/{domain}/{method} is being written by another "
+                    f"process (lock {f.name}); give each process its own --entries=k/n"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def metadata_path(self, benchmark, domain, method) -> epath.Path:
         return self.entry_dir(benchmark, domain, method) / "metadata.json"
@@ -542,7 +484,8 @@ class Zoo:
             if reason is None:
                 say(f"[{stage}] {key}: complete, reusing it", flush=True)
                 return entry
-            say(f"[{stage}] {key}: {reason}; training it again", flush=True)
+            again = {"fuse": "fusing again"}.get(stage, "training it again")
+            say(f"[{stage}] {key}: {reason}; {again}", flush=True)
         if state == "damaged":
             say(f"[{stage}] {key}: damaged ({problem}), retraining it", flush=True)
         self.begin_run(

@@ -30,7 +30,7 @@
 # All on the same seeded subset of the domain's training images, with BatchNorm in
 # eval mode. A caveat worth keeping in mind: the first three measures change when a
 # network is rescaled without changing its function (Dinh et al. 2017; the tests of
-# `measure_flatness` build such a rescaled copy), filter-normalised landscapes do not.
+# `flatfsc_jax.flatness.zoo` build such a rescaled copy), filter-normalised landscapes do not.
 #
 # Set `FLATFSC_WORKDIR` to the run's workdir (default `../work`).
 

@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 from flatfsc_jax import zoo as zoo_lib
-from flatfsc_jax.data import benchmarks, episodes
+from flatfsc_jax.data import benchmarks, episodes, sampling
 from flatfsc_jax.evaluation import ncc
 
 WORKDIR = os.environ.get("FLATFSC_WORKDIR", "../work")
@@ -57,7 +57,7 @@ print(zoo_lib.format_listing(entries))
 benchmark = entries[0].benchmark
 data_dir = os.path.join(WORKDIR, "data")
 test_split = benchmarks.load_split(benchmark, DOMAIN, "test", data_dir)
-sampler = episodes.EpisodeSampler(test_split, episodes.EpisodeSpec(), seed=0)
+sampler = episodes.EpisodeSampler(test_split, sampling.EpisodeSpec(), seed=0)
 episode = sampler.episode(0)
 print(
     f"{benchmark}/{DOMAIN} test split: {len(test_split)} images of {test_split.num_classes} "

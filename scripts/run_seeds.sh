@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The default job for more training seeds, then the seed table (flatfsc_jax/cli/seeds.py).
 # Seed 0 is what ./run.sh leaves in work/; this runs seeds 1 and 2 (SEEDS="1 2 3" for
-# more) into work/seed<N> (the time of ./run.sh each, README) and writes work/seeds/seeds.md.
+# more) into work/seed<N> (the time of ./run.sh each, docs/performance.md#where-the-time-goes) and writes work/seeds/seeds.md.
 # Extra flags go to every run, e.g. scripts/run_seeds.sh --config=configs/glyphs.py:long
 # Every seed is evaluated on the same test episodes (config.evaluation.seed is fixed).
 set -euo pipefail

@@ -2,7 +2,9 @@
 # Creates (or refreshes) the project's virtual environment with the exact versions of
 # requirements.lock (setup.cfg only states compatible ranges). Idempotent: re-installs
 # only when setup.cfg, requirements.lock or the extras changed.
-# Usage: scripts/setup_env.sh [extras]       (default extras: dev,notebooks)
+# Usage: scripts/setup_env.sh [extras]       (default: $FLATFSC_EXTRAS, else dev,notebooks)
+#   FLATFSC_EXTRAS=dev,prepare  the extras when none is given (as run.sh reads it)
+#   FLATFSC_DRY_RUN=1  print the pip command that would run, and change nothing
 #   FLATFSC_VENV=DIR   the environment's directory (default .venv)
 #   PYTHON=python3.12  the interpreter for a new environment (default: the first of
 #                      python3, python3.12, python3.11 that is 3.11 or 3.12)
@@ -11,8 +13,25 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FLATFSC_VENV:-$ROOT/.venv}"
-EXTRAS="${1:-dev,notebooks}"
+EXTRAS="${1:-${FLATFSC_EXTRAS:-dev,notebooks}}"
 SUPPORTED="3.11 3.12"
+
+# Every extra must be one setup.cfg declares: pip only warns about unknown ones, and the
+# missing package (TensorFlow, say) would surface much later.
+IFS=',' read -ra EXTRA_LIST <<< "$EXTRAS"
+for extra in "${EXTRA_LIST[@]}"; do
+  if ! grep -qE "^${extra} =\$" "$ROOT/setup.cfg"; then
+    echo "[setup] unknown extra '$extra' in '$EXTRAS'; setup.cfg declares:" \
+      "$(sed -n '/^\[options.extras_require\]/,/^\[/p' "$ROOT/setup.cfg" |
+        grep -oE '^[a-z0-9_]+ =' | tr -d ' =' | tr '\n' ' ')" >&2
+    exit 1
+  fi
+done
+PIP_INSTALL=(-m pip install --quiet -c "$ROOT/requirements.lock" -e "$ROOT[$EXTRAS]")
+if [[ -n "${FLATFSC_DRY_RUN:-}" ]]; then
+  echo "[setup] dry run: $VENV/bin/python ${PIP_INSTALL[*]}"
+  exit 0
+fi
 
 py_version() {  # prints major.minor of interpreter $1, or nothing if it does not run
   "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true
@@ -57,6 +76,6 @@ if [[ "$(cat "$STAMP_FILE" 2>/dev/null)" != "$STAMP_WANT" ]]; then
   # "Editable installation" notice (nothing to act on); package data is declared in
   # setup.cfg, so no other build warning is expected here.
   PYTHONWARNINGS="ignore:Editable installation" \
-    "$VENV/bin/python" -m pip install --quiet -c "$ROOT/requirements.lock" -e "$ROOT[$EXTRAS]" >&2
+    "$VENV/bin/python" "${PIP_INSTALL[@]}" >&2
   echo "$STAMP_WANT" > "$STAMP_FILE"
 fi

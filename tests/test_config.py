@@ -8,7 +8,7 @@ import sys
 import pytest
 from absl import flags
 
-from flatfsc_jax import config_lib
+from flatfsc_jax import config_lib, entry_keys
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_glyphs_configs_validate():
     for spec in ("configs/glyphs.py", "configs/glyphs.py:tiny"):
         c = _load(spec)
         assert c.benchmark == "glyphs"
-        config_lib.validate(c, num_devices=1)
+        config_lib.validate(c, num_processes=1)
     c.evaluation.adaptations = ("ncc", "url")
     with pytest.raises(ValueError, match=r"config\.evaluation\.adaptations has 'url'"):
         config_lib.validate(c)
@@ -129,6 +129,11 @@ def test_tsa_override_of_the_glyphs_docstring_parses():
         ("--config.fusion.mode=distil", "config.fusion.mode"),
         ("--config.evaluation.pa_steps=-1", "config.evaluation.pa_steps"),
         ("--config.evaluation.tsa_episodes=-5", "config.evaluation.tsa_episodes"),
+        ("--config.flat.method=asam", "config.flat.method"),
+        ("--config.flat.k=0", "config.flat.k"),
+        ("--config.flat.clean_mix=1.5", "config.flat.clean_mix"),
+        ("--config.flat.average=polyak", "config.flat.average"),
+        ("--config.flat.late_start=-1", "config.flat.late_start"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -137,13 +142,34 @@ def test_bad_values_name_the_key(override, key):
         config_lib.validate(c)
 
 
-def test_batch_must_divide_over_devices():
+def test_flat_settings_of_an_entry():
+    """config.flat is the algorithm of "sam" entries: rho from the row, late_start None is
+    the final restart cycle, ERM entries stay ERM and store the defaults."""
+    c = _load(
+        "configs/sam_resnet18.py:omniglot", "--config.flat.method=sam_late", "--config.flat.k=3"
+    )
+    row = c.per_domain.omniglot
+    flat = config_lib.flat_settings(config_lib.domain_config(c, "omniglot", "sam"))
+    assert (flat.method, flat.k, flat.rho) == ("sam_late", 3, row.rho)
+    last_cycle = (row.num_steps - 1) // row.restart_period * row.restart_period
+    assert flat.start_step == last_cycle and flat.momentum == c.momentum
+    erm = config_lib.domain_config(c, "omniglot", "erm")
+    assert config_lib.flat_settings(erm) is None
+    assert erm.flat.to_dict() == config_lib.base_config().flat.to_dict()
+    c.flat.rho = 0.3  # the radius is the row's: a config.flat.rho would have two meanings
+    with pytest.raises(ValueError, match=r"config\.flat\.rho is not a flat-method key"):
+        config_lib.validate(c)
+
+
+def test_batch_must_divide_over_processes_not_devices():
+    """Only processes split a batch (each process's mesh takes the devices that divide its
+    slice: tests/training/test_mesh.py), so batch 8 is valid on any number of devices."""
     c = _load("configs/sam_resnet18.py:aircraft")  # batch 8
     with pytest.raises(
         ValueError, match=r"config\.per_domain\.aircraft\.batch_size=8 is not divisible by the 3"
     ):
-        config_lib.validate(c, num_devices=3)
-    config_lib.validate(c, num_devices=8)
+        config_lib.validate(c, num_processes=3)
+    config_lib.validate(c, num_processes=8)
 
 
 def test_unknown_domain_and_key_are_rejected():
@@ -209,11 +235,26 @@ def test_unset_optional_keys_are_none_and_take_typed_overrides():
 
 
 def test_entries_stored_with_the_old_zero_sentinels_are_not_stale():
-    from flatfsc_jax import zoo
 
     c = config_lib.domain_config(_load("configs/glyphs.py"), "latin", "sam").to_dict()
     old = copy.deepcopy(c)
     old["sam"]["m"], old["validation"]["every"] = 0, 0
-    assert zoo.config_changes(old, c) == []
+    assert entry_keys.config_changes(old, c) == []
     old["validation"]["every"] = 250
-    assert zoo.config_changes(old, c) == ["validation.every: 250 -> None"]
+    assert entry_keys.config_changes(old, c) == ["validation.every: 250 -> None"]
+
+
+def test_class_splits_key_is_validated_and_reaches_load_split():
+    from flatfsc_jax.data import benchmarks
+
+    config = _load("configs/sam_resnet18.py:miniature")
+    assert config.data.class_splits == "prepared" and tuple(config.domains) == ("omniglot", "dtd")
+    config_lib.validate(config)
+    assert benchmarks.split_options("meta_dataset", "prepared") == {"class_splits": "prepared"}
+    assert benchmarks.split_options("meta_dataset", "shipped") == {}
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.class_splits='prepard'"):
+        config_lib.validate(
+            _load("configs/sam_resnet18.py:omniglot", "--config.data.class_splits=prepard")
+        )
+    with pytest.raises(config_lib.ConfigError, match="meta_dataset' only"):
+        config_lib.validate(_load("configs/glyphs.py:tiny", "--config.data.class_splits=prepared"))

@@ -67,11 +67,28 @@ def test_report_command_takes_the_lock(held):
 
 def test_lock_is_free_after_the_holder_and_records_the_pid(tmp_path):
     with lock.workdir_lock(str(tmp_path)):
-        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+        assert (tmp_path / ".lock").read_text().strip() == f"pid {os.getpid()}"
         with pytest.raises(errors.WorkdirLockedError):  # a second holder, even here
             with lock.workdir_lock(str(tmp_path)):
                 pass
     with lock.workdir_lock(str(tmp_path)):  # released: taken again
+        pass
+
+
+def test_shares_of_one_zoo_hold_the_lock_together_but_never_with_a_whole_run(tmp_path):
+    work = str(tmp_path)
+    with lock.workdir_lock(work, shared=True), lock.workdir_lock(work, shared=True):
+        with pytest.raises(errors.WorkdirLockedError, match="one of the --entries shares"):
+            with lock.workdir_lock(work):
+                pass
+    with lock.workdir_lock(work):
+        with pytest.raises(errors.WorkdirLockedError, match=rf"pid {os.getpid()}\)"):
+            with lock.workdir_lock(work, shared=True):
+                pass
+
+
+def test_no_lock_on_cloud_storage():
+    with lock.workdir_lock("gs://bucket/run"):  # no flock there: nothing is created
         pass
 
 

@@ -2,14 +2,15 @@
 
     python -m tools.glyphs_render --out flatfsc_jax/data/assets/glyphs   # from the repo root
 
-Glyphs is the embedded few-shot benchmark (README Data): a *class* is a Unicode character, an
-*instance* is that character drawn by one font face (one type designer's version of the symbol),
-a *domain* is a script. This script turns the fonts of the Debian font packages listed in
-README Data into one compressed ``glyphs-v1.npz`` plus its data card ``glyphs-v1.json``; both
-are committed, so users never need fonts, Pillow or fontTools (this module imports them lazily:
-they are the ``render`` extra). ``flatfsc_jax.data.glyphs`` reads the result. An offline tool,
-not part of the installed package: the names the reader shares with it (domains, file names,
-checksums) live in ``flatfsc_jax.data.glyphs_spec`` and are imported from there.
+Glyphs is the embedded few-shot benchmark (docs/data.md#glyphs-the-embedded-benchmark): a
+*class* is a Unicode character, an *instance* is that character drawn by one font face (one type
+designer's version of the symbol), a *domain* is a script. This script turns the fonts of the
+Debian font packages listed on that page into one compressed ``glyphs-v1.npz`` plus its data
+card ``glyphs-v1.json``; both are committed, so users never need fonts, Pillow or fontTools
+(this module imports them lazily: they are the ``render`` extra). ``flatfsc_jax.data.glyphs``
+reads the result. An offline tool, not part of the installed package: the names the reader
+shares with it (domains, file names, checksums) live in ``flatfsc_jax.data.glyphs_spec`` and
+are imported from there.
 
 Pipeline (everything seeded by ``SEED``; the same fonts and library versions give the same bytes):
 

@@ -1,4 +1,4 @@
-"""Command line: flatness of the zoo's ERM and SAM backbones (``measure_flatness``).
+"""Command line: flatness of the zoo's ERM and SAM backbones (:mod:`flatfsc_jax.flatness.zoo`).
 
     python -m flatfsc_jax.cli.flatness --workdir=work [--benchmark=glyphs]
         [--data_dir=<workdir>/data] [--examples=512] [--rho=0.05] [--fused]
@@ -8,7 +8,8 @@ after ``./run.sh`` has filled ``<workdir>/zoo``. Writes ``flatness.json`` (every
 landscapes included), ``flatness.md`` (a table: one row per domain, ERM next to SAM for
 every measure), ``flatness.csv`` (one row per backbone), ``landscape_<domain>.png`` (the
 1-D landscapes of a domain's backbones on one plot) and, with ``--landscape_2d``,
-``landscape2d_<domain>.png`` (contours). What is measured: ``measure_flatness``.
+``landscape2d_<domain>.png`` (contours). What is measured:
+:mod:`flatfsc_jax.flatness.zoo`.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def load_split(benchmark: str, domain: str, split: str, data_dir, **kwargs) -> s
     ``data_dir`` goes through ``resolve_data_dir`` ("" or None: the TFDS default).
     Keyword arguments: Glyphs ``prepare_if_missing``, ``assets_dir`` (see
     ``glyphs.load_split``, which prepares a missing domain); Meta-Dataset ``in_memory``
-    (default False: images read lazily) and ``class_splits`` (default: the shipped ones).
+    (default False: images read lazily) and ``class_splits`` (default: the shipped ones;
+    ``"prepared"``: the classes the prepared source holds, e.g. a miniature's subset).
     """
     data_dir = resolve_data_dir(data_dir)
     if check_benchmark(benchmark) == "glyphs":
@@ -47,6 +48,20 @@ def load_split(benchmark: str, domain: str, split: str, data_dir, **kwargs) -> s
 
         return glyphs.load_split(domain, split, data_dir, **kwargs)
     return _meta_dataset_split(domain, split, data_dir, **kwargs)
+
+
+CLASS_SPLITS = ("shipped", "prepared")
+
+
+def split_options(benchmark: str, class_splits: str = "shipped") -> dict:
+    """``load_split`` keywords for ``config.data.class_splits``: "shipped" reads MD's class
+    splits as shipped; "prepared" (Meta-Dataset only) the classes each prepared source
+    holds, e.g. a miniature's subset, so the same run reads both."""
+    if class_splits not in CLASS_SPLITS:
+        raise ValueError(f"class_splits={class_splits!r} is unknown; choose one of {CLASS_SPLITS}")
+    if class_splits == "prepared" and check_benchmark(benchmark) == "meta_dataset":
+        return {"class_splits": "prepared"}
+    return {}
 
 
 def _meta_dataset_split(
@@ -63,6 +78,9 @@ def _meta_dataset_split(
 
     name = meta_dataset.check_source(domain)
     meta_dataset.check_split(split)
+    if class_splits == "prepared":
+        meta_dataset.require_sources([name], data_dir)
+        class_splits = meta_dataset.prepared_class_splits(name, data_dir)
     class_splits = class_splits or meta_dataset.load_class_splits(name)
     if not class_splits.classes[split]:
         raise ValueError(

@@ -1,4 +1,6 @@
-"""Glyphs: the embedded multi-domain few-shot benchmark, as TFDS sources (README Data).
+"""Glyphs: the embedded multi-domain few-shot benchmark, as TFDS sources.
+
+How it is made and what it holds: docs/data.md#glyphs-the-embedded-benchmark.
 
 A class is a Unicode character, an instance is that character rendered by one font face, a
 domain is a script. The rendered benchmark ships with the package

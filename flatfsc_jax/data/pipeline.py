@@ -1,8 +1,9 @@
-"""Backbone-training input pipeline: shuffled, augmented, resumable host batches.
+"""Backbone-training input pipeline: shuffled, augmented, resumable batches.
 
 Batch training (one domain's train split, cross-entropy over its classes, the paper)
-reads ``dict(image=float32 [B, H, W, C] in [-1, 1], label=int32 [B])`` from
-``make_train_iterator``. The stream is a pure function of ``(seed, position)``:
+reads ``dict(image=float32 [B, H, W, C] in [-1, 1], label=int32 [B])`` (or uint8 images
+plus augmentation parameters, below) from ``make_train_iterator``. The stream is a pure
+function of ``(seed, position)``:
 
 * examples: epoch ``e`` is the permutation ``default_rng((seed, e)).permutation(N)``
   of the split (every example once per epoch, a fresh order every epoch), forever;
@@ -22,20 +23,35 @@ Resuming is therefore exact and cheap: ``iterator.get_state()`` is
 under any ``process_count`` / ``worker_count``: global batches do not depend on them.
 
 Multi-host: every process reads the whole global index batch (cheap: integers) and loads
-and augments only its contiguous slice ``[p * B/P, (p + 1) * B/P)``. The trainer turns
-those host slices into one global array on a batch-sharded mesh with
-``jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)``
-where ``sharding = NamedSharding(mesh, PartitionSpec("data"))`` and the mesh's devices
-are ordered by process (``jax.make_mesh`` does that), so process ``p``'s rows land on
-its own devices.
+and augments only its contiguous block ``[p * B/P, (p + 1) * B/P)``. The trainer turns
+those blocks into one global array on a batch-sharded mesh with
+``jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), x)``,
+which puts a process's local rows on its own devices in the order of the rows those
+devices hold. Which block a process holds depends on the mesh's device order:
+``jax.make_mesh`` orders devices by the physical topology (on TPU slices not by process),
+``Mesh(jax.devices())`` by device id. ``process_block(sharding, B)`` reads the block off
+the sharding; pass its result as ``process_index, process_count`` and every process
+loads exactly the rows its devices hold, whatever the mesh. (With any other block
+choice the global batch would hold the same examples in another row order.)
 
-Augmentation (the paper, the paper's recipe) runs on the host in numpy, vectorised
-over the batch, in this order: reflect-pad by ``pad`` px and crop back at a uniform
-offset (a shift by up to ``pad`` px each way, *no flips*), brightness ``+U[-b, b]`` on
-the 0..255 scale, contrast ``(x - mean_c) * f + mean_c`` with ``f ~ U[1-c, 1+c]`` and
-``mean_c`` the per-image per-channel mean (TensorFlow's ``adjust_contrast``), clip to
-[0, 255], then, for RGB images only, saturation ``s * U[1-s, 1+s]`` (clipped to [0, 1])
-and hue ``h + U[-d, d]`` (turns, wrapped) in HSV. Only backbone *training batches* are
+Reading: a batch's images are read with one ``__getitems__`` call of a lazy split's
+image store (array_record reads a list of records in one request; ``batched_read``).
+Workers (``worker_count``, grain processes) read, decode and augment in parallel.
+
+Augmentation on the host or on the device. The parameters are always drawn on the host,
+per example (below), so the stream is the same either way. ``device_augment=False``
+augments in numpy here and ships float32 [-1, 1]. ``device_augment=True`` ships the uint8
+images plus the parameters (a few numbers per example: 4x fewer bytes and no per-pixel
+host work) and ``to_step_batch`` augments the sharded batch in one jitted program
+(``augment_on_device``, equal to the numpy ``augment_images`` to float rounding).
+
+The augmentation (the paper's recipe), vectorised over the batch, in this order:
+reflect-pad by ``pad`` px and crop back at a uniform offset (a shift by up to ``pad`` px
+each way, *no flips*), brightness ``+U[-b, b]`` on the 0..255 scale, contrast
+``(x - mean_c) * f + mean_c`` with ``f ~ U[1-c, 1+c]`` and ``mean_c`` the per-image
+per-channel mean (TensorFlow's ``adjust_contrast``), clip to [0, 255], then, for RGB
+images only, saturation ``s * U[1-s, 1+s]`` (clipped to [0, 1]) and hue ``h + U[-d, d]``
+(turns, wrapped) in HSV. Only backbone *training batches* are
 augmented: few-shot episodes (support and query) never are.
 
 Why one module: the stream above is one contract (which examples, which random numbers
@@ -48,11 +64,15 @@ no part would be used without the others.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flatfsc_jax.checks import is_int, is_real
@@ -158,6 +178,9 @@ def example_uniforms(seed: int, positions, num_draws: int) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+AUGMENT_PARAM_NAMES = ("offset_y", "offset_x", "brightness", "contrast", "saturation", "hue")
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentParams:
     """The random choices of one batch, one entry per example (numpy arrays [B])."""
@@ -175,6 +198,15 @@ class AugmentParams:
         centre = np.full(batch_size, pad, np.int64)
         zeros, ones = np.zeros(batch_size, np.float32), np.ones(batch_size, np.float32)
         return cls(centre, centre.copy(), zeros, ones, ones.copy(), zeros.copy())
+
+    def pack(self) -> np.ndarray:
+        """float32 [B, 6], one column per ``AUGMENT_PARAM_NAMES`` entry: what travels with
+        a uint8 batch to ``augment_on_device``. One array, so one transfer per batch;
+        the integer crop offsets (at most 2 * pad) are exact in float32.
+        """
+        return np.stack(
+            [np.asarray(getattr(self, name), np.float32) for name in AUGMENT_PARAM_NAMES], axis=1
+        )
 
 
 def sample_augment_params(config: AugmentConfig, seed: int, positions) -> AugmentParams:
@@ -311,6 +343,108 @@ def augment_images(images: np.ndarray, params: AugmentParams, pad: int) -> np.nd
 
 
 # ----------------------------------------------------------------------------------------
+# The same augmentation on the device (jax.numpy; parameters drawn on the host)
+# ----------------------------------------------------------------------------------------
+
+
+def _crop_on_device(images: jax.Array, pad: int, offset_y, offset_x) -> jax.Array:
+    """``reflect_pad_crop`` in jnp: one dynamic slice per image of the padded batch."""
+    if pad == 0:
+        return images
+    _, h, w, c = images.shape
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+
+    def crop(image, y, x):
+        return jax.lax.dynamic_slice(image, (y, x, 0), (h, w, c))
+
+    return jax.vmap(crop)(
+        padded, jnp.asarray(offset_y, jnp.int32), jnp.asarray(offset_x, jnp.int32)
+    )
+
+
+def _saturation_hue_on_device(images: jax.Array, saturation_factors, hue_shifts) -> jax.Array:
+    """``_saturation_hue_planar`` in jnp on NHWC (same formulas, same tie rules)."""
+    r, g, b = images[..., 0], images[..., 1], images[..., 2]
+    value = jnp.maximum(jnp.maximum(r, g), b)
+    chroma = value - jnp.minimum(jnp.minimum(r, g), b)
+    is_r = value == r
+    is_g = (value == g) & ~is_r
+    hue6 = jnp.where(is_r, g - b, jnp.where(is_g, b - r + 2.0 * chroma, r - g + 4.0 * chroma))
+    hue6 = hue6 / jnp.where(chroma == 0, 1.0, chroma)
+    hue6 = hue6 + (6.0 * jnp.asarray(hue_shifts, jnp.float32))[:, None, None]
+    hue6 = hue6 - 6.0 * jnp.floor(hue6 * jnp.float32(1.0 / 6.0))
+    f = jnp.asarray(saturation_factors, jnp.float32)[:, None, None]
+    chroma = jnp.minimum(chroma * f, value)
+    channels = []
+    for offset in (5.0, 3.0, 1.0):
+        k = hue6 + offset
+        k = jnp.where(k >= 6.0, k - 6.0, k)
+        channels.append(value - chroma * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0))
+    return jnp.stack(channels, axis=-1)
+
+
+def augment_on_device(images: jax.Array, params: AugmentParams | jax.Array, pad: int) -> jax.Array:
+    """``augment_images`` in jax.numpy: uint8 [B, H, W, C] -> float32 on the 0..255 scale.
+
+    Jittable (``pad`` static); ``params`` is an ``AugmentParams`` or its ``pack()``ed
+    float32 [B, 6] array. The parameters are drawn on the host (``sample_augment_params``),
+    so the device computes the stream the host path computes, to float rounding: the
+    numpy ``augment_images`` is the reference. Per example, so a batch-sharded input
+    stays sharded with no communication.
+    """
+    if isinstance(params, AugmentParams):
+        params = params.pack()
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+    b, h, w, c = images.shape
+    if params.shape != (b, len(AUGMENT_PARAM_NAMES)):
+        raise ValueError(
+            f"augmentation parameters must be [{b}, {len(AUGMENT_PARAM_NAMES)}] "
+            f"(AugmentParams.pack), got shape {params.shape}"
+        )
+    columns = jnp.moveaxis(jnp.asarray(params, jnp.float32), 1, 0)
+    params = dict(zip(AUGMENT_PARAM_NAMES, columns, strict=True))
+    if not is_int(pad) or not 0 <= pad < min(h, w):
+        raise ValueError(f"augment.pad={pad!r} must be in [0, image side {min(h, w)})")
+    offset_y, offset_x = (jnp.round(params[k]).astype(jnp.int32) for k in ("offset_y", "offset_x"))
+    x = _crop_on_device(images, int(pad), offset_y, offset_x)
+    x = x.astype(jnp.float32)
+    x = x + jnp.asarray(params["brightness"], jnp.float32)[:, None, None, None]
+    f = jnp.asarray(params["contrast"], jnp.float32)[:, None, None, None]
+    x = x * f + jnp.mean(x, axis=(1, 2), keepdims=True) * (1.0 - f)
+    x = jnp.clip(x, 0.0, 255.0)
+    if c == 3:
+        saturation = jnp.asarray(params["saturation"], jnp.float32)
+        hue = jnp.asarray(params["hue"], jnp.float32)
+        # Per example (no cross-device reduction): neutral parameters skip the HSV round
+        # trip, whose float rounding would otherwise touch every pixel.
+        jitter = (saturation != 1.0) | (hue != 0.0)
+        x = jnp.where(jitter[:, None, None, None], _saturation_hue_on_device(x, saturation, hue), x)
+    return x
+
+
+@functools.partial(jax.jit, static_argnames="pad")
+def _augmented_step_images(images, params, pad):
+    return jnp.clip(preprocess(augment_on_device(images, params, pad)), -1.0, 1.0)
+
+
+def to_step_batch(batch: Mapping, *, pad: int) -> dict:
+    """A pipeline batch (host or already sharded ``jax.Array``s) -> the training step's
+    ``{"images", "labels"}``.
+
+    A batch of the device-augmentation path (``device_augment=True``: uint8 ``image`` and
+    the per-example ``augment`` parameters) is augmented and preprocessed here, by one
+    jitted program that keeps the batch's sharding, to float32 [-1, 1]. Other batches
+    pass through: float32 images are final; uint8 ones the step preprocesses itself.
+    ``pad`` is the ``AugmentConfig.pad`` the pipeline was built with.
+    """
+    images = batch["image"]
+    if "augment" in batch:
+        images = _augmented_step_images(images, batch["augment"], pad=int(pad))
+    return {"images": images, "labels": batch["label"]}
+
+
+# ----------------------------------------------------------------------------------------
 # The grain pipeline
 # ----------------------------------------------------------------------------------------
 
@@ -358,14 +492,43 @@ class ShuffledIndexBatches:
         return {**self.__dict__, "_epochs": {}}
 
 
+def read_images(split_data: SplitData, indices, *, batched: bool = True) -> np.ndarray:
+    """uint8 [len(indices), H, W, C]: the images of ``split_data`` at ``indices``.
+
+    In-memory splits are one numpy gather. Lazy splits whose image store reads a list of
+    indices at once (``__getitems__``: array_record data sources, ``sources._LazyImages``)
+    are read with one such call when ``batched``: one request for the whole batch
+    instead of one per image. ``batched=False`` reads image by image (the reference).
+    """
+    indices = np.asarray(indices, np.int64)
+    images = split_data.images
+    if isinstance(images, np.ndarray):
+        return images[indices]
+    getitems = getattr(images, "__getitems__", None)
+    if batched and getitems is not None:
+        return np.stack([np.asarray(x) for x in getitems(indices.tolist())])
+    return np.stack([np.asarray(images[int(i)]) for i in indices])
+
+
 class _LoadLocalBatch:
     """Global index batch ``k`` -> this process's slice, loaded, augmented, preprocessed.
 
     A module-level class (not a closure) so that grain's worker processes can pickle it.
+    With ``device_augment`` the images stay uint8 and the batch carries the augmentation
+    parameters (``augment``, ``AugmentParams.pack``) for ``to_step_batch``.
     """
 
     def __init__(
-        self, split_data, *, global_batch_size, seed, augment, process_index, process_count
+        self,
+        split_data,
+        *,
+        global_batch_size,
+        seed,
+        augment,
+        process_index,
+        process_count,
+        device_augment=False,
+        batched_read=True,
     ):
         self.split_data = split_data
         self.global_batch_size = global_batch_size
@@ -373,20 +536,25 @@ class _LoadLocalBatch:
         self.augment = augment
         self.local_batch_size = global_batch_size // process_count
         self.local_start = process_index * self.local_batch_size
+        self.device_augment = device_augment
+        self.batched_read = batched_read
 
-    def __call__(self, batch_index: int, global_indices: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, batch_index: int, global_indices: np.ndarray) -> dict[str, Any]:
         local = slice(self.local_start, self.local_start + self.local_batch_size)
         indices = np.asarray(global_indices)[local]
-        images = self.split_data.get_images(indices)
+        images = read_images(self.split_data, indices, batched=self.batched_read)
+        batch = {"label": self.split_data.labels[indices]}
         if self.augment.enabled:
             first = batch_index * self.global_batch_size + self.local_start
             positions = first + np.arange(self.local_batch_size, dtype=np.int64)
             params = sample_augment_params(self.augment, self.seed, positions)
+            if self.device_augment:
+                return {"image": images, "augment": params.pack(), **batch}
             images = preprocess(augment_images(images, params, self.augment.pad))
             np.clip(images, -1.0, 1.0, out=images)  # float rounding at 0 and 255
-        else:
+        elif not self.device_augment:
             images = preprocess(images)
-        return {"image": images, "label": self.split_data.labels[indices]}
+        return {"image": images, **batch}
 
 
 def make_train_dataset(
@@ -397,12 +565,18 @@ def make_train_dataset(
     augment: AugmentConfig,
     process_index: int = 0,
     process_count: int = 1,
+    device_augment: bool = False,
+    batched_read: bool = True,
 ) -> grain.MapDataset:
     """The infinite random-access dataset whose element ``k`` is this process's part of
-    global batch ``k``. ``make_train_iterator`` iterates it; indexing it directly is
-    handy for inspection (``ds[k]`` == the k-th batch of a fresh iterator).
+    global batch ``k``. ``make_train_iterator`` iterates it (arguments documented
+    there); indexing it directly is handy for inspection (``ds[k]`` == the k-th batch of
+    a fresh iterator).
     """
     _check_arguments(split_data, global_batch_size, seed, augment, process_index, process_count)
+    for name, value in (("device_augment", device_augment), ("batched_read", batched_read)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name}={value!r} must be True or False")
     load = _LoadLocalBatch(
         split_data,
         global_batch_size=global_batch_size,
@@ -410,6 +584,8 @@ def make_train_dataset(
         augment=augment,
         process_index=process_index,
         process_count=process_count,
+        device_augment=bool(device_augment),
+        batched_read=bool(batched_read),
     )
     index_batches = ShuffledIndexBatches(len(split_data), global_batch_size, seed)
     return grain.MapDataset.source(index_batches).map_with_index(load)
@@ -452,6 +628,55 @@ def _check_arguments(split_data, global_batch_size, seed, augment, process_index
                 f"{min(height, width)} of {split_data.source} (reflect padding); "
                 f"AugmentConfig.for_image_size({min(height, width)}) scales the paper's 8 px"
             )
+
+
+def process_block(
+    sharding: jax.sharding.Sharding, global_batch_size: int, process_index: int | None = None
+) -> tuple[int, int]:
+    """``(process_index, process_count)`` to pass to ``make_train_iterator`` so that this
+    process loads exactly the rows of every global batch that ``sharding`` places on its
+    devices.
+
+    ``jax.make_array_from_process_local_data(sharding, local)`` fills this process's
+    devices with ``local`` in the order of the rows they hold, whatever the device order
+    of the mesh: ``jax.make_mesh`` orders devices by the physical topology (on a TPU
+    slice that is not by process), a ``Mesh(jax.devices())`` by device id. The pipeline
+    cuts global batch ``k`` into ``process_count`` contiguous blocks, so each process
+    must hold one contiguous, equal block of rows: the block index is read off the
+    sharding (it equals ``jax.process_index()`` only when the mesh is in process order).
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    rows = {}
+    for device, index in sharding.devices_indices_map((global_batch_size,)).items():
+        start, stop, _ = index[0].indices(global_batch_size)
+        rows.setdefault(device.process_index, set()).update(range(start, stop))
+    return contiguous_block(rows, global_batch_size, process_index)
+
+
+def contiguous_block(
+    rows_by_process: Mapping[int, set[int] | Sequence[int]],
+    global_batch_size: int,
+    process_index: int,
+) -> tuple[int, int]:
+    """The pure part of ``process_block``: from the batch rows each process's devices
+    hold, ``(block index of process_index, number of processes)``; raises where the
+    layout is not one contiguous equal block per process (the pipeline could not feed it).
+    """
+    count = len(rows_by_process)
+    if global_batch_size % count:
+        raise ValueError(f"global batch {global_batch_size} does not split over {count} processes")
+    size = global_batch_size // count
+    held = sorted(rows_by_process.get(process_index, ()))
+    if not held:
+        raise ValueError(f"process {process_index} holds no rows of the batch")
+    block, offset = divmod(held[0], size)
+    if offset or held != list(range(held[0], held[0] + size)):
+        raise ValueError(
+            f"process {process_index}'s devices hold rows {held[0]}..{held[-1]} "
+            f"({len(held)} rows), not one contiguous block of {size}: the batch sharding "
+            "must give every process a contiguous, equal share of the batch axis"
+        )
+    return block, count
 
 
 class TrainIterator:
@@ -566,6 +791,8 @@ def make_train_iterator(
     process_count: int = 1,
     worker_count: int = 0,
     prefetch: int = 2,
+    device_augment: bool = False,
+    batched_read: bool = True,
 ) -> TrainIterator:
     """Training batches of ``split_data`` for this process, forever.
 
@@ -577,16 +804,25 @@ def make_train_iterator(
       augment: ``AugmentConfig`` (``AugmentConfig(enabled=False)`` for none).
       process_index, process_count: ``jax.process_index()``, ``jax.process_count()``.
         Each process yields rows ``[p * B/P, (p + 1) * B/P)`` of every global batch.
-      worker_count: grain worker processes computing batches (0: in this process).
-        On 2 CPU cores in-process is as fast and shares memory (bench/data.py). One core
-        augments ~2-5e3 img/s at 84x84x3, below what an accelerator trains ResNet-18 at:
-        there use several workers (each holds a copy of an in-memory split).
-      prefetch: batches computed ahead (per worker when ``worker_count > 0``); 0 makes
-        the in-process pipeline synchronous.
+      worker_count: grain worker processes computing batches (0: in this process;
+        ``config.data.worker_count``). Workers read and decode in parallel: the way to
+        feed an accelerator from a lazily read split. Each worker holds its own copy of
+        an in-memory split. The stream does not depend on it.
+      prefetch: batches computed ahead (per worker when ``worker_count > 0``;
+        ``config.data.prefetch``); 0 makes the in-process pipeline synchronous.
+      device_augment: ship uint8 images plus the host-drawn augmentation parameters and
+        augment on the device (``to_step_batch``): 4x fewer bytes to the device and no
+        per-pixel work on the host. False augments on the host in numpy (the reference;
+        the two agree to float rounding).
+      batched_read: read each batch's images with one ``__getitems__`` call of a lazy
+        split's image store (False: one read per image).
 
     Returns:
       A ``TrainIterator`` of ``dict(image=float32 [B/P, H, W, C] in [-1, 1],
-      label=int32 [B/P])`` with ``get_state`` / ``set_state``.
+      label=int32 [B/P])``; with ``device_augment``, ``image`` is uint8 and, when
+      augmentation is enabled, ``augment`` holds the parameters (float32 [B/P, 6],
+      ``AugmentParams.pack``): pass the (sharded)
+      batch through ``to_step_batch``. ``get_state`` / ``set_state`` resume it.
     """
     if not is_int(worker_count) or worker_count < 0:
         raise ValueError(f"worker_count={worker_count!r} must be a non-negative integer")
@@ -599,6 +835,8 @@ def make_train_iterator(
         augment=augment,
         process_index=process_index,
         process_count=process_count,
+        device_augment=device_augment,
+        batched_read=batched_read,
     )
     identity = {
         "seed": int(seed),

@@ -14,13 +14,16 @@ benchmark, so the benchmark modules import this one and never the reverse.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 SPLITS = ("train", "valid", "test")
 
@@ -49,6 +52,8 @@ class SplitData:
         (Omniglot's alphabet), used by the alphabet-first episode sampler.
       class_hierarchy: optional mapping node name -> int array of the class indices
         (leaves) under it (ImageNet's WordNet DAG restricted to the split).
+      provenance: optional dict: where the source's images came from and how they were
+        made (``meta_dataset.provenance``), as its metadata records it.
     """
 
     source: str
@@ -58,6 +63,7 @@ class SplitData:
     class_names: Sequence[str]
     class_groups: np.ndarray | None = None
     class_hierarchy: dict[str, np.ndarray] | None = None
+    provenance: dict | None = None
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, np.int32)
@@ -216,6 +222,17 @@ class _LazyImages:
         except Exception as e:
             raise MissingDataError(self._corrupt(e)) from e
 
+    def __getitems__(self, indices) -> list[np.ndarray]:
+        """The images at ``indices`` in one batched array_record read."""
+        import tensorflow_datasets as tfds
+
+        try:
+            if self._ds is None:
+                self._ds = tfds.builder_from_directory(self._path).as_data_source(self._split)
+            return [r["image"] for r in self._ds.__getitems__([int(i) for i in indices])]
+        except Exception as e:
+            raise MissingDataError(self._corrupt(e)) from e
+
     def __getstate__(self):
         return {**self.__dict__, "_ds": None}
 
@@ -245,9 +262,10 @@ def _cached_labels(builder, split: str, path: str, num_examples: int, corrupt) -
     import tensorflow_datasets as tfds
 
     cache = os.path.join(path, "labels", f"{split}.npy")
-    if os.path.exists(cache):
+    if epath.Path(cache).exists():
         try:
-            labels = np.load(cache)
+            with epath.Path(cache).open("rb") as f:
+                labels = np.load(f)
             if labels.shape == (num_examples,):
                 return labels.astype(np.int32)
         except (OSError, ValueError):
@@ -262,9 +280,24 @@ def _cached_labels(builder, split: str, path: str, num_examples: int, corrupt) -
             labels[start:stop] = [r["label"] for r in records]
     except Exception as e:
         raise MissingDataError(corrupt(e)) from e
+    if "://" in cache:  # cloud storage (gs://): object writes are atomic already
+        with contextlib.suppress(OSError):
+            epath.Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            with epath.Path(cache).open("wb") as f:
+                np.save(f, labels)
+        return labels
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        np.save(cache, labels)
+        # Atomic: processes sharing a data directory (one per GPU) never read a
+        # half-written cache; the last writer's identical file wins.
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".npy.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, labels)
+            os.replace(tmp, cache)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     except OSError:
         pass  # read-only data directory: no cache, still correct
     return labels
@@ -373,4 +406,5 @@ def read_prepared_split(
         class_hierarchy=None
         if hierarchy is None
         else {k: np.asarray(v, np.int32) for k, v in hierarchy.items()},
+        provenance=metadata.get("provenance"),
     )

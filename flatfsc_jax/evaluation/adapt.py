@@ -21,10 +21,10 @@ Optional SAM (``sam_rho > 0``) uses ``flatfsc_jax.sam.sam_gradient``.
 
 The options of every entry point are the fields of :class:`AdaptOptions`. The default
 learning rates (the paper did not publish its recipe) were chosen on a small check with
-real glyph images, and episodes are looped over rather than vmapped because that was
-faster on CPU: both measurements are in README "Evaluation, adaptation, fusion, PARC,
-reports". Adadelta uses PyTorch's ``rho=0.9, eps=1e-6`` (URL's PA / TSA optimiser); 40
-steps is the URL/TSA budget (the paper).
+real glyph images (docs/evaluation.md#default-learning-rates); episodes are looped over
+rather than vmapped (docs/performance.md#xla-cpu-loops). Adadelta uses PyTorch's
+``rho=0.9, eps=1e-6`` (URL's PA / TSA optimiser); 40 steps is the URL/TSA budget (the
+paper).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ MODES = ("full", "lora")
 OPTIMIZERS = ("adam", "sgd", "adadelta")
 DEFAULT_STEPS = 40
 DEFAULT_LORA_RANK = 4
-# (mode, optimizer) -> learning rate; chosen on the glyph check (README "Evaluation,
-# adaptation, fusion, PARC, reports").
+# (mode, optimizer) -> learning rate; chosen on the glyph check
+# (docs/evaluation.md#default-learning-rates).
 DEFAULT_LEARNING_RATES = {
     ("full", "adam"): 1e-4,
     ("lora", "adam"): 1e-3,
@@ -201,10 +201,9 @@ def _adapt_step(
 def _adapt(variables, support_images, support_labels, support_mask, *, model, max_ways, options):
     """``options.steps`` jitted optimiser steps driven from Python.
 
-    Deliberately not a ``lax.fori_loop``: XLA:CPU runs convolutions inside a while loop
-    about 15x slower than the same step called from Python (measured: 1.8 s vs 0.12 s per
-    step, resnet18 x0.25, 128 support images at 28 px), and dispatching 40 steps costs
-    microseconds.
+    Deliberately not a ``lax.fori_loop``: XLA:CPU runs convolutions inside while loops
+    slowly (docs/performance.md#xla-cpu-loops), and dispatching 40 steps from Python is
+    cheap.
     """
     trainable_key = "params" if options.mode == "full" else "lora"
     frozen = {k: v for k, v in variables.items() if k != trainable_key}

@@ -1,17 +1,17 @@
 """Few-shot evaluation on cached embeddings: embed once, evaluate thousands of episodes.
 
 A frozen backbone maps each image to the same embedding in every episode, so the URL-style
-loop that re-embeds support and query images per episode repeats work: here every image of
-a split is embedded once (:func:`embed_split`) and episodes are index arrays into that
-table (:func:`episode_accuracies`). All episodes of an ``EpisodeBatch`` share fixed padded
-shapes with masks, so one ``jax.vmap`` inside one ``jax.jit`` evaluates them all and nothing
-recompiles between episodes (README Evaluation).
+loop that re-embeds support and query images per episode repeats work: here every image the
+episodes use is embedded once (:func:`used_rows`, :func:`embed_split`) and episodes are index
+arrays into that table (:func:`episode_accuracies`). All episodes of an ``EpisodeBatch``
+share fixed padded shapes with masks, so one ``jax.vmap`` inside one ``jax.jit`` evaluates
+them all and nothing recompiles between episodes (docs/evaluation.md#evaluator).
 
 Classifier: nearest centroid (NCC). Prototypes are the masked mean support embedding of each
 class; logits are ``scale * cos(query, prototype)`` (``scale=10`` as SUR/URL/TSA and the
 paper) or the negative squared Euclidean distance (Prototypical Networks).
 
-Episodes: an ``EpisodeBatch`` (data/episodes.py; numpy, fixed shapes): ``support_*``
+Episodes: an ``EpisodeBatch`` (:mod:`flatfsc_jax.data.episodes`; numpy, fixed shapes): ``support_*``
 [E, S], ``query_*`` [E, Q] and the int ``max_ways`` (padded number of classes). Labels are
 ``0..ways-1``; padded slots are masked out (their indices only have to be valid array
 indices).
@@ -22,6 +22,7 @@ tables); :func:`summarize` and :func:`paired_difference` keep the units of their
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 from typing import Any
@@ -40,10 +41,8 @@ METRICS = ("cosine", "euclidean")
 # squared distance of real embeddings, so an absent class never wins.
 ABSENT_LOGIT = -1e30
 
-# Default number of episodes evaluated per jitted call. One call gathers about
-# chunk * (S + Q) * D * 4 bytes of embeddings: 8 Meta-Dataset-sized episodes (S = Q = 500,
-# D = 512) need 16 MB, which stays in a CPU's last-level cache; 32 (65 MB) measured 2-3x
-# slower on our 2-core machines, and the per-call dispatch cost is negligible at 8.
+# Episodes per jitted call: their gathered embeddings (chunk x (S + Q) x D x 4 bytes) should
+# stay in a CPU's last-level cache (docs/performance.md#evaluation-cost).
 DEFAULT_CHUNK = 8
 
 
@@ -67,7 +66,9 @@ def embed_split(model, variables: dict, split_data, *, batch_size: int = 256) ->
     """Eval-mode embeddings of every image of ``split_data``: float32 [N, D].
 
     Batches have one fixed shape (the last one is padded by repeating its first image and
-    the padding is dropped), so the embedding function compiles once per split size.
+    the padding is dropped), so the embedding function compiles once per split size. A
+    thread reads the next batch from the host while the device embeds this one. Pass a
+    :class:`SplitRows` to embed only the rows episodes use (:func:`used_rows`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -76,15 +77,66 @@ def embed_split(model, variables: dict, split_data, *, batch_size: int = 256) ->
         raise ValueError(f"split {split_data.source}/{split_data.split} has no images")
     batch = min(batch_size, n)  # a small split compiles for its own size, not a padded 256
     out = np.empty((n, model.embedding_dim), np.float32)
-    for start in range(0, n, batch):
-        idx = np.arange(start, min(start + batch, n))
-        images = split_data.get_images(idx)
-        if len(idx) < batch:
-            pad = np.repeat(images[:1], batch - len(idx), axis=0)
+
+    def read(start):
+        images = split_data.get_images(np.arange(start, min(start + batch, n)))
+        if len(images) < batch:
+            pad = np.repeat(images[:1], batch - len(images), axis=0)
             images = np.concatenate([images, pad])
-        emb = _embed_uint8(model, variables, images)
-        out[start : start + len(idx)] = np.asarray(emb)[: len(idx)]
+        return images
+
+    starts = list(range(0, n, batch))
+    # One read ahead: host memory holds at most two batches of images, whatever n is.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(read, starts[0])
+        for k, start in enumerate(starts):
+            images = pending.result()
+            if k + 1 < len(starts):
+                pending = reader.submit(read, starts[k + 1])
+            emb = _embed_uint8(model, variables, images)
+            stop = min(start + batch, n)
+            out[start:stop] = np.asarray(emb)[: stop - start]
     return out
+
+
+class SplitRows:
+    """The rows ``rows`` of a split, as a split: row ``i`` is the parent's ``rows[i]``.
+
+    Evaluation embeds and adapts on this view, so it reads and embeds only the images
+    its episodes use (:func:`used_rows`) instead of the whole split: MD's QuickDraw test
+    split has 7.7M images, 600 episodes use at most ~600k (docs/scale.md).
+    """
+
+    def __init__(self, split_data, rows):
+        self.parent = split_data
+        self.rows = np.asarray(rows, np.int64)
+        self.source, self.split = split_data.source, split_data.split
+        self.labels = np.asarray(split_data.labels)[self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.parent.get_images(self.rows[:1]).shape[1:])
+
+    def get_images(self, indices) -> np.ndarray:
+        return self.parent.get_images(self.rows[np.asarray(indices, np.int64)])
+
+
+def used_rows(episodes: EpisodeBatch) -> tuple[np.ndarray, EpisodeBatch]:
+    """``(rows, compact)``: the sorted distinct split rows any slot of ``episodes``
+    indexes (padded slots too: they must stay valid indices) and the same episodes
+    indexing into ``rows`` (``compact.support_idx = position in rows``)."""
+    support, query = np.asarray(episodes.support_idx), np.asarray(episodes.query_idx)
+    rows, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
+    inverse = inverse.astype(np.int32)
+    compact = dataclasses.replace(
+        episodes,
+        support_idx=inverse[: support.size].reshape(support.shape),
+        query_idx=inverse[support.size :].reshape(query.shape),
+    )
+    return rows, compact
 
 
 # ----------------------------------------------------------------------------------------
@@ -94,8 +146,7 @@ def embed_split(model, variables: dict, split_data, *, batch_size: int = 256) ->
 
 def class_prototypes(support_emb, support_labels, support_mask, max_ways: int):
     """Masked class means [max_ways, D] and per-class support counts [max_ways]."""
-    # segment_sum, not a one-hot matmul: S * D additions instead of S * D * max_ways MACs
-    # (measured 1.5-2x faster for whole Meta-Dataset-sized episodes on CPU).
+    # segment_sum, not a one-hot matmul: S * D additions instead of S * D * max_ways MACs.
     weights = support_mask.astype(support_emb.dtype)
     sums = jax.ops.segment_sum(support_emb * weights[:, None], support_labels, max_ways)
     counts = jax.ops.segment_sum(weights, support_labels, max_ways)
@@ -335,8 +386,8 @@ class FewShotEvaluator:
     """NCC evaluation of a backbone on a fixed set of episodes of one split.
 
     Construct once (the episodes are fixed, so validation curves compare like with like);
-    ``run(model, variables)`` embeds every image of the split once and evaluates all
-    episodes on the cached embeddings.
+    ``run(model, variables)`` embeds each image the episodes use once (not the whole
+    split) and evaluates all episodes on the cached embeddings.
     """
 
     def __init__(
@@ -352,8 +403,10 @@ class FewShotEvaluator:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         check_episodes(episodes, len(split_data))
-        self.split_data = split_data
-        self.episodes = episodes
+        # Only the images the episodes use are embedded at each run (bounded memory on
+        # multi-million-image splits); the episodes index that compact table.
+        rows, self.episodes = used_rows(episodes)
+        self.split_data = SplitRows(split_data, rows)
         self.metric = metric
         self.batch_size = batch_size
         self.chunk = chunk
@@ -362,5 +415,6 @@ class FewShotEvaluator:
         """``dict(accuracies=[E] fractions, mean, ci95)`` of the backbone on the episodes."""
         embeddings = embed_split(model, variables, self.split_data, batch_size=self.batch_size)
         accs = episode_accuracies(embeddings, self.episodes, metric=self.metric, chunk=self.chunk)
+        del embeddings  # freed before training resumes
         summary = summarize(accs)
         return dict(accuracies=accs, mean=summary["mean"], ci95=summary["ci95"])

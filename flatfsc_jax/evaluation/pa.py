@@ -13,7 +13,7 @@ the mapped features ``x @ W``. Recipe (URL's ``pa``):
   The rate therefore uses one bit of knowledge a pure few-shot learner would not have.
 
 The backbone is never run: embeddings are cached once per (backbone, split) and episodes
-are index arrays into them (evaluate.py). All episodes of a padded ``EpisodeBatch`` share
+are index arrays into them (ncc.py). All episodes of a padded ``EpisodeBatch`` share
 fixed shapes, so one ``jax.vmap`` over episodes of one ``jax.jit`` holding the whole
 40-step loop (``lax.scan``; no convolutions, so XLA:CPU's slow loop path for
 convolutions does not apply) evaluates them all, ``chunk`` episodes per call. Padded
@@ -137,7 +137,7 @@ def episode_accuracies(
 ) -> np.ndarray:
     """PA-then-NCC query accuracy of every episode on cached ``embeddings`` [N, D]: [E].
 
-    Same contract as ``evaluate.episode_accuracies`` (padded ``EpisodeBatch``, ``chunk``
+    Same contract as ``ncc.episode_accuracies`` (padded ``EpisodeBatch``, ``chunk``
     episodes per call, the last chunk padded). ``bucket=True`` moves each episode's
     support examples to the front and evaluates it at the smallest of
     :func:`support_buckets` that holds them (queries stay at full width: they cost one

@@ -137,7 +137,7 @@ def parc_score_masked(features, labels, mask):
     vmapped over an ``EpisodeBatch``'s support sets. Pairs that involve a padded slot are
     given +inf distance, which ranks them after every real pair and leaves the real pairs'
     (tie-averaged) ranks exactly as without padding; they are then left out of the
-    correlation. Sorting the feature pairs is the whole cost; :func:`parc_scores_padded`
+    correlation. Sorting the feature pairs dominates the cost; :func:`parc_scores_padded`
     does that sort on the host.
     """
     ranks = average_ranks(pair_distances_masked(features, mask))
@@ -149,7 +149,8 @@ def average_ranks_rows(x: np.ndarray) -> np.ndarray:
 
     Equals ``scipy.stats.rankdata(x, axis=1)`` (ties get their average rank; +inf ties
     too), vectorised over rows: one ``argsort`` and a few linear passes. Written out
-    because scipy's ``rankdata`` runs ~6x slower on these rows, and exact because ranks
+    because scipy's ``rankdata`` is slower on these rows
+    (docs/performance.md#evaluation-cost), and exact because ranks
     are integers or halves (exact in float32 below 2**24).
     """
     x = np.asarray(x)
@@ -187,8 +188,8 @@ def parc_scores_padded(embeddings, support_idx, support_labels, support_mask, *,
 
     ``embeddings`` [N, D] of one split; ``support_idx`` / ``support_labels`` int [E, S]
     and ``support_mask`` bool [E, S] index into it. Equals ``jax.vmap(parc_score_masked)``
-    (same ranks, same score formula) but sorts on the host: XLA:CPU sorts a 4,950-pair row
-    ~50x slower than NumPy, and that sort was the whole cost of PARC. Distances and the
+    (same ranks, same score formula) but sorts on the host, where NumPy sorts these rows
+    far faster than XLA:CPU (docs/performance.md#evaluation-cost). Distances and the
     score stay jitted, ``chunk`` episodes per call (the last chunk padded: one
     compilation per support width).
     """

@@ -24,7 +24,8 @@ is evaluated on them, so families are compared with paired differences:
   ``config.domains``) or unseen.
 
 Results are plain data (``dict``): ``results["domains"][domain]["families"][family]
-[adaptation] = list of per-episode accuracies``; report.py renders them.
+[adaptation] = list of per-episode accuracies``; ``flatfsc_jax.reporting.tables`` renders
+them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import dataclasses
 import logging
 import time
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -93,6 +95,19 @@ def evaluation_seed(config) -> int:
 BACKBONE_ADAPTATIONS = ("finetune", "lora", "tsa")
 # Adaptations on cached embeddings: one batched call per domain (adapt_on_embeddings).
 EMBEDDING_ADAPTATIONS = ("ncc", "pa")
+
+
+def bucket_supports() -> bool:
+    """Whether the backbone adaptations (fine-tuning, LoRA, TSA) pad each episode's
+    support set to a power-of-two bucket (``episodes.compact_episode``) instead of the
+    domain's full width: on by default on accelerators, off on CPU.
+
+    Bucketing costs one compilation per bucket; on an accelerator compiles are cheap next
+    to 600 MD episodes padded to the 500-image maximum support, while on a
+    CPU at Glyphs scale the few extra compilations dominate 10 episodes
+    (docs/scale.md#cost-of-the-full-reproduction).
+    """
+    return jax.default_backend() != "cpu"
 
 
 def num_episodes(ev, adaptation: str, total: int) -> int:
@@ -166,9 +181,9 @@ def adapt_on_embeddings(config, domain, selections: dict, batch, embeddings, ada
     ``selections``: family -> :class:`Selection`; ``embeddings``: backbone -> embeddings of
     the domain's test split. The pairs not yet in ``adapted`` (``(adaptation, backbone) ->
     {episode: accuracy}``) are evaluated in one batched call per adaptation over
-    :func:`evaluate.tasks_on_one_table` and stored there. One call per domain instead of
-    one per (family, backbone) matters on unseen domains, where PARC spreads a family's
-    episodes over all its candidates: every small call compiled its own shapes.
+    :func:`ncc.tasks_on_one_table` and stored there. One call per domain, not one per
+    (family, backbone): on unseen domains PARC spreads a family's episodes over all its
+    candidates, and every small call would compile its own shapes.
     """
     ev = config.evaluation
     for adaptation in ev.adaptations:
@@ -263,7 +278,7 @@ def evaluate_family(
                         lr_alpha=lr_alpha,
                         lr_beta=lr_beta,
                         steps=ev.tsa_steps,
-                        bucket=False,  # one compilation per domain, as fine-tuning
+                        bucket=bucket_supports(),
                     )
                     continue
                 acc[idx] = adapt.adapt_episodes(
@@ -276,9 +291,7 @@ def evaluate_family(
                     learning_rate=ev.finetune_lr,
                     lora_rank=ev.lora_rank,
                     metric=ev.metric,
-                    # One padded shape per domain: a single compilation serves
-                    # every episode and backbone (compiles dominate 10 episodes).
-                    bucket=False,
+                    bucket=bucket_supports(),
                 )
         for i, c in enumerate(selection.candidates):
             chosen = np.flatnonzero(selection.choice[:n] == i)
@@ -338,10 +351,21 @@ def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dic
     ev = config.evaluation
     t0 = time.perf_counter()
     with PROFILE.section("evaluate/episodes"):
-        split = benchmarks.load_split(config.benchmark, domain, "test", config.data_dir)
+        split = benchmarks.load_split(
+            config.benchmark,
+            domain,
+            "test",
+            config.data_dir,
+            **benchmarks.split_options(config.benchmark, config.data.class_splits),
+        )
         batch = episodes_lib.EpisodeBatch.sample(
             split, ev.episodes, seed=evaluation_seed(config) + 1000
         )
+        # From here on the split is the rows the episodes use and the episodes index
+        # them: embeddings, PARC and adaptation read only those images, so host memory
+        # follows the episodes, not the split (7.7M images on MD QuickDraw).
+        rows, batch = ncc_lib.used_rows(batch)
+        split = ncc_lib.SplitRows(split, rows)
     parc_support_sets = parc_subsets(batch, ev.parc_max_support, evaluation_seed(config) + 2000)
     embeds: dict = {}  # (domain, method) of a backbone -> embeddings of this split
     parc_cache: dict = {}  # (domain, method) -> PARC score per episode
@@ -370,6 +394,8 @@ def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dic
 
     seen = domain in tuple(config.domains)
     dom = {"seen": seen, "ways": batch.ways.tolist(), "families": {}, "selection": {}}
+    if split.provenance is not None:  # where the data came from, for the report
+        dom["provenance"] = dict(split.provenance)
     selections = {}
     for fam in fams:
         bar.set_description(f"evaluate {domain} {fam}: embed, select")

@@ -14,8 +14,8 @@ by nearest centroid on the adapted, mapped embeddings. Recipe (TSA's reference c
 
 Cost: every step is a forward and backward pass of the backbone over the support set,
 so a task costs about 40 backbone passes (as test-time fine-tuning does). Each step is
-one jitted call driven from Python (the loop of adapt.py: on XLA:CPU convolutions inside
-``lax.fori_loop`` run 7-15x slower), episodes are looped over and their support and query
+one jitted call driven from Python (a Python loop of jitted steps, as in adapt.py:
+docs/performance.md#xla-cpu-loops), episodes are looped over and their support and query
 sets padded to fixed widths (``episodes.compact_episode``: power-of-two buckets), so one
 compilation serves every episode of a padded shape; the learning rates are traced, so
 seen and unseen domains share it.

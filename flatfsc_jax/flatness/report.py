@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from flatfsc_jax import families
-from flatfsc_jax.flatness import measures
+from flatfsc_jax.flatness import landscape, measures
 from flatfsc_jax.reporting import atomic
 from flatfsc_jax.reporting.tables import Z95
 
@@ -123,7 +123,7 @@ _FLATNESS_CSV_FIELDS = (
 def write_flatness_report(results: dict, out_dir) -> dict[str, Any]:
     """Writes flatness.json/.md/.csv and the landscape PNGs; returns their paths.
 
-    ``results`` is what ``measure_flatness.measure_zoo`` returns. Returns
+    ``results`` is what :func:`flatfsc_jax.flatness.zoo.measure_zoo` returns. Returns
     ``dict(json, markdown, csv, landscapes={domain: png}, landscapes_2d=...)``:
     ``landscape_<domain>.png`` holds the 1-D landscapes of a domain's backbones on one
     plot, ``landscape2d_<domain>.png`` the contours where 2-D landscapes were measured.
@@ -172,7 +172,7 @@ def _render(results: dict, out_dir: str) -> dict[str, Any]:
             for method, r in ordered
         }
         losses = np.concatenate([np.asarray(c[1]) for c in curves.values()])
-        paths["landscapes"][domain] = measures.plot_landscape_1d(
+        paths["landscapes"][domain] = landscape.plot_landscape_1d(
             curves,
             os.path.join(out_dir, f"landscape_{domain}.png"),
             title=f"{results['benchmark']}/{domain}: training loss along a random direction",
@@ -189,7 +189,7 @@ def _render(results: dict, out_dir: str) -> dict[str, Any]:
             if "landscape_2d" in r
         }
         if surfaces:
-            paths["landscapes_2d"][domain] = measures.plot_landscape_2d(
+            paths["landscapes_2d"][domain] = landscape.plot_landscape_2d(
                 surfaces,
                 os.path.join(out_dir, f"landscape2d_{domain}.png"),
                 title=f"{results['benchmark']}/{domain}: training loss, two random directions",

@@ -1,4 +1,4 @@
-"""Are the SAM backbones of the zoo really flatter? The zoo driver of ``flatness``.
+"""Are the SAM backbones of the zoo really flatter? The zoo driver of the flatness measures.
 
 Command: ``python -m flatfsc_jax.cli.flatness --workdir=work`` (after ``./run.sh`` has
 filled ``<workdir>/zoo``); :func:`flatness_report.write_flatness_report` writes what it measured.
@@ -8,10 +8,10 @@ adds the fine-tuned ``erm+ft`` / ``sam+ft`` ... entries): the backbone *with its
 classification head* on a fixed, seeded subset of ``examples`` images of its own
 domain's training classes (the data it was trained on; the same subset for every
 backbone of a domain), cross-entropy with BatchNorm in eval mode
-(:func:`flatness.model_loss_fn` explains why). Larger = sharper for all measures:
+(:func:`measures.model_loss_fn` explains why). Larger = sharper for all measures:
 
 * rho-sharpness: the largest loss increase found in the L2 ball of radius ``rho``
-  around the weights (SAM's own notion; :func:`flatness.rho_sharpness`, ascent step
+  around the weights (SAM's own notion; :func:`measures.rho_sharpness`, ascent step
   ``rho``). One ``rho`` for all backbones.
 * top Hessian eigenvalue (power iteration; the eigenvalue of largest magnitude, which
   is the top one at a minimum) and the Hessian trace (Hutchinson, Rademacher probes).
@@ -20,9 +20,9 @@ backbone of a domain), cross-entropy with BatchNorm in eval mode
   one domain share parameter shapes, so their directions come from the same Gaussian
   draw and differ only by the filter normalisation.
 
-The jitted iterations of the ``flatness`` measures are module-level functions keyed on
-the model here (:func:`model_steps`), so the ERM and SAM backbones of a domain share
-every compilation.
+The jitted iterations of the measures (:mod:`flatfsc_jax.flatness.measures`) are
+module-level functions keyed on the model here (:func:`model_steps`), so the ERM and SAM
+backbones of a domain share every compilation.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from flatfsc_jax import errors
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.checks import check_int, is_real
 from flatfsc_jax.data import benchmarks, sources
+from flatfsc_jax.flatness import landscape
 from flatfsc_jax.flatness import measures as measures_lib
 from flatfsc_jax.flatness import report as flatness_report
 
@@ -239,8 +240,8 @@ def measure_entry(
     trace = measures_lib.hessian_trace(
         steps, params, samples=settings.trace_samples, seed=int(seeds[2])
     )
-    direction = measures_lib.random_direction(params, jax.random.key(int(seeds[3])))
-    losses_1d = measures_lib.loss_landscape_1d(steps, params, direction, settings.alphas)
+    direction = landscape.random_direction(params, jax.random.key(int(seeds[3])))
+    losses_1d = landscape.loss_landscape_1d(steps, params, direction, settings.alphas)
     # Accuracy at the unperturbed point: the landscape's forward pass at alpha = 0.
     _, accuracy = _model_loss_at(model, batch, params, [direction], np.zeros(1, np.float32))
     result = {
@@ -271,10 +272,10 @@ def measure_entry(
     }
     if landscape_2d:
         key_x, key_y = jax.random.split(jax.random.key(int(seeds[4])))
-        dir_x = measures_lib.random_direction(params, key_x)
-        dir_y = measures_lib.random_direction(params, key_y)
+        dir_x = landscape.random_direction(params, key_x)
+        dir_y = landscape.random_direction(params, key_y)
         grid = np.linspace(-1.0, 1.0, settings.grid_2d, dtype=np.float32)
-        surface = measures_lib.loss_landscape_2d(steps, params, dir_x, dir_y, grid, grid)
+        surface = landscape.loss_landscape_2d(steps, params, dir_x, dir_y, grid, grid)
         result["landscape_2d"] = {
             "alphas": grid.tolist(),
             "betas": grid.tolist(),
@@ -344,8 +345,12 @@ def measure_zoo(
     landscape_2d_domain: str | None = None,
     settings: FlatnessSettings | None = None,
     progress: Callable[[str], None] | None = None,
+    class_splits: str = "shipped",
 ) -> dict[str, Any]:
     """:func:`measure_entry` for every selected entry of the zoo at ``zoo_root``.
+
+    ``class_splits``: Meta-Dataset's "shipped" class splits or the "prepared" ones
+    (``config.data.class_splits``).
 
     Each domain's training split is read once from ``data_dir`` (Glyphs prepares
     missing domains); ``landscape_2d_domain`` adds 2-D landscapes for that domain's
@@ -362,7 +367,13 @@ def measure_zoo(
     start = time.perf_counter()
     # Every split first: a missing source fails before any backbone is measured.
     splits = {
-        domain: benchmarks.load_split(benchmark, domain, "train", data_dir)
+        domain: benchmarks.load_split(
+            benchmark,
+            domain,
+            "train",
+            data_dir,
+            **benchmarks.split_options(benchmark, class_splits),
+        )
         for domain in sorted({e.domain for e in entries})
     }
     results = []

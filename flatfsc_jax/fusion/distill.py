@@ -20,29 +20,20 @@ once and distilled from the zoo's per-domain backbones of one family (ERM teache
   ``k_d`` ``config.fusion.distill.anneal``) and ``KL_T`` the temperature-T KL divergence
   of the softened logits times T^2 divided by the batch size;
 * the student (trunk + heads) steps with SGD 0.9 + coupled weight decay and the
-  warm-restart cosine schedule (optim.py), the adaptors with Adam (coupled L2 decay) on
+  warm-restart cosine schedule (training/optim.py), the adaptors with Adam (coupled L2 decay) on
   the same schedule. For ``sam+kd`` the gradient is SAM's (``sam.sam_gradient`` on the
   total loss, rho of the general domain; perturbation over everything trained,
   adaptors included; BN statistics from the clean pass); the teachers run once.
 
-CKA follows URL's ``models/cka.py``: RBF kernels with bandwidth
-``sqrt(median of the non-zero squared distances)`` computed for each side separately
-(the *lower* median, as ``torch.median``; clamped at 1e-12) with no gradient through it,
-HSIC with the centring ``H = I - 11^T / n``, and the HSIC self-terms clamped at 1e-12
-before the square root.
+The loss terms (CKA, KL, annealing) are in ``fusion/kd_losses.py``.
 
 The stored zoo entry ``<benchmark>/<source_domain>/<method>+kd`` is a plain backbone:
 the student's trunk with the *general domain's* head (so ``Zoo.load`` builds it with the
 general domain's class count). Evaluation uses only the trunk. Validation is NCC on each
 seen domain's validation episodes, averaged over domains (URL's criterion); the best
-checkpoint is kept. Training resumes exactly like ``train.py`` (Orbax
+checkpoint is kept. Training resumes exactly like ``training/loop.py`` (Orbax
 ``CheckpointManager`` with the train state, every domain's input position and the
 best-so-far record).
-
-Why one module: the loss terms (CKA, KL, annealing), the jitted student step and the
-resumable loop share one state layout (trunk, per-domain heads and adaptors, two
-optimisers) that no other module uses; split, each part would import the others' private
-structure.
 """
 
 from __future__ import annotations
@@ -62,86 +53,13 @@ from flax import linen as nn
 from flatfsc_jax import config_lib, models, sam
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, pipeline
+from flatfsc_jax.fusion import kd_losses
 from flatfsc_jax.training import loop as loop_lib
 from flatfsc_jax.training import optim
 from flatfsc_jax.training import step as step_lib
 from flatfsc_jax.training.resumable import Cadence, ResumableRun, run_steps
 
 log = logging.getLogger(__name__)
-
-# URL's clamps (models/cka.py): the squared bandwidth and the HSIC self-terms.
-_CLAMP = 1e-12
-
-
-# ----------------------------------------------------------------------------------------
-# The distillation losses (pure jnp)
-# ----------------------------------------------------------------------------------------
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Rows divided by ``max(||row||, eps)`` (``torch.nn.functional.normalize``)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def squared_distances(x: jax.Array) -> jax.Array:
-    """``[n, n]`` squared Euclidean distances from the Gram matrix (exact zero diagonal)."""
-    gram = x @ x.T
-    half = jnp.diag(gram)[None, :] - gram  # [i, j] = |x_j|^2 - <x_i, x_j>
-    return half + half.T
-
-
-def median_bandwidth(sq_dists: jax.Array) -> jax.Array:
-    """``sqrt(lower median of the non-zero entries)``, clamped, without gradient.
-
-    Every pair appears twice in the symmetric matrix and the diagonal is zero, so this
-    is the lower median over pairs. No non-zero entry (all rows equal): the clamp.
-    """
-    sq_dists = jax.lax.stop_gradient(sq_dists)
-    flat = sq_dists.reshape(-1)
-    nonzero = flat != 0
-    count = jnp.sum(nonzero)
-    ordered = jnp.sort(jnp.where(nonzero, flat, jnp.inf))
-    median = jnp.where(count > 0, ordered[jnp.maximum(count - 1, 0) // 2], 0.0)
-    return jnp.sqrt(jnp.maximum(median, _CLAMP))
-
-
-def rbf_kernel(x: jax.Array) -> jax.Array:
-    """RBF kernel matrix of the rows of ``x`` with the median-heuristic bandwidth."""
-    sq = squared_distances(x)
-    sigma = median_bandwidth(sq)
-    return jnp.exp(sq * (-0.5 / (sigma * sigma)))
-
-
-def center(k: jax.Array) -> jax.Array:
-    """``H K H`` with ``H = I - 11^T / n``, as row/column mean subtraction."""
-    k = k - jnp.mean(k, axis=0, keepdims=True)
-    return k - jnp.mean(k, axis=1, keepdims=True)
-
-
-def cka_rbf(x: jax.Array, y: jax.Array) -> jax.Array:
-    """RBF-kernel CKA of two sets of features of the same ``n`` examples, in [0, 1]."""
-    kx, ky = center(rbf_kernel(x)), center(rbf_kernel(y))
-    hsic_xy = jnp.sum(kx * ky)
-    var_x = jnp.sqrt(jnp.maximum(jnp.sum(kx * kx), _CLAMP))
-    var_y = jnp.sqrt(jnp.maximum(jnp.sum(ky * ky), _CLAMP))
-    return hsic_xy / (var_x * var_y)
-
-
-def kl_distillation(
-    student_logits: jax.Array, teacher_logits: jax.Array, temperature: float
-) -> jax.Array:
-    """``sum KL(softmax(t / T) || softmax(s / T)) * T^2 / batch`` (URL's ``DistillKL``)."""
-    log_p_s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-    log_p_t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
-    kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s))
-    return kl * temperature**2 / student_logits.shape[0]
-
-
-def annealing_weight(step, restart_period: int, k: float) -> jax.Array:
-    """``max(0, 1 - step / (restart_period * k))``: KD fades out after ``k`` periods."""
-    step = jnp.asarray(step, jnp.float32)
-    return jnp.maximum(0.0, 1.0 - step / (restart_period * k))
-
 
 # ----------------------------------------------------------------------------------------
 # The student step
@@ -250,10 +168,10 @@ def distill_step(
     for d in domains:
         (t_logits, t_feats), _ = teacher_models[d].apply(teachers[d], images[d], train=False)
         targets[d] = jax.lax.stop_gradient(
-            (t_logits.astype(jnp.float32), l2_normalize(t_feats.astype(jnp.float32)))
+            (t_logits.astype(jnp.float32), kd_losses.l2_normalize(t_feats.astype(jnp.float32)))
         )
     weights = {
-        d: annealing_weight(state.step, recipe.restart_period, k)
+        d: kd_losses.annealing_weight(state.step, recipe.restart_period, k)
         for d, k in zip(domains, recipe.anneal, strict=True)
     }
     sizes = [images[d].shape[0] for d in domains]
@@ -274,8 +192,8 @@ def distill_step(
                 optax.softmax_cross_entropy_with_integer_labels(logits, data["labels"][d])
             )
             t_logits, t_feats = targets[d]
-            cka = cka_rbf(l2_normalize(z_d @ trained["adaptors"][d]), t_feats)
-            kl = kl_distillation(logits, t_logits, recipe.temperature)
+            cka = kd_losses.cka_rbf(kd_losses.l2_normalize(z_d @ trained["adaptors"][d]), t_feats)
+            kl = kd_losses.kl_distillation(logits, t_logits, recipe.temperature)
             total = total + ce + weights[d] * (lf * (1.0 - cka) + lp * kl)
             aux[f"ce/{d}"], aux[f"cka/{d}"], aux[f"kl/{d}"] = ce, cka, kl
             aux[f"accuracy/{d}"] = jnp.mean(
@@ -360,7 +278,7 @@ def export_variables(params: dict, batch_stats, source: str) -> dict:
 
 
 def student_config(config) -> dict:
-    """The keys that define a student (``zoo.STUDENT_KEYS``), as stored and compared: its
+    """The keys that define a student (``entry_keys.STUDENT_KEYS``), as stored and compared: its
     recipe, the seen domains and every teacher's row (a teacher trained otherwise is
     another teacher)."""
     c = config.to_dict()
@@ -437,20 +355,6 @@ def _load_teachers(config, zoo: zoo_lib.Zoo, method: str) -> dict:
     return teachers
 
 
-def _divergence_advice(dc, entry_dir, last_good: int | None) -> str:
-    kept = (
-        f"The last good checkpoint (step {last_good}; every saved one is finite) is kept in "
-        f"{str(entry_dir / 'train')!r}"
-        if last_good is not None
-        else "No checkpoint was saved"
-    )
-    return (
-        f"{kept} and nothing was marked complete. Lower config.fusion.distill.lr (now "
-        f"{dc.lr}) or config.fusion.distill.adaptor_lr (now {dc.adaptor_lr}) and re-run (an "
-        "unfinished student with other settings is restarted)."
-    )
-
-
 def distill(
     config: ml_collections.ConfigDict,
     zoo: zoo_lib.Zoo,
@@ -459,9 +363,11 @@ def distill(
     progress: bool = True,
 ) -> zoo_lib.ZooEntry:
     """Trains (or resumes) the ``<method>+kd`` student and returns its zoo entry."""
-    mesh = step_lib.make_mesh()
-    config_lib.validate(config, num_devices=mesh.size, evaluation=False)
-    config_lib.validate_distill(config, num_devices=mesh.size)
+    config_lib.validate(config, num_processes=jax.process_count(), evaluation=False)
+    config_lib.validate_distill(config, num_processes=jax.process_count())
+    # One mesh shards every domain's batch: gcd of the batches (step.make_mesh).
+    batches = [int(config.fusion.distill.batch_size[d]) for d in config.domains]
+    mesh = step_lib.make_mesh(batch_size=math.gcd(*batches))
     if method not in config_lib.METHODS:
         raise ValueError(f"method {method!r} must be one of {config_lib.METHODS}")
     dc = config.fusion.distill
@@ -472,11 +378,14 @@ def distill(
     desc = f"{config.benchmark}/{source}/{name}"
 
     teachers = _load_teachers(config, zoo, method)
+    options = benchmarks.split_options(config.benchmark, config.data.class_splits)
     train_splits = {
-        d: benchmarks.load_split(config.benchmark, d, "train", config.data_dir) for d in domains
+        d: benchmarks.load_split(config.benchmark, d, "train", config.data_dir, **options)
+        for d in domains
     }
     valid_splits = {
-        d: benchmarks.load_split(config.benchmark, d, "valid", config.data_dir) for d in domains
+        d: benchmarks.load_split(config.benchmark, d, "valid", config.data_dir, **options)
+        for d in domains
     }
     num_classes = {d: train_splits[d].num_classes for d in domains}
     for d in domains:
@@ -505,19 +414,22 @@ def distill(
             opt_state=tx.init(params),
         )
 
-    process_index, process_count = jax.process_index(), jax.process_count()
+    process_index = jax.process_index()
     augment = pipeline.AugmentConfig(**config.augment.to_dict())
-    iterators = {
-        d: pipeline.make_train_iterator(
+    data_settings = config_lib.data_settings(config)
+    iterators = {}
+    for i, d in enumerate(domains):
+        # This process's rows of every global batch, read off the batch sharding.
+        block, blocks = pipeline.process_block(step_lib.batch_sharding(mesh), int(dc.batch_size[d]))
+        iterators[d] = pipeline.make_train_iterator(
             train_splits[d],
             global_batch_size=int(dc.batch_size[d]),
             seed=config.seed + i,  # distinct augmentation streams per domain
             augment=augment,
-            process_index=process_index,
-            process_count=process_count,
+            process_index=block,
+            process_count=blocks,
+            **data_settings,
         )
-        for i, d in enumerate(domains)
-    }
     run = ResumableRun(
         entry_dir,
         desc=desc,
@@ -526,7 +438,11 @@ def distill(
         fresh_state=fresh_state,
         iterators=iterators,
         record={"best_accuracy": -1.0, "best_step": -1, "best_ci95": 0.0, "best_per_domain": {}},
-        advice=lambda last_good: _divergence_advice(dc, entry_dir, last_good),
+        fix=(
+            f"Lower config.fusion.distill.lr (now {dc.lr}) or config.fusion.distill.adaptor_lr "
+            f"(now {dc.adaptor_lr}) and re-run (an unfinished student with other settings is "
+            "restarted)."
+        ),
     )
     teacher_vars = step_lib.replicate({d: t.variables for d, t in teachers.items()}, mesh)
     teacher_models = {d: t.model for d, t in teachers.items()}
@@ -544,9 +460,10 @@ def distill(
 
     def next_batch():
         host = {d: next(it) for d, it in iterators.items()}
-        return step_lib.shard_batch(
-            {d: {"images": b["image"], "labels": b["label"]} for d, b in host.items()}, mesh
-        )
+        return {
+            d: pipeline.to_step_batch(b, pad=augment.pad)
+            for d, b in step_lib.shard_batch(host, mesh).items()
+        }
 
     def validate(step):
         state = run.state

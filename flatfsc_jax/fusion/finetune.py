@@ -16,7 +16,7 @@ a large rate would erase what the general domain taught), and one cosine cycle o
 rate. Validation and best-checkpoint selection are as in backbone training.
 
 ``config.fusion.mode`` may name several modes, comma-separated: ``"full,distill"`` fuses
-by fine-tuning *and* trains the distillation students (``flatfsc_jax/distill.py``: one
+by fine-tuning *and* trains the distillation students (``flatfsc_jax/fusion/distill.py``: one
 ``<source_domain>/<method>+kd`` entry per method, from the per-domain teachers).
 """
 
@@ -57,8 +57,13 @@ def fusion_targets(config) -> tuple[str, ...]:
     return tuple(d for d in config.domains if d != config.fusion.source_domain)
 
 
-def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_lib.ZooEntry]:
+def fuse(
+    config, zoo: zoo_lib.Zoo, method: str, *, progress=True, only=None
+) -> list[zoo_lib.ZooEntry]:
     """Runs every mode of ``config.fusion.mode`` for ``method``; returns the entries.
+
+    ``only(domain, entry_method)``: fuse just the entries it accepts (a process's share,
+    ``experiment.shard_entries``); each entry is written under its ``Zoo.entry_lock``.
 
     A complete fine-tuned entry is reused only if it was fine-tuned from the current source
     backbone (same ``best/`` sha256, recorded in its metadata); otherwise it is retrained.
@@ -72,9 +77,12 @@ def fuse(config, zoo: zoo_lib.Zoo, method: str, *, progress=True) -> list[zoo_li
     entries = []
     for mode in config_lib.fusion_modes(config):
         if mode == "distill":
-            entries.append(_distill(config, zoo, method, progress=progress))
+            name = families.fused_method(method, "distill")
+            if only is None or only(source, name):
+                with zoo.entry_lock(config.benchmark, source, name):
+                    entries.append(_distill(config, zoo, method, progress=progress))
         else:
-            entries += _fine_tune(config, zoo, method, mode, progress=progress)
+            entries += _fine_tune(config, zoo, method, mode, progress=progress, only=only)
     return entries
 
 
@@ -102,48 +110,54 @@ def _source_retrained(source_sha: str, source_key: str, entry: zoo_lib.ZooEntry)
     return f"its source {source_key} was retrained"
 
 
-def _fine_tune(config, zoo, method: str, mode: str, *, progress) -> list[zoo_lib.ZooEntry]:
+def _fine_tune(
+    config, zoo, method: str, mode: str, *, progress, only=None
+) -> list[zoo_lib.ZooEntry]:
     """Fine-tunes the general domain's ``method`` backbone on every other seen domain."""
     source = config.fusion.source_domain
+    target_method = families.fused_method(method, mode)
+    domains = [d for d in fusion_targets(config) if only is None or only(d, target_method)]
+    if not domains:
+        return []
     start = zoo.load(config.benchmark, source, method)
     source_sha = start.entry.best_sha256
-    target_method = families.fused_method(method, mode)
     cfg = fusion_config(config, mode)
     lora_rank = config.fusion.lora_rank if mode == "lora" else 0
     entries = []
-    for domain in fusion_targets(config):
-        entry_cfg = config_lib.domain_config(cfg, domain, method)
-        reused = zoo.reuse_or_begin(
-            config.benchmark,
-            domain,
-            target_method,
-            {"config": entry_cfg.to_dict(), "source_sha256": source_sha},
-            retrain=config.retrain,
-            stage="fuse",
-            outdated=functools.partial(_source_retrained, source_sha, start.entry.key),
-        )
-        if reused is not None:
-            entries.append(reused)
-            continue
-        entries.append(
-            loop.train_and_evaluate(
-                cfg,
-                zoo,
+    for domain in domains:
+        with zoo.entry_lock(config.benchmark, domain, target_method):
+            entry_cfg = config_lib.domain_config(cfg, domain, method)
+            reused = zoo.reuse_or_begin(
+                config.benchmark,
                 domain,
-                method,
-                init_variables=start.variables,
-                lora_rank=lora_rank,
-                entry_method=target_method,
-                extra_metadata=dict(
-                    fusion=dict(
-                        source=f"{config.benchmark}/{source}/{method}",
-                        source_sha256=source_sha,
-                        mode=mode,
-                        lora_rank=lora_rank,
-                    )
-                ),
-                progress=progress,
+                target_method,
+                {"config": entry_cfg.to_dict(), "source_sha256": source_sha},
+                retrain=config.retrain,
                 stage="fuse",
+                outdated=functools.partial(_source_retrained, source_sha, start.entry.key),
             )
-        )
+            if reused is not None:
+                entries.append(reused)
+                continue
+            entries.append(
+                loop.train_and_evaluate(
+                    cfg,
+                    zoo,
+                    domain,
+                    method,
+                    init_variables=start.variables,
+                    lora_rank=lora_rank,
+                    entry_method=target_method,
+                    extra_metadata=dict(
+                        fusion=dict(
+                            source=f"{config.benchmark}/{source}/{method}",
+                            source_sha256=source_sha,
+                            mode=mode,
+                            lora_rank=lora_rank,
+                        )
+                    ),
+                    progress=progress,
+                    stage="fuse",
+                )
+            )
     return entries

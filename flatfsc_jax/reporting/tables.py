@@ -146,7 +146,21 @@ def to_markdown(results: dict, table: dict | None = None) -> str:
     if sel:
         lines += ["", "Backbones chosen by PARC on unseen domains (episodes per backbone):", ""]
         lines += sel
+    prov = _provenance_lines(results)
+    if prov:
+        lines += ["", "Data provenance (docs/meta-dataset.md#deviations):", ""]
+        lines += prov
     return "\n".join(lines) + "\n"
+
+
+def _provenance_lines(results) -> list[str]:
+    """One line per domain whose prepared data records its provenance (Meta-Dataset)."""
+    records = [d["provenance"] for d in results["domains"].values() if d.get("provenance")]
+    if not records:
+        return []
+    from flatfsc_jax.data.meta_dataset.provenance import format_provenance
+
+    return [f"- {format_provenance(r)}" for r in records]
 
 
 def _selection_lines(results) -> list[str]:

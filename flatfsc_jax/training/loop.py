@@ -9,7 +9,7 @@ cosine, frozen embeddings), keeps the best checkpoint in the zoo and logs to the
 Compilation is shared: the model's classification head is padded to
 ``config.model.head_classes`` (when set) with the padded logits masked, and the learning
 rate, restart period, rho and class count travel in ``TrainState.hparams`` as data
-(steps.py), so every entry of one architecture, batch size and method runs one compiled
+(training/step.py), so every entry of one architecture, batch size and method runs one compiled
 program (``_compiled_step`` caches it for the process). The stored backbone's head is cut
 back to the domain's classes, so zoo entries do not depend on the padding.
 
@@ -23,6 +23,7 @@ command ends with exactly the parameters of an uninterrupted run (tests/training
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from typing import Any
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flatfsc_jax import config_lib, models
+from flatfsc_jax import config_lib, flat_methods, models
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, pipeline, sources
 from flatfsc_jax.data.episodes import EpisodeBatch
@@ -43,18 +44,11 @@ from flatfsc_jax.training.resumable import Cadence, ResumableRun, run_steps
 log = logging.getLogger(__name__)
 
 
-def _divergence_advice(cfg, domain: str, fused: bool, entry_dir, last_good: int | None) -> str:
+def _divergence_fix(cfg, domain: str, fused: bool) -> str:
     lr_key = "config.fusion.lr" if fused else f"config.per_domain.{domain}.lr"
-    kept = (
-        f"The last good checkpoint (step {last_good}; every saved one is finite) is kept in "
-        f"{str(entry_dir / 'train')!r}"
-        if last_good is not None
-        else "No checkpoint was saved"
-    )
     return (
-        f"{kept} and nothing was marked complete. Lower {lr_key} (now {cfg.lr}) or "
-        f"config.per_domain.{domain}.rho (now {cfg.sam.rho}) and re-run (an unfinished run "
-        "with other settings is restarted)."
+        f"Lower {lr_key} (now {cfg.lr}) or config.per_domain.{domain}.rho (now {cfg.sam.rho}) "
+        "and re-run (an unfinished run with other settings is restarted)."
     )
 
 
@@ -88,8 +82,11 @@ def head_width(config, num_classes: int) -> int:
 _COMPILED_STEPS: dict = {}
 
 
-def _compiled_step(model, cfg, mesh, *, train_lora: bool):
+def _compiled_step(model, cfg, mesh, *, train_lora: bool, flat=None):
+    if step_lib.is_plain(flat):
+        flat = None  # plain ERM/SAM: the program that existed before the flat methods
     key = (
+        flat,
         model,
         float(cfg.momentum),
         float(cfg.weight_decay),
@@ -114,6 +111,7 @@ def _compiled_step(model, cfg, mesh, *, train_lora: bool):
             label_smoothing=cfg.label_smoothing,
             train_lora=train_lora,
             batch_size=cfg.batch_size,
+            flat=flat,
         )
         _COMPILED_STEPS[key].fresh = True
     return _COMPILED_STEPS[key]
@@ -149,12 +147,13 @@ def train_and_evaluate(
     t_setup = time.perf_counter()
     cfg = config_lib.domain_config(config, domain, method)
     entry_method = entry_method or method
-    mesh = step_lib.make_mesh()
-    config_lib.validate(cfg, num_devices=mesh.size, evaluation=False)
+    mesh = step_lib.make_mesh(batch_size=int(cfg.batch_size))
+    config_lib.validate(cfg, num_processes=jax.process_count(), evaluation=False)
     entry_dir = zoo.entry_dir(cfg.benchmark, domain, entry_method)
 
-    train_split = benchmarks.load_split(cfg.benchmark, domain, "train", cfg.data_dir)
-    valid_split = benchmarks.load_split(cfg.benchmark, domain, "valid", cfg.data_dir)
+    options = benchmarks.split_options(cfg.benchmark, cfg.data.class_splits)
+    train_split = benchmarks.load_split(cfg.benchmark, domain, "train", cfg.data_dir, **options)
+    valid_split = benchmarks.load_split(cfg.benchmark, domain, "valid", cfg.data_dir, **options)
     image_shape = train_split.image_shape
     model_config = models.model_metadata(cfg, train_split.num_classes)
     if lora_rank > 0 and init_variables is None:
@@ -167,7 +166,11 @@ def train_and_evaluate(
     eval_every = cfg.validation.every or cfg.restart_period
     evaluator = validation_evaluator(cfg, valid_split)
 
-    train_step = _compiled_step(model, cfg, mesh, train_lora=lora_rank > 0)
+    # The flat method of a "sam" entry (None for ERM); config.flat.* (docs/flat_methods.md).
+    flat = config_lib.flat_settings(cfg)
+    train_step = _compiled_step(model, cfg, mesh, train_lora=lora_rank > 0, flat=flat)
+    switching = flat is not None and flat.method in flat_methods.SWITCHING_METHODS
+    averaged = flat is not None and flat.average != "none"
     tx = optim.make_direction(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     hparams = step_lib.make_hparams(
         learning_rate=cfg.lr,
@@ -186,16 +189,26 @@ def train_and_evaluate(
         state = step_lib.create_train_state(model, tx, init_rng, sample, train_lora=train_lora)
         if init_variables is not None:
             state = _load_trunk(state, init_variables, tx, train_lora)
+        if flat is not None and not step_lib.is_plain(flat):
+            trained = step_lib.trainable(state, train_lora)
+            state = state.replace(
+                flat=flat_methods.init_state(flat, trained),
+                average=flat_methods.init_average(flat, trained),
+            )
         return state.replace(hparams=hparams)
 
-    process_index, process_count = jax.process_index(), jax.process_count()
+    process_index = jax.process_index()
+    augment = pipeline.AugmentConfig(**cfg.augment.to_dict())
+    # This process's rows of every global batch, read off the batch sharding.
+    block, blocks = pipeline.process_block(step_lib.batch_sharding(mesh), cfg.batch_size)
     iterator = pipeline.make_train_iterator(
         train_split,
         global_batch_size=cfg.batch_size,
         seed=cfg.seed,
-        augment=pipeline.AugmentConfig(**cfg.augment.to_dict()),
-        process_index=process_index,
-        process_count=process_count,
+        augment=augment,
+        process_index=block,
+        process_count=blocks,
+        **config_lib.data_settings(cfg),
     )
 
     desc = f"{cfg.benchmark}/{domain}/{entry_method}"
@@ -207,23 +220,27 @@ def train_and_evaluate(
         fresh_state=fresh_state,
         iterators={"train": iterator},
         record={"best_accuracy": -1.0, "best_step": -1, "best_ci95": 0.0},
-        advice=functools.partial(
-            _divergence_advice, cfg, domain, entry_method != method, entry_dir
-        ),
+        fix=_divergence_fix(cfg, domain, entry_method != method),
     )
     # The hyper-parameters are the config's, not the checkpoint's: the same command
     # resumes the same run.
     run.state = run.state.replace(hparams=step_lib.replicate(hparams, mesh))
 
     def next_batch():
-        host = next(iterator)
-        return step_lib.shard_batch({"images": host["image"], "labels": host["label"]}, mesh)
+        return pipeline.to_step_batch(step_lib.shard_batch(next(iterator), mesh), pad=augment.pad)
 
     def one_step(state, step, batch):
-        return train_step(state, batch, jax.random.fold_in(step_rng, step))
+        rng = jax.random.fold_in(step_rng, step)
+        if switching:  # two programs: the host picks this step's (training/step.py)
+            return train_step(state, batch, rng, sam_step=flat_methods.takes_sam_step(flat, step))
+        return train_step(state, batch, rng)
+
+    def stored(state):
+        """The weights to validate and store: the EMA/SWA average when there is one."""
+        return state.replace(params=state.average["params"]) if averaged else state
 
     def validate(step):
-        state = run.state
+        state = stored(run.state)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         if state.lora:
             variables["lora"] = state.lora
@@ -249,7 +266,7 @@ def train_and_evaluate(
     if taken:
         train_step.fresh = False
     run.close()
-    state = run.state
+    state = stored(run.state)
 
     metadata = dict(
         config=cfg.to_dict(),

@@ -108,8 +108,9 @@ class ResumableRun:
       fresh_state: builds a new train state (host arrays); also gives the restore shapes.
       iterators: ``{name: iterator}`` with ``get_state``/``set_state`` (the input positions).
       record: the initial best-so-far record (``best_accuracy`` -1 means none yet).
-      advice: ``advice(last_good_step)``: what to do after a divergence; it must work when
-        followed (the callers restart unfinished runs whose settings changed).
+      fix: what to change after a divergence (e.g. "Lower config.X (now 0.1) and re-run");
+        it must work when followed (the callers restart unfinished runs whose settings
+        changed). The message adds which checkpoint, if any, is kept.
     """
 
     def __init__(
@@ -122,7 +123,7 @@ class ResumableRun:
         fresh_state: Callable[[], Any],
         iterators: dict[str, Any],
         record: dict,
-        advice: Callable[[int | None], str],
+        fix: str,
     ):
         self.entry_dir = entry_dir
         self.desc = desc
@@ -130,7 +131,7 @@ class ResumableRun:
         self.mesh = mesh
         self.iterators = iterators
         self.record = dict(record)
-        self._advice = advice
+        self._fix = fix
         self.best_save_seconds = 0.0  # of the validations: counted as checkpointing
         self.manager = ocp.CheckpointManager(
             entry_dir / "train",
@@ -176,7 +177,15 @@ class ResumableRun:
         return restored.state
 
     def advice(self) -> str:
-        return self._advice(self.manager.latest_step())
+        last_good = self.manager.latest_step()
+        if last_good is None:
+            kept = "No checkpoint was saved"
+        else:
+            kept = (
+                f"The last good checkpoint (step {last_good}; every saved one is finite) is "
+                f"kept in {str(self.entry_dir / 'train')!r}"
+            )
+        return f"{kept} and nothing was marked complete. {self._fix}"
 
     def check_state(self, where: str) -> None:
         """Never validate, save or finalize a non-finite state."""

@@ -1,4 +1,4 @@
-"""Tests of the episode sampler (flatfsc_jax/data/episodes.py).
+"""Tests of the episode sampler and batches (flatfsc_jax/data/sampling.py, episodes.py).
 
 Invariants are checked over thousands of episodes on synthetic splits (tiny to huge
 classes, 7..1000 classes, Omniglot-like groups, an ImageNet-like hierarchy); the
@@ -19,19 +19,21 @@ import pytest  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from flatfsc_jax.data.episodes import (  # noqa: E402
-    Episode,
     EpisodeBatch,
     EpisodeSampler,
-    EpisodeSpec,
-    PadSizes,
     bucket_sizes,
     compact_episode,
+    pad_episodes,
+    show_episode,
+)
+from flatfsc_jax.data.sampling import (  # noqa: E402
+    Episode,
+    EpisodeSpec,
+    PadSizes,
     episode_rng,
     num_query_per_class,
-    pad_episodes,
     sample_episode,
     shots_per_class,
-    show_episode,
     support_set_size,
 )
 from flatfsc_jax.data.sources import SplitData  # noqa: E402
@@ -662,8 +664,8 @@ def test_bucket_sizes_bound_and_reach_sampled_episodes():
 
 
 def test_batch_sample_is_the_seed_stream_padded_to_the_split_bucket():
-    # The spelling train.validation_evaluator and protocol used before EpisodeBatch.sample:
-    # the same episodes (same random draws) and the same padded shapes.
+    # EpisodeBatch.sample is the sampler's stream padded to the split's bucket: the same
+    # episodes (same random draws) and the same padded shapes as spelling it out.
     labels, _, groups = grouped_split()
     data = split_data(labels, class_groups=groups)
     spec = EpisodeSpec(mode="variable")

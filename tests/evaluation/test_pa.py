@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from flatfsc_jax.data import episodes as episodes_lib
+from flatfsc_jax.data import sampling
 from flatfsc_jax.evaluation import ncc, pa
 
 
@@ -15,7 +16,7 @@ def task():
     labels = np.repeat(np.arange(12), 10)
     centers = rng.normal(size=(12, 24))
     emb = (centers[labels] + 1.2 * rng.normal(size=(len(labels), 24))).astype(np.float32)
-    spec = episodes_lib.EpisodeSpec(mode="variable")
+    spec = sampling.EpisodeSpec(mode="variable")
     eps = episodes_lib.EpisodeSampler(labels, spec, seed=3).sample(16)
     batch = episodes_lib.pad_episodes(eps, **episodes_lib.bucket_sizes(labels, spec))
     return emb, eps, batch

@@ -9,12 +9,13 @@ import numpy as np
 from configs import glyphs as glyphs_config
 from flatfsc_jax import families
 from flatfsc_jax.data import episodes as episodes_lib
+from flatfsc_jax.data import sampling
 from flatfsc_jax.evaluation import parc, protocol
 
 
 def _batch(n_classes=12, per_class=30, n=20, seed=0):
     labels = np.repeat(np.arange(n_classes), per_class)
-    spec = episodes_lib.EpisodeSpec(mode="variable")
+    spec = sampling.EpisodeSpec(mode="variable")
     sampler = episodes_lib.EpisodeSampler(labels, spec, seed=seed)
     eps = sampler.sample(n)
     return labels, eps, episodes_lib.pad_episodes(eps, **episodes_lib.bucket_sizes(labels, spec))

@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from flatfsc_jax.flatness import landscape
 from flatfsc_jax.flatness import measures as measures_lib
 from flatfsc_jax.models import build_model
 
@@ -218,107 +219,7 @@ def test_every_measure_ranks_the_sharp_minimum_above_the_flat_one(measure, expec
     assert sharp == pytest.approx(expected(SHARP_CURVATURE), rel=1e-3)
 
 
-# ------------------------------------------------------- filter-normalised directions
-
-
-def _toy_params():
-    rng = np.random.default_rng(0)
-    return {
-        "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
-        "dense": {
-            "kernel": jnp.asarray(rng.normal(size=(5, 3)) * np.array([0.1, 1.0, 10.0])),
-            "bias": jnp.asarray(rng.normal(size=3), jnp.float32),
-        },
-        "bn": {"scale": jnp.ones(4) * 2.0},
-    }
-
-
-def test_random_direction_matches_filter_norms_and_zeroes_1d_params():
-    params = _toy_params()
-    d = measures_lib.random_direction(params, jax.random.key(0))
-    assert jax.tree.structure(d) == jax.tree.structure(params)
-    for name in ("conv", "dense"):
-        w, dk = np.asarray(params[name]["kernel"]), np.asarray(d[name]["kernel"])
-        np.testing.assert_allclose(
-            np.linalg.norm(dk.reshape(-1, dk.shape[-1]), axis=0),
-            np.linalg.norm(w.reshape(-1, w.shape[-1]), axis=0),
-            rtol=1e-5,
-        )
-        # A direction, not a copy of the weights.
-        cos = np.sum(w * dk) / (np.linalg.norm(w) * np.linalg.norm(dk))
-        assert abs(cos) < 0.9
-    np.testing.assert_array_equal(d["dense"]["bias"], 0.0)
-    np.testing.assert_array_equal(d["bn"]["scale"], 0.0)
-
-    other = measures_lib.random_direction(params, jax.random.key(1))
-    assert not np.allclose(other["conv"]["kernel"], d["conv"]["kernel"])
-
-
-def test_random_direction_with_1d_params_scales_them_to_the_weight_norm():
-    params = _toy_params()
-    d = measures_lib.random_direction(params, jax.random.key(0), ignore_1d=False)
-    for w, dv in (
-        (params["dense"]["bias"], d["dense"]["bias"]),
-        (params["bn"]["scale"], d["bn"]["scale"]),
-    ):
-        assert float(jnp.linalg.norm(dv)) == pytest.approx(float(jnp.linalg.norm(w)), rel=1e-5)
-        assert not np.allclose(dv, w)
-
-
-def test_random_direction_zero_weight_filter_gives_zero_direction():
-    kernel = jnp.ones((4, 3)).at[:, 1].set(0.0)
-    d = measures_lib.random_direction({"kernel": kernel}, jax.random.key(0))["kernel"]
-    np.testing.assert_array_equal(d[:, 1], 0.0)
-    assert np.all(np.isfinite(d))
-
-
-# ----------------------------------------------------------------------------- landscapes
-
-
-def test_loss_landscape_1d_matches_closed_form_on_a_quadratic(spd):
-    a, _ = spd
-    w = np.linspace(-1.0, 1.0, EIGS.size)
-    d = np.cos(np.arange(EIGS.size))
-    alphas = np.linspace(-1.0, 1.0, 11)
-    losses = measures_lib.loss_landscape_1d(
-        _quadratic(a), jnp.asarray(w, jnp.float32), jnp.asarray(d, jnp.float32), alphas
-    )
-    assert isinstance(losses, np.ndarray) and losses.shape == (11,)
-    expected = [0.5 * (w + t * d) @ a @ (w + t * d) for t in alphas]
-    np.testing.assert_allclose(losses, expected, rtol=1e-5)
-    assert losses[5] == pytest.approx(float(_quadratic(a)(jnp.asarray(w, jnp.float32))))
-
-
-def test_loss_landscape_2d_matches_a_python_double_loop():
-    def loss_fn(p):
-        return jnp.sum(jnp.tanh(p["a"]) ** 2) + jnp.prod(p["b"]) + jnp.sum(p["a"]) * p["b"][0]
-
-    params = {"a": jnp.array([[0.2, -0.4], [1.0, 0.1]]), "b": jnp.array([0.5, -1.5, 2.0])}
-    dx = measures_lib.random_direction(params, jax.random.key(0), ignore_1d=False)
-    dy = measures_lib.random_direction(params, jax.random.key(1), ignore_1d=False)
-    alphas, betas = np.linspace(-1, 1, 5), np.linspace(-0.5, 0.5, 4)
-    grid = measures_lib.loss_landscape_2d(loss_fn, params, dx, dy, alphas, betas)
-    assert grid.shape == (5, 4)
-    loop = np.zeros((5, 4))
-    for i, a in enumerate(alphas):
-        for j, b in enumerate(betas):
-            point = jax.tree.map(lambda p, x, y, a=a, b=b: p + a * x + b * y, params, dx, dy)
-            loop[i, j] = float(loss_fn(point))
-    np.testing.assert_allclose(grid, loop, rtol=1e-5, atol=1e-6)
-    assert grid[2, :].tolist() != grid[:, 2].tolist()  # alphas index rows, betas columns
-
-
-def test_landscape_rejects_bad_grids_and_mismatched_directions():
-    params = {"w": jnp.ones(3)}
-    loss_fn = lambda p: jnp.sum(p["w"] ** 2)
-    with pytest.raises(ValueError, match="alphas"):
-        measures_lib.loss_landscape_1d(loss_fn, params, params, np.ones((2, 2)))
-    with pytest.raises(ValueError, match="direction"):
-        measures_lib.loss_landscape_1d(loss_fn, params, {"w": jnp.ones(4)}, [0.0, 1.0])
-    with pytest.raises(ValueError, match="dir_y"):
-        measures_lib.loss_landscape_2d(loss_fn, params, params, {"v": jnp.ones(3)}, [0.0], [0.0])
-    with pytest.raises(ValueError, match="scalar"):
-        measures_lib.loss_landscape_1d(lambda p: p["w"], params, params, [0.0, 1.0])
+# ----------------------------------------------------------------------- argument checks
 
 
 def test_measures_reject_bad_arguments_before_tracing():
@@ -337,28 +238,6 @@ def test_measures_reject_bad_arguments_before_tracing():
         measures_lib.top_hessian_eigenvalue(loss_fn, jnp.ones(2), tol=-1.0)
     with pytest.raises(ValueError, match="samples"):
         measures_lib.hessian_trace(loss_fn, jnp.ones(2), samples=1, seed=0)
-
-
-def test_plots_write_png_files(tmp_path):
-    alphas = np.linspace(-1, 1, 9)
-    path_1d = measures_lib.plot_landscape_1d(
-        {"ERM": (alphas, 3 * alphas**2), "SAM": (alphas, alphas**2)}, tmp_path / "one.png"
-    )
-    grid = np.add.outer(alphas**2, 2 * alphas[:5] ** 2)
-    path_2d = measures_lib.plot_landscape_2d(
-        {"ERM": (alphas, alphas[:5], 3 * grid), "SAM": (alphas, alphas[:5], grid)},
-        tmp_path / "two.png",
-        title="toy",
-    )
-    for path in (path_1d, path_2d):
-        with open(path, "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="losses have shape"):
-        measures_lib.plot_landscape_1d({"x": (alphas, alphas[:3])}, tmp_path / "bad.png")
-    with pytest.raises(ValueError, match=r"len\(alphas\), len\(betas\)"):
-        measures_lib.plot_landscape_2d({"x": (alphas, alphas, grid)}, tmp_path / "bad.png")
-    with pytest.raises(ValueError, match="curves"):
-        measures_lib.plot_landscape_1d({}, tmp_path / "bad.png")
 
 
 # ------------------------------------------------------------------------- a flax model
@@ -458,7 +337,7 @@ def test_directions_and_landscapes_on_a_flax_model(tiny_model):
     model, variables, images, labels = tiny_model
     params = variables["params"]
     loss_fn = measures_lib.model_loss_fn(model, variables, images, labels)
-    dx = measures_lib.random_direction(params, jax.random.key(1))
+    dx = landscape.random_direction(params, jax.random.key(1))
     assert jax.tree.structure(dx) == jax.tree.structure(params)
     for w, d in zip(jax.tree.leaves(params), jax.tree.leaves(dx), strict=True):
         if w.ndim == 1:  # BatchNorm scale/bias, head bias
@@ -469,10 +348,10 @@ def test_directions_and_landscapes_on_a_flax_model(tiny_model):
                 np.linalg.norm(np.reshape(w, (-1, w.shape[-1])), axis=0),
                 rtol=1e-5,
             )
-    dy = measures_lib.random_direction(params, jax.random.key(2))
-    curve = measures_lib.loss_landscape_1d(loss_fn, params, dx, np.linspace(-1, 1, 5))
+    dy = landscape.random_direction(params, jax.random.key(2))
+    curve = landscape.loss_landscape_1d(loss_fn, params, dx, np.linspace(-1, 1, 5))
     assert curve[2] == pytest.approx(float(loss_fn(params)), rel=1e-5)
-    surface = measures_lib.loss_landscape_2d(
+    surface = landscape.loss_landscape_2d(
         loss_fn, params, dx, dy, np.linspace(-1, 1, 3), np.linspace(-1, 1, 4)
     )
     assert surface.shape == (3, 4)

@@ -11,7 +11,7 @@ from flatfsc_jax import config_lib, families, models
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks
 from flatfsc_jax.data.sources import preprocess
-from flatfsc_jax.fusion import distill, finetune
+from flatfsc_jax.fusion import distill, finetune, kd_losses
 from flatfsc_jax.training import loop
 from flatfsc_jax.training import step as step_lib
 
@@ -68,11 +68,13 @@ def test_bandwidth_is_the_lower_median_of_nonzero_squared_distances():
     # lower median and NumPy's averaging median differ, so the convention is tested.
     want = np_lower_median_nonzero(sq)
     assert want != pytest.approx(np.median(sq[sq != 0]))
-    got = distill.median_bandwidth(distill.squared_distances(jnp.asarray(x, jnp.float32)))
+    got = kd_losses.median_bandwidth(kd_losses.squared_distances(jnp.asarray(x, jnp.float32)))
     np.testing.assert_allclose(float(got) ** 2, want, rtol=1e-5)
     # All rows equal: no non-zero distance, the clamp (URL: sqrt(1e-12)).
     same = jnp.ones((4, 3), jnp.float32)
-    assert float(distill.median_bandwidth(distill.squared_distances(same))) == pytest.approx(1e-6)
+    assert float(kd_losses.median_bandwidth(kd_losses.squared_distances(same))) == pytest.approx(
+        1e-6
+    )
 
 
 @pytest.mark.parametrize("n, dx, dy", [(8, 5, 7), (33, 16, 16)])
@@ -80,15 +82,15 @@ def test_cka_rbf_matches_numpy(n, dx, dy):
     rs = np.random.RandomState(n)
     x = _normalize(rs.randn(n, dx))
     y = _normalize(np.tanh(x @ rs.randn(dx, dy)) + 0.5 * rs.randn(n, dy))
-    got = float(distill.cka_rbf(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)))
+    got = float(kd_losses.cka_rbf(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)))
     np.testing.assert_allclose(got, np_cka(x, y), rtol=2e-5, atol=1e-6)
     assert 0.0 < got < 1.0
     # Invariances of RBF-CKA with the median bandwidth: itself = 1; rotation and scale.
     q, _ = np.linalg.qr(rs.randn(dx, dx))
     xf = jnp.asarray(x, jnp.float32)
-    assert float(distill.cka_rbf(xf, xf)) == pytest.approx(1.0, abs=1e-5)
+    assert float(kd_losses.cka_rbf(xf, xf)) == pytest.approx(1.0, abs=1e-5)
     rotated = jnp.asarray(3.0 * x @ q, jnp.float32)
-    assert float(distill.cka_rbf(rotated, jnp.asarray(y, jnp.float32))) == pytest.approx(
+    assert float(kd_losses.cka_rbf(rotated, jnp.asarray(y, jnp.float32))) == pytest.approx(
         got, abs=1e-5
     )
 
@@ -97,8 +99,8 @@ def test_no_gradient_flows_through_the_bandwidth():
     rs = np.random.RandomState(1)
     x = jnp.asarray(_normalize(rs.randn(10, 6)), jnp.float32)
     y = jnp.asarray(_normalize(rs.randn(10, 6)), jnp.float32)
-    sx = float(distill.median_bandwidth(distill.squared_distances(x)))
-    sy = float(distill.median_bandwidth(distill.squared_distances(y)))
+    sx = float(kd_losses.median_bandwidth(kd_losses.squared_distances(x)))
+    sy = float(kd_losses.median_bandwidth(kd_losses.squared_distances(y)))
 
     def cka_fixed_sigma(a):  # an independent jnp CKA with the bandwidths as constants
         def k(z, s):
@@ -110,27 +112,27 @@ def test_no_gradient_flows_through_the_bandwidth():
         return jnp.sum(ka * kb) / jnp.sqrt(jnp.sum(ka * ka) * jnp.sum(kb * kb))
 
     want = jax.grad(cka_fixed_sigma)(x)
-    got = jax.grad(lambda a: distill.cka_rbf(a, y))(x)
+    got = jax.grad(lambda a: kd_losses.cka_rbf(a, y))(x)
     assert float(jnp.max(jnp.abs(want))) > 1e-3
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6)
     np.testing.assert_array_equal(
-        jax.grad(lambda s: distill.median_bandwidth(s))(distill.squared_distances(x)), 0.0
+        jax.grad(lambda s: kd_losses.median_bandwidth(s))(kd_losses.squared_distances(x)), 0.0
     )
 
 
 def test_kl_distillation_matches_numpy():
     rs = np.random.RandomState(2)
     s, t = 3 * rs.randn(7, 11), 3 * rs.randn(7, 11)
-    got = distill.kl_distillation(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), 4.0)
+    got = kd_losses.kl_distillation(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), 4.0)
     np.testing.assert_allclose(float(got), np_kl(s, t, 4.0), rtol=1e-5)
-    same = distill.kl_distillation(jnp.asarray(s, jnp.float32), jnp.asarray(s, jnp.float32), 4.0)
+    same = kd_losses.kl_distillation(jnp.asarray(s, jnp.float32), jnp.asarray(s, jnp.float32), 4.0)
     assert abs(float(same)) < 1e-6
 
 
 def test_annealing_weights():
-    w = [float(distill.annealing_weight(t, 10, 2.0)) for t in (0, 5, 10, 19, 20, 35)]
+    w = [float(kd_losses.annealing_weight(t, 10, 2.0)) for t in (0, 5, 10, 19, 20, 35)]
     np.testing.assert_allclose(w, [1.0, 0.75, 0.5, 0.05, 0.0, 0.0], atol=1e-7)
-    assert float(distill.annealing_weight(48_000 * 5, 48_000, 5.0)) == 0.0
+    assert float(kd_losses.annealing_weight(48_000 * 5, 48_000, 5.0)) == 0.0
 
 
 # ----------------------------------------------------------------------------------------
@@ -257,7 +259,7 @@ def test_config_errors_name_the_key():
     c = _tiny_config()
     c.fusion.distill.batch_size.cjk = 3
     with pytest.raises(ValueError, match=r"batch_size\.cjk=3 is not divisible by the 2"):
-        config_lib.validate(c, num_devices=2)
+        config_lib.validate(c, num_processes=2)
     c = _tiny_config()
     c.fusion.distill.temperature = 0.0
     with pytest.raises(ValueError, match=r"config\.fusion\.distill\.temperature"):

@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from flatfsc_jax.reporting import correlation as corr
+from flatfsc_jax.reporting import significance
 
 
 def brute_tau_b(x, y):
@@ -313,23 +314,25 @@ def statsmodels_holm(pvals):
 def test_holm():
     # by hand: sorted 0.01, 0.02, 0.03, 0.04 times 4, 3, 2, 1 = 0.04, 0.06, 0.06, 0.04 ->
     # running max 0.04, 0.06, 0.06, 0.06
-    np.testing.assert_allclose(corr.holm([0.03, 0.01, 0.04, 0.02]), [0.06, 0.04, 0.06, 0.06])
+    np.testing.assert_allclose(
+        significance.holm([0.03, 0.01, 0.04, 0.02]), [0.06, 0.04, 0.06, 0.06]
+    )
     p = np.random.default_rng(0).uniform(0, 0.3, size=25)
-    np.testing.assert_allclose(corr.holm(p), statsmodels_holm(p))
-    out = corr.holm([0.01, np.nan, 0.04])  # NaN is not in the family: m = 2
+    np.testing.assert_allclose(significance.holm(p), statsmodels_holm(p))
+    out = significance.holm([0.01, np.nan, 0.04])  # NaN is not in the family: m = 2
     np.testing.assert_allclose(out, [0.02, np.nan, 0.04])
     with pytest.raises(ValueError, match="pvalues"):
-        corr.holm([0.5, 1.5])
+        significance.holm([0.5, 1.5])
 
 
 def test_min_detectable_tau_matches_the_issue_and_simulation():
-    assert corr.min_detectable_tau(36) == pytest.approx(0.23, abs=0.005)
-    assert corr.min_detectable_tau(20) == pytest.approx(0.32, abs=0.005)
+    assert significance.min_detectable_tau(36) == pytest.approx(0.23, abs=0.005)
+    assert significance.min_detectable_tau(20) == pytest.approx(0.32, abs=0.005)
     # the null SD formula against tau's spread under independence
     rng = np.random.default_rng(0)
     x = np.arange(20.0)
     null = corr.tau_b(x, np.argsort(rng.random((4000, 20)), axis=1).astype(float))
-    assert null.std() == pytest.approx(corr.tau_null_sd(20), rel=0.05)
+    assert null.std() == pytest.approx(significance.tau_null_sd(20), rel=0.05)
 
 
 def test_table_rows_and_markdown():

@@ -91,4 +91,4 @@ def test_meta_dataset_config_fails_fast_listing_missing_sources(tmp_path):
     err = proc.stderr
     for source in ("ilsvrc_2012", "omniglot", "traffic_sign", "mscoco", "cifar100"):
         assert source in err
-    assert "python -m flatfsc_jax.data.prepare" in err
+    assert "python -m flatfsc_jax.cli.prepare" in err

@@ -16,9 +16,17 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = "flatfsc_jax"
+# A module longer than this holds more than one idea: split it along its seam.
 LONG_MODULE_LINES = 600
-# A module longer than LONG_MODULE_LINES says at its top why it is one module.
-LONG_MODULE_REASON = "Why one module:"
+# Modules allowed over the limit while others rewrite them; an entry goes with its rewrite.
+LONG_MODULE_ALLOWED = {
+    # Over the line by the keys and checks of config.flat and config.data: the checks read
+    # base_config's defaults, so splitting them out would make two modules import each other.
+    "flatfsc_jax/config_lib.py",
+    # The episode plan and Meta-Dataset's formulas, plus ImageNet's missing-hierarchy stop.
+    "flatfsc_jax/data/sampling.py",
+    "flatfsc_jax/data/pipeline.py",  # being split by the input-pipeline rewrite
+}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -126,16 +134,17 @@ def test_every_module_imports():
         subprocess.run([sys.executable, "-c", f"import {name}"], check=True, cwd=ROOT)
 
 
-def test_long_modules_say_why_they_are_one_module():
+def test_no_module_over_the_line_limit():
     too_long = []
     for path in sorted(MODULES.values()):
-        text = path.read_text(encoding="utf-8")
-        lines = len(text.splitlines())
-        if lines > LONG_MODULE_LINES and LONG_MODULE_REASON not in (
-            ast.get_docstring(ast.parse(text)) or ""
-        ):
-            too_long.append(f"{path.relative_to(ROOT)} ({lines} lines)")
-    assert not too_long, (
-        f"split these modules, or say at the top of each (a {LONG_MODULE_REASON!r} paragraph "
-        f"of its docstring) why it is one module: {too_long}"
-    )
+        name = path.relative_to(ROOT).as_posix()
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > LONG_MODULE_LINES and name not in LONG_MODULE_ALLOWED:
+            too_long.append(f"{name} ({lines} lines)")
+    assert not too_long, f"split these modules (at most {LONG_MODULE_LINES} lines): {too_long}"
+
+
+def test_the_allow_list_names_existing_modules():
+    # A stale entry would silently allow a future module of that name.
+    missing = [name for name in LONG_MODULE_ALLOWED if not (ROOT / name).is_file()]
+    assert not missing, f"LONG_MODULE_ALLOWED names modules that do not exist: {missing}"

@@ -1,9 +1,10 @@
 """Multi-host data parallelism: 2 CPU processes on localhost train together and agree.
 
 Each process holds one CPU device; ``jax.distributed.initialize`` joins them into one
-2-device mesh (gloo collectives, README Benchmarks). Both processes feed their own half of
-every global batch (as ``pipeline.make_train_iterator(process_index=...)`` does) and
-must end with identical parameters, equal to one process training on the whole batch.
+2-device mesh (gloo collectives, docs/install.md#multi-device-and-multi-host). Both
+processes feed their own half of every global batch (as
+``pipeline.make_train_iterator(process_index=...)`` does) and must end with identical
+parameters, equal to one process training on the whole batch.
 """
 
 import os

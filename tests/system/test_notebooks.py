@@ -2,7 +2,10 @@
 
 The notebooks that read a zoo run against a tiny finished run, made once per session by
 ``python -m flatfsc_jax.main --config=configs/glyphs.py:tiny`` (1-3 min on 2 CPU cores).
-Set ``FLATFSC_TEST_WORKDIR`` to the workdir of a finished run to reuse it instead.
+Set ``FLATFSC_TEST_WORKDIR`` to the workdir of a finished run to reuse it instead. The
+study notebook reads a tiny finished flatness study (``python -m
+flatfsc_jax.cli.flatness_study --config=configs/flatness_study.py:tiny``), or the one in
+``FLATFSC_TEST_STUDY_WORKDIR``.
 """
 
 import os
@@ -18,13 +21,15 @@ from nbclient.exceptions import CellExecutionError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = ("quickstart", "loss_landscape", "sam_on_your_model")
+NAMES = ("quickstart", "loss_landscape", "sam_on_your_model", "flatness_study")
 NEEDS_ZOO = {"quickstart", "loss_landscape"}
+NEEDS_STUDY = {"flatness_study"}
 # What each notebook must print when it ran through (its conclusion, not just no error).
 EXPECTED_OUTPUT = {
     "quickstart": "SAM - ERM (paired):",
     "loss_landscape": "| domain | train loss erm | train loss sam |",
     "sam_on_your_model": "rho-sharpness",
+    "flatness_study": "Primary (named before the run)",
 }
 
 
@@ -78,6 +83,30 @@ def tiny_workdir(tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope="session")
+def tiny_study_workdir(tmp_path_factory):
+    reuse = os.environ.get("FLATFSC_TEST_STUDY_WORKDIR")
+    if reuse:
+        return pathlib.Path(reuse)
+    workdir = tmp_path_factory.mktemp("tiny_study")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flatfsc_jax.cli.flatness_study",
+            "--config=configs/flatness_study.py:tiny",
+            f"--workdir={workdir}",
+            "--compilation_cache=",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir
+
+
 # ---------------------------------------------------------------- sources and notebooks
 
 
@@ -110,6 +139,9 @@ def test_notebook_is_its_source_without_outputs(name):
 def test_notebook_runs(name, request, monkeypatch):
     if name in NEEDS_ZOO:
         monkeypatch.setenv("FLATFSC_WORKDIR", str(request.getfixturevalue("tiny_workdir")))
+    if name in NEEDS_STUDY:
+        workdir = request.getfixturevalue("tiny_study_workdir")
+        monkeypatch.setenv("FLATFSC_STUDY_WORKDIR", str(workdir))
     executed = _execute(_read(name))
     assert EXPECTED_OUTPUT[name] in _text_outputs(executed)
     images = [

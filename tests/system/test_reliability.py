@@ -1,4 +1,4 @@
-"""Reliability (README "Reliability"): never a wrong backbone in a report.
+"""Reliability (docs/zoo.md#reliability): never a wrong backbone in a report.
 
 Finite states only (a diverged run leaves no complete entry and no NaN checkpoint), no
 reuse of a complete entry the config no longer describes, damaged entries found and
@@ -19,10 +19,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import glyphs as glyphs_config
-from flatfsc_jax import config_lib, experiment, families, models
+from flatfsc_jax import config_lib, entry_keys, experiment, families, models
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.fusion import finetune
-from flatfsc_jax.training import loop, resumable
+from flatfsc_jax.training import loop, optim, resumable
+from flatfsc_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE = (16, 16, 1)
@@ -116,9 +117,9 @@ def test_unfinished_run_with_other_settings_is_discarded(tmp_path):
 
 def test_non_finite_leaves_names_params_and_batch_stats():
     model = models.build_model("conv4", 3, width=0.125)
-    state = loop.steps.create_train_state(
+    state = step_lib.create_train_state(
         model,
-        loop.optim.make_optimizer(
+        optim.make_optimizer(
             learning_rate=0.1, momentum=0.9, weight_decay=0.0, restart_period=2, num_steps=2
         ),
         jax.random.key(0),
@@ -247,10 +248,10 @@ def test_fine_tuned_entries_are_shared_by_fusion_mode_lists(tmp_path):
     legacy = json.loads(json.dumps(stored))
     legacy["fusion"]["mode"] = "full,distill"
     wanted = config_lib.domain_config(finetune.fusion_config(c, "full"), "latin", "sam")
-    assert zoo_lib.config_changes(legacy, wanted.to_dict(), fused=True) == []
-    assert zoo_lib.config_changes(stored, wanted.to_dict(), fused=True) == []
+    assert entry_keys.config_changes(legacy, wanted.to_dict(), fused=True) == []
+    assert entry_keys.config_changes(stored, wanted.to_dict(), fused=True) == []
     lora = config_lib.domain_config(finetune.fusion_config(c, "lora"), "latin", "sam")
-    assert zoo_lib.config_changes(stored, lora.to_dict(), fused=True) == [
+    assert entry_keys.config_changes(stored, lora.to_dict(), fused=True) == [
         "fusion.mode: 'full' -> 'lora'"
     ]
 

@@ -7,59 +7,64 @@ split*: which classes are train / valid / test. Those splits are pinned as class
 lists and shipped with this package (``assets/meta_dataset_splits/``, provenance in that
 folder's README.md), so every machine gets the same classes with the same labels.
 
-Data flow (only the first step needs TensorFlow, the optional ``[prepare]`` extra)::
+Data flow (TensorFlow only for the TFDS catalogue, the optional ``[prepare]`` extra)::
 
-  TFDS catalogue dataset (omniglot, imagenet2012, ...)     original archive directory
-      | catalogue_examples(): TF iteration,                  | local_examples(): PIL only
-      | yields (lazy image, class name)                      | (fungi, or any source)
-      +-------------------------------+----------------------+
-                                      v
-      convert_split(): pure python/numpy. class name -> (split, local label) from the
-      shipped lists; invert (Omniglot); grayscale -> RGB; bilinear resize to 84x84 with
-      aligned corners (Meta-Dataset's decoder); strict checks (unknown or empty classes)
-                                      v
-      MetaDatasetSource (tfds GeneratorBasedBuilder, one config per source) writes the
-      episodic split format (see ``sources.py``) as array_record
-                                      v
+  MD's records ($RECORDS)     MD's $DATASRC tree        archive dir      TFDS catalogue
+   | records.py: TFRecord       | md_datasrc_examples()   | local_        | catalogue_
+   | + Example, no TF,          | (PIL/numpy/scipy)       | examples()    | examples()
+   | staged per class           +-------------+-----------+---------------+
+   |  (builder.prepare_from_records)          v
+   |              convert_split(): class name -> (split, local label) from the shipped
+   |              lists; invert (Omniglot); RGB; per-source resize (``resize_rule``);
+   |              optional MD JPEG; ImageNet drops MD's duplicate lists
+   |              (``--md_duplicates_dir``, from the user's MD checkout)
+   +------------------------------------------+
+                                              v
+      MetaDatasetSource (builder ``flatfsc_meta_dataset``, one config per source) writes
+      the episodic split format (see ``sources.py``) with ``provenance`` in its metadata
+                                              v
       sources.read_prepared_split() (through ``benchmarks.load_split``): random access
       without TensorFlow, labels cached on disk
 
 One module per job: ``specs`` (sources and shipped class splits), ``convert`` (pure image
-and split conversion), ``hierarchy`` (ImageNet's WordNet DAG), ``extract`` (examples from
-the catalogue or an archive), ``builder`` (the TFDS builder and ``prepare``),
+and split conversion), ``hierarchy`` (MD's ImageNet sampling graph), ``extract`` (examples
+from the catalogue, an archive or MD's $DATASRC), ``records`` (MD's records, no
+TensorFlow), ``miniature`` (a miniature MD in the records format), ``builder`` (the TFDS
+builder, ``prepare``, ``prepare_from_records``), ``provenance`` (where a split came from),
 ``availability`` (prepared or not, the prepare command). This file re-exports their
 public names, so ``meta_dataset.X`` works for every X below.
 
-Where our preparation differs from Meta-Dataset's own conversion scripts (documented so
-results are read with them in mind):
-  * aircraft / traffic_sign from the catalogue come from the Visual Domain Decathlon
-    (images already resized to 72 px on the short side; aircraft without Meta-Dataset's
-    bounding-box crop and only the 6,667 train+val images, test labels are withheld).
-    ``local_examples`` reads the original FGVC-Aircraft / GTSRB archives exactly like
-    Meta-Dataset instead.
-  * ilsvrc_2012 drops the 43 ImageNet training images that duplicate CUB images (the
-    Caltech-101/256 duplicate lists Meta-Dataset also drops are not shipped: those
-    sources are not part of this benchmark).
-  * Images are stored already resized (uint8, rounded) rather than as original JPEGs;
-    Meta-Dataset resizes at read time to float. The difference is < 0.5/255 per pixel.
-  * mnist / cifar10 / cifar100 (Meta-Dataset v2 / SUR convention): all classes are test
-    classes, images from the catalogue's test split.
+Where our preparation differs from Meta-Dataset's own conversion scripts: every
+remaining deviation, with its effect, is listed in one place
+(docs/meta-dataset.md#deviations). In short:
+images are stored resized (uint8, rounded), MD's JPEG re-encoding is an option
+(``md_jpeg``), and the 72-px Visual Domain Decathlon copies of Aircraft and GTSRB are
+used only when asked for (``--allow_vdd``). ``provenance`` records, per
+prepared source, which of these applied.
 """
 
 from flatfsc_jax.data.meta_dataset.availability import (
     missing_sources,
     prepare_command,
+    prepared_class_splits,
     require_sources,
     source_status,
 )
 from flatfsc_jax.data.meta_dataset.builder import MetaDatasetSource, prepare
 from flatfsc_jax.data.meta_dataset.convert import (
+    BILINEAR,
+    LANCZOS,
+    MD_JPEG_SOURCES,
+    RESIZE_RULES,
     Example,
     coco_crop_box,
     convert_split,
     crop,
     decode_image,
+    jpeg_round_trip,
     resize_bilinear,
+    resize_lanczos,
+    resize_rule,
     standardize_image,
     to_rgb,
 )
@@ -71,17 +76,29 @@ from flatfsc_jax.data.meta_dataset.extract import (
     fungi_examples,
     gtsrb_examples,
     local_examples,
+    md_datasrc_examples,
 )
 from flatfsc_jax.data.meta_dataset.hierarchy import (
+    MD_SPLIT_ROOTS,
+    MissingHierarchyError,
+    class_hierarchy_for,
     class_hierarchy_from_edges,
+    class_hierarchy_from_graph,
+    eligible_nodes,
+    hierarchy_origin,
     load_class_hierarchy,
+    md_split_graphs,
     read_hierarchy_edges,
+    spec_split_graphs,
 )
+from flatfsc_jax.data.meta_dataset.provenance import format_provenance, provenance
 from flatfsc_jax.data.meta_dataset.specs import (
     ALL_SOURCES,
     BENCHMARK,
     BUILDER_NAME,
     IMAGE_SIZE,
+    IMAGENET_DUPLICATE_LISTS,
+    MD_DATASRC_DIRS,
     PREPARE_MODULE,
     SEEN_SOURCES,
     SOURCES,
@@ -95,50 +112,77 @@ from flatfsc_jax.data.meta_dataset.specs import (
     asset_path,
     check_source,
     check_split,
+    imagenet_duplicates,
     load_class_splits,
+    missing_duplicates_message,
+    with_imagenet_duplicates,
 )
 
 __all__ = [
     "ALL_SOURCES",
     "BENCHMARK",
+    "BILINEAR",
     "BUILDER_NAME",
-    "IMAGE_SIZE",
-    "PREPARE_MODULE",
-    "SEEN_SOURCES",
-    "SOURCES",
-    "SPLITS",
-    "TF_INSTALL_HINT",
-    "UNSEEN_SOURCES",
-    "VDD_DEVKIT_URL",
     "CatalogueSpec",
     "ClassSplits",
     "Example",
+    "IMAGENET_DUPLICATE_LISTS",
+    "IMAGE_SIZE",
+    "LANCZOS",
+    "MD_DATASRC_DIRS",
+    "MD_JPEG_SOURCES",
+    "MD_SPLIT_ROOTS",
     "MetaDatasetSource",
+    "MissingHierarchyError",
+    "PREPARE_MODULE",
+    "RESIZE_RULES",
+    "SEEN_SOURCES",
+    "SOURCES",
+    "SPLITS",
     "SourceSpec",
+    "TF_INSTALL_HINT",
+    "UNSEEN_SOURCES",
+    "VDD_DEVKIT_URL",
     "asset_path",
     "catalogue_examples",
     "catalogue_extractor",
     "check_source",
     "check_split",
     "class_folder_examples",
+    "class_hierarchy_for",
     "class_hierarchy_from_edges",
+    "class_hierarchy_from_graph",
     "coco_crop_box",
     "convert_split",
     "crop",
     "decode_image",
+    "eligible_nodes",
     "fgvc_aircraft_examples",
+    "format_provenance",
     "fungi_examples",
     "gtsrb_examples",
+    "hierarchy_origin",
+    "imagenet_duplicates",
+    "missing_duplicates_message",
+    "with_imagenet_duplicates",
+    "jpeg_round_trip",
     "load_class_hierarchy",
     "load_class_splits",
     "local_examples",
+    "md_datasrc_examples",
+    "md_split_graphs",
     "missing_sources",
     "prepare",
     "prepare_command",
+    "prepared_class_splits",
+    "provenance",
     "read_hierarchy_edges",
     "require_sources",
     "resize_bilinear",
+    "resize_lanczos",
+    "resize_rule",
     "source_status",
+    "spec_split_graphs",
     "standardize_image",
     "to_rgb",
 ]

@@ -1,10 +1,12 @@
 """Pure conversion of catalogue examples into stored images and class-split records.
 
 What Meta-Dataset's conversion scripts do to an image, in numpy: grayscale -> RGB,
-inversion (Omniglot), bilinear resize to 84x84 with aligned corners, crops (MSCOCO,
-FGVC-Aircraft); and ``convert_split``, which turns a stream of ``(image, class name)``
-examples into the labelled records of one class split, with strict checks. No TFDS and
-no TensorFlow (PIL only to decode encoded images).
+inversion (Omniglot), crops (MSCOCO, FGVC-Aircraft), optionally MD's JPEG re-encoding,
+and the per-source resize to 84x84 (``resize_rule``: MD's bilinear decoder with aligned
+corners, or the Lanczos pre-resize of MNIST/CIFAR that CNAPs and URL use); and
+``convert_split``, which turns a stream of ``(image, class name)`` examples into the
+labelled records of one class split, with strict checks. No TFDS and no TensorFlow (PIL
+only to decode and encode images).
 """
 
 from __future__ import annotations
@@ -70,11 +72,74 @@ def resize_bilinear(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def standardize_image(image: Any, *, invert: bool = False, size: int = IMAGE_SIZE) -> np.ndarray:
-    """One catalogue image -> the stored uint8 ``size x size x 3`` image."""
+# How an image reaches 84x84 (see ``resize_rule``).
+BILINEAR = "bilinear_aligned"  # MD's decoder: tf bilinear, align_corners, at read time
+LANCZOS = "lanczos"  # CNAPs' prepare_extra_datasets.py: PIL LANCZOS, at conversion time
+RESIZE_RULES = (BILINEAR, LANCZOS)
+# The sources that reach MD's records only through CNAPs' script (the URL/SUR setup).
+LANCZOS_SOURCES = ("mnist", "cifar10", "cifar100")
+# Sources whose every image MD (or CNAPs, for MNIST/CIFAR) encodes as JPEG itself: the
+# originals are not RGB JPEGs (QuickDraw arrays, Omniglot PNGs, GTSRB PPMs, MNIST/CIFAR
+# PNGs) or are crops (MSCOCO, FGVC-Aircraft). The other sources keep their JPEG bytes.
+MD_JPEG_SOURCES = (
+    "omniglot",
+    "quickdraw",
+    "aircraft",
+    "traffic_sign",
+    "mscoco",
+    "mnist",
+    "cifar10",
+    "cifar100",
+)
+
+
+def resize_rule(source: str) -> str:
+    """The resize the URL/CNAPs records of ``source`` went through (a ``RESIZE_RULES``)."""
+    return LANCZOS if source in LANCZOS_SOURCES else BILINEAR
+
+
+def resize_lanczos(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """PIL's ``resize((size, size), LANCZOS)`` of a uint8 HxWx3 image, as CNAPs does."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.asarray(image)).resize((size, size), Image.LANCZOS))
+
+
+def jpeg_round_trip(image: np.ndarray) -> np.ndarray:
+    """A uint8 RGB image saved as MD saves it (PIL ``save(format="JPEG")``: quality 75,
+    4:2:0 chroma) and decoded again."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image)).save(buffer, format="JPEG")
+    with Image.open(io.BytesIO(buffer.getvalue())) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def standardize_image(
+    image: Any,
+    *,
+    invert: bool = False,
+    size: int = IMAGE_SIZE,
+    resize: str = BILINEAR,
+    jpeg: bool = False,
+) -> np.ndarray:
+    """One catalogue image -> the stored uint8 ``size x size x 3`` image.
+
+    In MD's order: RGB, inversion (Omniglot, at conversion time), then for ``BILINEAR``
+    the JPEG the records hold followed by the decoder's resize, and for ``LANCZOS``
+    CNAPs' resize followed by the JPEG.
+    """
+    if resize not in RESIZE_RULES:
+        raise ValueError(f"resize={resize!r} is unknown; choose one of {RESIZE_RULES}")
     rgb = to_rgb(image)
-    if invert:  # before resizing, as in Meta-Dataset (inverted at conversion time)
+    if invert:
         rgb = 255 - rgb
+    if resize == LANCZOS:
+        out = resize_lanczos(rgb, size)
+        return jpeg_round_trip(out) if jpeg else out
+    if jpeg:
+        rgb = jpeg_round_trip(rgb)
     return resize_bilinear(rgb, size)
 
 
@@ -148,15 +213,21 @@ def convert_split(
     invert: bool = False,
     image_size: int = IMAGE_SIZE,
     max_images_per_class: int | None = None,
+    resize: str | None = None,
+    md_jpeg: bool = False,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yields ``(key, {"image", "label"})`` for the examples that belong to ``split``.
 
     Every example's class must be in the class split (an unknown name means the class
     name rule and the shipped lists disagree: an error, not a silent drop), a given group
     must match the shipped one, and every class of ``split`` must receive at least one
-    image. ``max_images_per_class`` keeps the first N images of each class.
+    image. ``max_images_per_class`` keeps the first N images of each class. ``resize``
+    defaults to the source's ``resize_rule``; ``md_jpeg`` re-encodes the images of
+    ``MD_JPEG_SOURCES`` as MD's records hold them.
     """
     check_split(split)
+    resize = resize_rule(class_splits.source) if resize is None else resize
+    jpeg = bool(md_jpeg) and class_splits.source in MD_JPEG_SOURCES
     names = class_splits.classes[split]
     if not names:
         raise ValueError(f"{class_splits.source} has no {split!r} classes")
@@ -188,7 +259,9 @@ def convert_split(
         if pixels is None:  # the callable dropped it (an empty MSCOCO crop)
             continue
         record = {
-            "image": standardize_image(pixels, invert=invert, size=image_size),
+            "image": standardize_image(
+                pixels, invert=invert, size=image_size, resize=resize, jpeg=jpeg
+            ),
             "label": label,
         }
         yield f"{label:05d}_{counts[label]:08d}", record

@@ -5,15 +5,18 @@ encoded and are decoded only for the examples a split keeps.
 ``catalogue_examples`` iterates a TFDS catalogue dataset (the only place TensorFlow is
 needed, the optional ``[prepare]`` extra) through ``catalogue_extractor``, the per-source
 class-name rule; ``local_examples`` reads an original archive directory with PIL only
-(fungi, or any source prepared with ``--source_dirs``).
+(fungi, or any source prepared with ``--source_dirs``); ``md_datasrc_examples`` reads
+the directory tree of Meta-Dataset's conversion guide (``$DATASRC``) for all 13 sources.
 """
 
 from __future__ import annotations
 
 import functools
 import glob
+import gzip
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -22,12 +25,14 @@ import tensorflow_datasets as tfds
 
 from flatfsc_jax.data.meta_dataset.convert import Example, coco_crop_box, crop, decode_image, to_rgb
 from flatfsc_jax.data.meta_dataset.specs import (
+    MD_DATASRC_DIRS,
     SOURCES,
     SPLITS,
     TF_INSTALL_HINT,
     VDD_DEVKIT_URL,
     ClassSplits,
     check_source,
+    deviating_catalogue_message,
     load_class_splits,
     no_catalogue_message,
 )
@@ -167,15 +172,20 @@ def catalogue_examples(
     manual_dir: str | None = None,
     vdd_annotations_dir: str | None = None,
     class_splits: ClassSplits | None = None,
+    allow_deviating_catalogue: bool = False,
 ) -> Iterator[Example]:
     """Prepares ``source``'s TFDS catalogue dataset (once) and iterates its examples.
 
-    The only part of this module that needs TensorFlow.
+    The only part of this module that needs TensorFlow. A catalogue copy that differs
+    from MD's source (``CatalogueSpec.deviation``: the 72-px Visual Domain Decathlon
+    Aircraft and GTSRB) is refused unless ``allow_deviating_catalogue``.
     """
     source = check_source(source)
     spec = SOURCES[source]
     if spec.catalogue is None:
         raise FileNotFoundError(no_catalogue_message(source))
+    if spec.catalogue.deviation and not allow_deviating_catalogue:
+        raise ValueError(deviating_catalogue_message(source))
     require_tensorflow(f"Preparing meta_dataset/{source} from the TFDS catalogue")
     cat = spec.catalogue
     builder = tfds.builder(cat.name, data_dir=data_dir)
@@ -218,13 +228,19 @@ def _image_files(directory: str) -> list[str]:
     )
 
 
-def class_folder_examples(root: str) -> Iterator[Example]:
-    """``<root>/<class name>/<image files>``: the class name is the folder name."""
+def class_folder_examples(root: str, skip_files: Iterable[str] = ()) -> Iterator[Example]:
+    """``<root>/<class name>/<image files>``: the class name is the folder name.
+
+    Files whose base name is in ``skip_files`` are left out (ImageNet's duplicates of
+    other sources' images, matched by file name as MD does).
+    """
+    skip = frozenset(skip_files)
     for class_name in sorted(os.listdir(root)):
         folder = os.path.join(root, class_name)
         if os.path.isdir(folder) and not class_name.startswith("."):
             for path in _image_files(folder):
-                yield _lazy(path), class_name
+                if os.path.basename(path) not in skip:
+                    yield _lazy(path), class_name
 
 
 def fungi_examples(root: str) -> Iterator[Example]:
@@ -305,4 +321,154 @@ def local_examples(
         os.path.isdir(os.path.join(root, *p, "Final_Training")) for p in ((), ("GTSRB",))
     ):
         return gtsrb_examples(root, class_splits)
-    return class_folder_examples(root)
+    return class_folder_examples(root, class_splits.skip_files)
+
+
+# ----------------------------------------------------------------------------------------
+# Meta-Dataset's conversion guide ($DATASRC, doc/dataset_conversion.md)
+# ----------------------------------------------------------------------------------------
+
+
+def omniglot_examples(root: str) -> Iterator[Example]:
+    """``images_background/`` and ``images_evaluation/``, each ``<alphabet>/<character>/``:
+    class ``"<alphabet>-<character>"``, group = alphabet (MD's ``OmniglotConverter``)."""
+    found = False
+    for part in ("images_background", "images_evaluation"):
+        base = os.path.join(root, part)
+        if not os.path.isdir(base):
+            continue
+        found = True
+        for alphabet in sorted(os.listdir(base)):
+            alphabet_dir = os.path.join(base, alphabet)
+            if not os.path.isdir(alphabet_dir) or alphabet.startswith("."):
+                continue
+            for character in sorted(os.listdir(alphabet_dir)):
+                folder = os.path.join(alphabet_dir, character)
+                if os.path.isdir(folder):
+                    for path in _image_files(folder):
+                        yield _lazy(path), f"{alphabet}-{character}", alphabet
+    if not found:
+        raise FileNotFoundError(
+            f"{root!r} has neither images_background/ nor images_evaluation/: extract "
+            "Omniglot's images_background.zip and images_evaluation.zip into it"
+        )
+
+
+def vgg_flower_examples(root: str, class_splits: ClassSplits) -> Iterator[Example]:
+    """``jpg/image_NNNNN.jpg`` with ``imagelabels.mat`` (1-based labels, image order)."""
+    from scipy.io import loadmat  # a dependency of the package
+
+    labels = np.asarray(loadmat(os.path.join(root, "imagelabels.mat"))["labels"]).reshape(-1)
+    by_number = _name_by_number(_all_names(class_splits), 3)
+    for i, label in enumerate(labels.tolist()):
+        path = os.path.join(root, "jpg", f"image_{i + 1:05d}.jpg")
+        yield _lazy(path), by_number[int(label)]
+
+
+def quickdraw_examples(root: str) -> Iterator[Example]:
+    """One ``<class>.npy`` per class, rows of 28*28 uint8 bitmaps (memory-mapped, so a
+    class file is never read whole)."""
+    files = sorted(f for f in os.listdir(root) if f.endswith(".npy"))
+    if not files:
+        raise FileNotFoundError(f"{root!r} has no QuickDraw <class>.npy files")
+    for name in files:
+        rows = np.load(os.path.join(root, name), mmap_mode="r")
+        if rows.ndim != 2:
+            raise ValueError(f"{name}: expected [N, side*side] bitmaps, got shape {rows.shape}")
+        side = int(round(np.sqrt(rows.shape[1])))
+        class_name = name[: name.find(".")]
+        for i in range(rows.shape[0]):
+            yield (lambda r=rows, i=i, s=side: np.array(r[i]).reshape(s, s)), class_name
+
+
+def mscoco_examples(root: str) -> Iterator[Example]:
+    """``train2017/`` and ``instances_train2017.json`` (directly in ``root`` as MD expects,
+    or in ``annotations/`` where the zip puts it): one example per object, the box grown
+    by 1.2 about its centre (``coco_crop_box``); empty crops are dropped as in MD."""
+    candidates = [
+        os.path.join(root, "instances_train2017.json"),
+        os.path.join(root, "annotations", "instances_train2017.json"),
+    ]
+    path = next((c for c in candidates if os.path.exists(c)), None)
+    if path is None:
+        raise FileNotFoundError(f"no instances_train2017.json in {candidates}")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    by_image: dict[int, list[dict]] = {}
+    for annotation in data["annotations"]:
+        by_image.setdefault(annotation["image_id"], []).append(annotation)
+    for image_id in sorted(by_image):
+        file = os.path.join(root, "train2017", f"{image_id:012d}.jpg")
+        # One decode per image, shared by its objects' crops.
+        decoded = functools.cache(lambda file=file: to_rgb(decode_image(file)))
+        for annotation in by_image[image_id]:
+
+            def crop_object(bbox=annotation["bbox"], decoded=decoded):
+                image = decoded()
+                box = coco_crop_box(bbox, image.shape[1], image.shape[0])
+                return crop(image, box) if box is not None else None
+
+            yield crop_object, names[annotation["category_id"]]
+
+
+def mnist_examples(root: str) -> Iterator[Example]:
+    """MNIST's test set as CNAPs' script reads it: ``t10k-{images-idx3,labels-idx1}-ubyte.gz``."""
+    with gzip.open(os.path.join(root, "t10k-images-idx3-ubyte.gz")) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(os.path.join(root, "t10k-labels-idx1-ubyte.gz")) as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    if len(images) != len(labels):
+        raise ValueError(f"{root}: {len(images)} MNIST images but {len(labels)} labels")
+    for image, label in zip(images, labels.tolist(), strict=True):
+        yield image, str(label)
+
+
+def cifar_examples(root: str, fine: bool) -> Iterator[Example]:
+    """CIFAR's python test batch (``test_batch`` + ``batches.meta``, or CIFAR-100's
+    ``test`` + ``meta`` with fine labels), as CNAPs' script reads it."""
+    batch, meta, key, names_key = (
+        ("test", "meta", b"fine_labels", b"fine_label_names")
+        if fine
+        else ("test_batch", "batches.meta", b"labels", b"label_names")
+    )
+    with open(os.path.join(root, meta), "rb") as f:
+        names = [n.decode() for n in pickle.load(f, encoding="bytes")[names_key]]
+    with open(os.path.join(root, batch), "rb") as f:
+        data = pickle.load(f, encoding="bytes")
+    images = np.asarray(data[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    for image, label in zip(images, data[key], strict=True):
+        yield image, names[int(label)]
+
+
+def md_datasrc_examples(
+    source: str, datasrc: str, class_splits: ClassSplits | None = None
+) -> Iterator[Example]:
+    """Examples of ``source`` from ``$DATASRC`` laid out as MD's conversion guide says
+    (``MD_DATASRC_DIRS``; MNIST and CIFAR as CNAPs' ``prepare_extra_datasets.py``).
+
+    Reads with PIL, numpy and scipy only. ImageNet skips MD's duplicate lists.
+    """
+    source = check_source(source)
+    class_splits = class_splits or load_class_splits(source)
+    root = os.path.join(os.path.expanduser(datasrc), MD_DATASRC_DIRS[source])
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"--md_datasrc: {source} is expected in {root!r} (Meta-Dataset's "
+            f"doc/dataset_conversion.md, section {source}), which does not exist"
+        )
+    if source == "omniglot":
+        return omniglot_examples(root)
+    if source == "vgg_flower":
+        return vgg_flower_examples(root, class_splits)
+    if source == "quickdraw":
+        return quickdraw_examples(root)
+    if source == "mscoco":
+        return mscoco_examples(root)
+    if source == "mnist":
+        return mnist_examples(root)
+    if source in ("cifar10", "cifar100"):
+        return cifar_examples(root, fine=source == "cifar100")
+    if source in ("cu_birds", "dtd"):  # class folders under images/
+        return class_folder_examples(os.path.join(root, "images"))
+    return local_examples(source, root, class_splits)  # ImageNet, Aircraft, GTSRB, fungi

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
@@ -25,10 +26,13 @@ from flatfsc_jax.data.meta_dataset_spec import (  # noqa: F401
 from flatfsc_jax.data.sources import SPLITS
 
 BENCHMARK = "meta_dataset"
-BUILDER_NAME = "meta_dataset"  # <data_dir>/meta_dataset/<source>/<version>/
+# <data_dir>/flatfsc_meta_dataset/<source>/<version>/: a name of our own, because
+# Meta-Dataset's TFDS build (md_tfds) writes meta_dataset/<source>/1.0.0.
+BUILDER_NAME = "flatfsc_meta_dataset"
+LEGACY_BUILDER_NAME = "meta_dataset"  # what flatfsc_jax wrote before it had its own name
 IMAGE_SIZE = 84
 
-PREPARE_MODULE = "python -m flatfsc_jax.data.prepare"
+PREPARE_MODULE = "python -m flatfsc_jax.cli.prepare"
 TF_INSTALL_HINT = "pip install -e .[prepare]  (tensorflow==2.21.0)"
 
 # The devkit archive that `visual_domain_decathlon` downloads; its annotation files hold
@@ -45,12 +49,15 @@ class CatalogueSpec:
       splits: catalogue (image) splits whose union forms the source.
       class_name_rule: how one catalogue example's class name is obtained.
       manual_download: the catalogue dataset cannot be downloaded automatically.
+      deviation: how the catalogue copy differs from the source MD converts (None: the
+        same images); such a copy is used only when asked for explicitly.
     """
 
     name: str
     splits: tuple[str, ...]
     class_name_rule: str
     manual_download: str | None = None
+    deviation: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +112,11 @@ SOURCES: dict[str, SourceSpec] = {
                 "visual_domain_decathlon/aircraft",
                 ("train", "validation"),
                 "label = index into the categories of the VDD devkit's aircraft_train.json",
+                deviation=(
+                    "the Visual Domain Decathlon copy: images resized to 72 px on the short "
+                    "side, without MD's bounding-box crop, and only the 6,667 train+val of "
+                    "MD's 10,000 images"
+                ),
             ),
             local_layout="FGVC-Aircraft archive: <dir>/data/images_variant_*.txt, images_box.txt",
         ),
@@ -146,6 +158,10 @@ SOURCES: dict[str, SourceSpec] = {
                 "visual_domain_decathlon/gtsrb",
                 ("train", "validation"),
                 "label = GTSRB class id (VDD keeps GTSRB's class order)",
+                deviation=(
+                    "the Visual Domain Decathlon copy: images resized to 72 px on the short "
+                    "side instead of GTSRB's original crops"
+                ),
             ),
             local_layout="GTSRB archive: <dir>/Final_Training/Images/000NN/*.ppm",
         ),
@@ -162,6 +178,92 @@ SOURCES: dict[str, SourceSpec] = {
         SourceSpec("cifar100", CatalogueSpec("cifar100", ("test",), "fine label name")),
     )
 }
+
+
+# Where each source lies under $DATASRC in MD's doc/dataset_conversion.md (its
+# --<source>_data_root flags); MNIST/CIFAR where CNAPs' prepare_extra_datasets.py reads them.
+MD_DATASRC_DIRS = {
+    "ilsvrc_2012": "ILSVRC2012_img_train",
+    "omniglot": "omniglot",
+    "aircraft": "fgvc-aircraft-2013b",
+    "cu_birds": "CUB_200_2011",
+    "dtd": "dtd",
+    "quickdraw": "quickdraw",
+    "fungi": "fungi",
+    "vgg_flower": "vgg_flower",
+    "traffic_sign": "GTSRB",
+    "mscoco": "mscoco",
+    "mnist": ".",
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+}
+
+# MD's lists of ImageNet training images that duplicate images of other datasets
+# (ImageNetConverter drops all three). They are read from the user's Meta-Dataset checkout
+# (its meta_dataset/dataset_conversion/ folder), not shipped: see docs/meta-dataset.md.
+IMAGENET_DUPLICATE_LISTS = (
+    "ImageNet_Caltech101_duplicates.txt",
+    "ImageNet_Caltech256_duplicates.txt",
+    "ImageNet_CUBirds_duplicates.txt",
+)
+MD_DUPLICATES_HOME = "meta_dataset/dataset_conversion/ in google-research/meta-dataset"
+
+
+def md_asset_path(name: str):
+    """A file copied from MD's repository (Apache-2.0, LICENSE beside it)."""
+    return resources.files("flatfsc_jax.data").joinpath("assets", "meta_dataset_md", name)
+
+
+def parse_duplicate_list(text: str) -> list[str]:
+    """File names of an MD duplicate list, read as ``ImageNetConverter`` reads them:
+    lines ``synset/file.JPEG  # other file``, comment lines skipped, base names kept."""
+    names = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            names.append(os.path.basename(line.split("#")[0].strip()))
+    return names
+
+
+def missing_duplicates_message(what: str) -> str:
+    return (
+        f"{what} needs Meta-Dataset's three ImageNet duplicate lists "
+        f"({', '.join(IMAGENET_DUPLICATE_LISTS)}); pass --md_duplicates_dir=<dir> where <dir> "
+        f"is {MD_DUPLICATES_HOME} (git clone https://github.com/google-research/meta-dataset)"
+    )
+
+
+def imagenet_duplicates(duplicates_dir: str) -> dict[str, frozenset[str]]:
+    """list file -> ImageNet file names it drops, for MD's three lists in
+    ``duplicates_dir`` (MD's ``meta_dataset/dataset_conversion``)."""
+    lists = {}
+    for name in IMAGENET_DUPLICATE_LISTS:
+        path = os.path.join(os.path.expanduser(duplicates_dir), name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"--md_duplicates_dir={duplicates_dir!r} has no {name}: "
+                + missing_duplicates_message("ImageNet")
+            )
+        with open(path, encoding="utf-8") as f:
+            lists[name] = frozenset(parse_duplicate_list(f.read()))
+    return lists
+
+
+def with_imagenet_duplicates(class_splits: ClassSplits, duplicates_dir: str) -> ClassSplits:
+    """``class_splits`` skipping, besides its own ``skip_files``, MD's three lists."""
+    dropped = frozenset().union(*imagenet_duplicates(duplicates_dir).values())
+    return dataclasses.replace(class_splits, skip_files=class_splits.skip_files | dropped)
+
+
+def deviating_catalogue_message(source: str) -> str:
+    cat = SOURCES[source].catalogue
+    return (
+        f"meta_dataset/{source} from the TFDS catalogue ({cat.name}) would be "
+        f"{cat.deviation}. Prepare it from MD's original archive instead: "
+        f"--md_datasrc=$DATASRC (with $DATASRC/{MD_DATASRC_DIRS[source]}) or "
+        f"--source_dirs={source}=<dir>, where <dir> is the {SOURCES[source].local_layout}; "
+        "or accept the difference with --allow_vdd"
+    )
 
 
 def check_source(source: str) -> str:
@@ -192,7 +294,8 @@ class ClassSplits:
       source: Meta-Dataset source name.
       classes: split -> class names; a class's local label is its position.
       groups: optional split -> group (Omniglot alphabet) of each class.
-      skip_files: catalogue file names to leave out (ImageNet images duplicating CUB).
+      skip_files: file names to leave out (ImageNet images duplicating images of
+        Caltech-101, Caltech-256 and CUB: MD's three lists).
     """
 
     source: str
@@ -267,12 +370,8 @@ def load_class_splits(source: str) -> ClassSplits:
             s: tuple(name for name, count in data["alphabets"][s] for _ in range(count))
             for s in SPLITS
         }
-    return ClassSplits(
-        source=source,
-        classes=classes,
-        groups=groups,
-        skip_files=frozenset(data.get("skip_files", ())),
-    )
+    skip_files = frozenset(data.get("skip_files", ()))
+    return ClassSplits(source=source, classes=classes, groups=groups, skip_files=skip_files)
 
 
 def no_catalogue_message(source: str) -> str:

@@ -1,0 +1,598 @@
+"""Does flatness predict transfer? The study driver: population -> measures -> outcomes -> tau.
+
+Command: ``python -m flatfsc_jax.cli.flatness_study --config=configs/flatness_study.py
+--workdir=study`` (the config names the population, the primary measure and outcome, and
+its cost). Four stages, each resumable, each reusing what the previous run left:
+
+* ``train``: every member of the population (:func:`population`) is one zoo entry,
+  trained by ``experiment.run(stages=("train",))`` in its own workdir
+  ``<workdir>/members/<name>`` with the member's hyper-parameters; the zoo's reuse policy
+  makes a finished member free and an interrupted one resume from its checkpoint.
+* ``measure``: every backbone, *with* its head, in BatchNorm eval mode on a fixed seeded
+  subset of its source training images (``sharpness.measure_split_backbone``: Hessian
+  trace and top eigenvalue, SAM gaps, adaptive average / worst-case sharpness, relative
+  flatness, weight norms, CDNV and effective rank on held-out source classes), plus the
+  source validation accuracy the training loop recorded; cached per member in
+  ``<workdir>/study/measures/<name>.json``.
+* ``evaluate``: NCC accuracy on the same ``episodes`` seeded test episodes of each target
+  script for every backbone, and the PARC score of its embedding on each episode's
+  support set; cached per member in ``<workdir>/study/outcomes/<name>.json``.
+* ``analyse``: ``correlation.correlation_table`` over measures x outcomes (Holm over the
+  whole table), the primary row's details (granulated tau per axis, tau per optimiser,
+  sign-error per axis); writes ``<workdir>/study/{results.json, table.md, table.csv,
+  scatter_<primary measure>.png}``. Design and reading: docs/flatness-transfer.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+
+from flatfsc_jax import config_lib, experiment, models
+from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.data import benchmarks
+from flatfsc_jax.data import episodes as episodes_lib
+from flatfsc_jax.evaluation import ncc, parc, protocol
+from flatfsc_jax.flatness import sharpness
+from flatfsc_jax.reporting import correlation, significance
+from flatfsc_jax.training import resumable
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "measure", "evaluate", "analyse")
+FACTOR_AXES = ("optimiser", "lr", "batch_size", "rho")
+# The measures correlated, with the sign a *good* predictor of transfer should have
+# (+1: larger measure, higher accuracy). Flatness measures: larger = sharper.
+FLATNESS = {
+    "hessian_trace": -1,
+    "top_eigenvalue": -1,
+    "sam_gap_common_rho": -1,
+    "adaptive_average_sharpness": -1,
+    "adaptive_worst_sharpness": -1,
+    "relative_flatness": -1,
+    "weight_norm": -1,
+}
+BASELINES = {
+    "source_val_accuracy": 1,
+    "train_loss": -1,
+    "generalisation_gap": -1,
+    "cdnv": -1,
+    "effective_rank": 1,
+}
+MEAN_OUTCOME = "unseen_mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One backbone of the population: its factor levels and its seed."""
+
+    optimiser: str
+    method: str
+    lr: float
+    batch_size: int
+    rho: float
+    rho_level: str  # "none" (ERM) or "low" / "high" within the optimiser's own grid
+    seed: int
+    anchor: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.optimiser}_lr{self.lr:g}_bs{self.batch_size}_rho{self.rho:g}_s{self.seed}"
+
+    @property
+    def configuration(self) -> str:
+        return self.name.rsplit("_s", 1)[0]
+
+
+def population(study: ml_collections.ConfigDict) -> list[Member]:
+    """The crossed design: optimiser x lr x batch size x rho, ``seeds`` seeds each, and
+    ``anchor_seeds`` seeds in all for each anchor configuration."""
+    anchors = {(a[0], float(a[1]), int(a[2]), float(a[3])) for a in study.anchors}
+    out = []
+    for name, opt in study.optimisers.items():
+        rhos = tuple(float(r) for r in opt["rho"])
+        for lr in study.lrs:
+            for bs in study.batch_sizes:
+                for k, rho in enumerate(rhos):
+                    level = "none" if rho == 0 else ("low", "high")[k] if len(rhos) == 2 else "one"
+                    key = (name, float(lr), int(bs), rho)
+                    seeds = study.anchor_seeds if key in anchors else study.seeds
+                    for seed in range(int(seeds)):
+                        out.append(
+                            Member(
+                                name,
+                                opt["method"],
+                                float(lr),
+                                int(bs),
+                                rho,
+                                level,
+                                seed,
+                                key in anchors,
+                            )
+                        )
+    unknown = anchors - {(m.optimiser, m.lr, m.batch_size, m.rho) for m in out}
+    if unknown:
+        raise config_lib.ConfigError(
+            f"config.study.anchors has {sorted(unknown)}, not configurations of the design; "
+            "name an (optimiser, lr, batch size, rho) that the crossed factors contain"
+        )
+    return out
+
+
+def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_collections.ConfigDict:
+    """The one-entry run config of ``member``: its method, row, seed and overrides."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    source = config.study.source
+    c.methods = (member.method,)
+    c.seed = member.seed
+    row = c.per_domain[source]
+    row.lr, row.batch_size, row.rho = member.lr, member.batch_size, member.rho
+    overrides = config.study.optimisers[member.optimiser]["overrides"]
+    c.update_from_flattened_dict(_flatten(_plain(overrides)))
+    del c["study"]
+    return c
+
+
+def _plain(d):
+    return d.to_dict() if isinstance(d, ml_collections.ConfigDict) else dict(d)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_study(config) -> None:
+    """Fails before any work, naming the key, if the study's settings cannot run."""
+    s = config.study
+    if tuple(config.domains) != (s.source,):
+        raise config_lib.ConfigError(
+            f"config.domains={tuple(config.domains)} must be the study's one source "
+            f"(config.study.source={s.source!r})"
+        )
+    known = config_lib.benchmark_domains(config.benchmark)
+    for t in (*s.near_targets, *s.far_targets):
+        if t not in known or t == s.source:
+            raise config_lib.ConfigError(
+                f"config.study targets have {t!r}; choose scripts other than the source "
+                f"from {known}"
+            )
+    if len(population(s)) < 3:
+        raise config_lib.ConfigError("config.study gives fewer than 3 backbones: no tau")
+    if s.primary_measure not in (*FLATNESS, *BASELINES):
+        raise config_lib.ConfigError(
+            f"config.study.primary_measure={s.primary_measure!r}; choose from "
+            f"{(*FLATNESS, *BASELINES)}"
+        )
+    if s.primary_outcome not in (MEAN_OUTCOME, *targets(config)):
+        raise config_lib.ConfigError(
+            f"config.study.primary_outcome={s.primary_outcome!r}; choose {MEAN_OUTCOME!r} "
+            f"or a target {targets(config)}"
+        )
+    for m in population(s):
+        config_lib.validate(member_config(config, m))
+
+
+def targets(config) -> tuple[str, ...]:
+    return (*config.study.near_targets, *config.study.far_targets)
+
+
+def _settings(config) -> sharpness.SharpnessSettings:
+    return sharpness.SharpnessSettings(**config.study.sharpness.to_dict())
+
+
+def _write_json(path: str, data) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)  # a killed run never leaves a half-written cache
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load(config, workdir: str, member: Member) -> zoo_lib.LoadedBackbone:
+    zoo = zoo_lib.Zoo(os.path.join(workdir, "members", member.name, "zoo"))
+    return zoo.load(config.benchmark, config.study.source, member.method)
+
+
+DIVERGED = "DIVERGED"  # marker in a member's workdir: its training went non-finite
+
+
+def diverged(workdir: str, member: Member) -> str | None:
+    """Why ``member``'s training diverged (its marker's text), or None."""
+    path = os.path.join(workdir, "members", member.name, DIVERGED)
+    return open(path).read() if os.path.exists(path) else None
+
+
+def train(config, workdir: str, members: Sequence[Member], *, progress: bool = True) -> None:
+    """Trains every member not yet complete. A member whose loss goes non-finite is part
+    of the result (that configuration does not train), not a crash: it is marked and left
+    out of the measures, and a re-run does not retrain it (delete the marker to retry)."""
+    for i, m in enumerate(members):
+        if diverged(workdir, m):
+            print(f"[study] train {i + 1}/{len(members)}: {m.name} diverged before; skipped")
+            continue
+        print(f"[study] train {i + 1}/{len(members)}: {m.name}", flush=True)
+        member_dir = os.path.join(workdir, "members", m.name)
+        try:
+            experiment.run(
+                member_config(config, m), member_dir, stages=("train",), progress=progress
+            )
+        except resumable.NonFiniteError as e:
+            with open(os.path.join(member_dir, DIVERGED), "w") as f:
+                f.write(str(e))
+            print(f"[study] {m.name} diverged: {e}", flush=True)
+
+
+def measure(config, workdir: str, members: Sequence[Member]) -> dict[str, dict]:
+    """Every member's measures (cached per member)."""
+    s = config.study
+    out = {}
+    splits = None
+    for i, m in enumerate(members):
+        path = os.path.join(workdir, "study", "measures", f"{m.name}.json")
+        if os.path.exists(path):
+            out[m.name] = _read_json(path)
+            continue
+        if splits is None:
+            splits = [
+                benchmarks.load_split(config.benchmark, s.source, split, config.data_dir)
+                for split in ("train", "valid")
+            ]
+        loaded = _load(config, workdir, m)
+        values = sharpness.measure_split_backbone(
+            loaded.model,
+            loaded.variables,
+            *splits,
+            examples=s.examples,
+            heldout_examples=s.heldout_examples,
+            training_rho=m.rho or None,
+            settings=_settings(config),
+        )
+        values["source_val_accuracy"] = float(loaded.entry.best_accuracy)
+        values["train_accuracy"] = values["accuracy"]
+        values["train_loss"] = values["loss"]
+        values["generalisation_gap"] = values["accuracy"] - values["source_val_accuracy"]
+        values["best_step"] = loaded.entry.metadata.get("best_validation", {}).get("step")
+        _write_json(path, values)
+        out[m.name] = values
+        print(f"[study] measured {i + 1}/{len(members)}: {m.name} ({values['seconds']:.0f} s)")
+    return out
+
+
+def evaluate(config, workdir: str, members: Sequence[Member]) -> dict[str, dict]:
+    """Per member and target: NCC accuracy and PARC score of every shared episode."""
+    s = config.study
+    out, todo = {}, []
+    for m in members:
+        path = os.path.join(workdir, "study", "outcomes", f"{m.name}.json")
+        if os.path.exists(path):
+            out[m.name] = _read_json(path)
+        else:
+            todo.append(m)
+    if not todo:
+        return out
+    tasks = {}
+    for t in targets(config):
+        split = benchmarks.load_split(config.benchmark, t, "test", config.data_dir)
+        # The same seeded episodes for every backbone (as protocol.py's evaluation).
+        batch = episodes_lib.EpisodeBatch.sample(split, s.episodes, seed=s.episode_seed)
+        support = protocol.parc_subsets(batch, s.parc_max_support, s.episode_seed + 1000)
+        tasks[t] = (split, batch, support)
+    for m in todo:
+        loaded = _load(config, workdir, m)
+        meta = loaded.entry.metadata["model"]
+        trunk = models.build_model(meta["arch"], 0, width=meta["width"], dtype=meta["dtype"])
+        variables = {
+            "params": models.trunk_params(loaded.variables["params"]),
+            "batch_stats": loaded.variables["batch_stats"],
+        }
+        result = {}
+        for t, (split, batch, support) in tasks.items():
+            emb = ncc.embed_split(trunk, variables, split, batch_size=config.validation.batch_size)
+            result[t] = {
+                "ncc": np.asarray(ncc.episode_accuracies(emb, batch)).astype(float).tolist(),
+                "parc": np.asarray(parc.parc_scores_padded(emb, *support)).astype(float).tolist(),
+            }
+        path = os.path.join(workdir, "study", "outcomes", f"{m.name}.json")
+        _write_json(path, result)
+        out[m.name] = result
+        print(f"[study] evaluated {m.name}", flush=True)
+    return out
+
+
+def _usable(name: str, values: np.ndarray, dropped: dict) -> bool:
+    if not np.all(np.isfinite(values)):
+        dropped[name] = "non-finite for some backbone"
+        return False
+    if np.all(values == values[0]):
+        dropped[name] = "constant over the population"
+        return False
+    return True
+
+
+def analyse(config, members, measured: dict, outcomes: dict) -> dict:
+    """The statistics of the study as plain data (``results.json``)."""
+    s = config.study
+    names = [m.name for m in members]
+    tg = targets(config)
+    episode = {t: np.array([outcomes[n][t]["ncc"] for n in names]) for t in tg}
+    episode[MEAN_OUTCOME] = np.concatenate([episode[t] for t in tg], axis=1)
+    outcome = {k: v.mean(1) for k, v in episode.items()}
+    directions = {**FLATNESS, **BASELINES}
+    dropped: dict = {}
+    meas = {}
+    for k in directions:
+        v = np.array([measured[n][k] for n in names], float)
+        if _usable(k, v, dropped):
+            meas[k] = v
+    parc_scores = {t: np.array([np.mean(outcomes[n][t]["parc"]) for n in names]) for t in tg}
+    factors = {
+        "optimiser": [m.optimiser for m in members],
+        "lr": [m.lr for m in members],
+        "batch_size": [m.batch_size for m in members],
+        "rho": [m.rho_level for m in members],
+        "seed": [m.seed for m in members],  # a factor, not an axis: pairs share a seed
+    }
+    axes = [a for a in FACTOR_AXES if len(set(factors[a])) > 1]
+    groups = factors["optimiser"]
+    covariate = meas.get("source_val_accuracy")
+    common = dict(
+        factors=factors,
+        axes=axes,
+        covariate=covariate,
+        groups=groups,
+        n_boot=s.n_boot,
+        n_perm=s.n_perm,
+        seed=s.stats_seed,
+    )
+    outcome_names = [s.primary_outcome] + [k for k in (*tg, MEAN_OUTCOME) if k != s.primary_outcome]
+    ordered = {k: outcome[k] for k in outcome_names}
+    rows = correlation.correlation_table(
+        meas,
+        ordered,
+        episode_outcomes={k: episode[k] for k in ordered},
+        directions=directions,
+        **common,
+    )
+    # PARC is a score of a backbone *on a target*: one row per target, its own outcome.
+    for t in tg:
+        if _usable(f"parc_{t}", parc_scores[t], dropped):
+            rows += correlation.correlation_table(
+                {f"parc_{t}": parc_scores[t]},
+                {t: outcome[t]},
+                episode_outcomes={t: episode[t]},
+                directions={f"parc_{t}": 1},
+                **common,
+            )
+    # Holm over the whole table (measures x outcomes, PARC rows included).
+    for row, adj in zip(rows, significance.holm([r["p"] for r in rows]), strict=True):
+        row["p_holm"] = float(adj)
+        row["kind"] = "flatness" if row["measure"] in FLATNESS else "baseline"
+        row["primary"] = row["measure"] == s.primary_measure and row["outcome"] == s.primary_outcome
+    rows.sort(key=lambda r: (not r["primary"], r["outcome"] != s.primary_outcome))
+    primary = None
+    if s.primary_measure in meas:
+        x, y = meas[s.primary_measure], outcome[s.primary_outcome]
+        primary = {
+            "measure": s.primary_measure,
+            "outcome": s.primary_outcome,
+            "tau": correlation.kendall_tau(
+                x, y, n_boot=s.n_boot, n_perm=s.n_perm, seed=s.stats_seed
+            ),
+            "granulated": correlation.granulated_tau(x, y, factors, axes=axes),
+            "groups": correlation.group_taus(x, y, groups, n_perm=s.n_perm, seed=s.stats_seed),
+            "sign_error": correlation.sign_error(
+                x,
+                y,
+                factors,
+                direction=directions[s.primary_measure],
+                axes=axes,
+                episode_outcomes=episode[s.primary_outcome],
+            ),
+        }
+    return {
+        "primary_measure": s.primary_measure,
+        "primary_outcome": s.primary_outcome,
+        "n": len(members),
+        "min_detectable_tau": significance.min_detectable_tau(len(members)),
+        "targets": {"near": list(s.near_targets), "far": list(s.far_targets)},
+        "members": [dict(dataclasses.asdict(m), name=m.name) for m in members],
+        "factors": factors,
+        "axes": axes,
+        "directions": directions,
+        "measures": {k: v.tolist() for k, v in meas.items()},
+        "measures_all": {n: measured[n] for n in names},
+        "parc": {t: v.tolist() for t, v in parc_scores.items()},
+        "outcomes": {k: v.tolist() for k, v in outcome.items()},
+        "episode_accuracies": {t: episode[t].tolist() for t in tg},
+        "dropped_measures": dropped,
+        "rows": rows,
+        "primary": primary,
+    }
+
+
+def write_outputs(results: dict, out_dir: str) -> dict[str, str]:
+    """``results.json``, ``table.md``, ``table.csv`` and the primary scatter."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, k) for k in ("results.json", "table.md", "table.csv")}
+    _write_json(paths["results.json"], results)
+    with open(paths["table.md"], "w") as f:
+        f.write(format_summary(results) + "\n" + correlation.to_markdown(results["rows"]))
+    with open(paths["table.csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results["rows"][0]))
+        writer.writeheader()
+        writer.writerows(results["rows"])
+    paths["scatter"] = os.path.join(out_dir, f"scatter_{results['primary_measure']}.png")
+    plot_scatter(results, paths["scatter"])
+    return paths
+
+
+def format_summary(results: dict) -> str:
+    """The primary test in one paragraph (the head of ``table.md``)."""
+    p = results["primary"]
+    head = (
+        f"Primary (named before the run): {results['primary_measure']} vs "
+        f"{results['primary_outcome']}, n = {results['n']} backbones; detectable at p < .05: "
+        f"|tau| >= {results['min_detectable_tau']:.2f}.\n"
+    )
+    if results.get("diverged"):
+        head += f"Diverged in training, left out: {', '.join(results['diverged'])}.\n"
+    if p is None:
+        return head + f"The primary measure was dropped: {results['dropped_measures']}.\n"
+    t = p["tau"]
+    return head + (
+        f"tau_b = {t['tau']:+.3f}, 95% BCa CI [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], "
+        f"permutation p = {t['p']:.3f}; granulated Psi = {p['granulated']['psi']:+.3f}; "
+        f"pooled within-optimiser tau = {p['groups']['pooled_within']['tau']:+.3f}; "
+        f"sign-error = {p['sign_error']['error']:.3f} over {p['sign_error']['kept']} pairs.\n"
+    )
+
+
+def plot_scatter(results: dict, path: str | None = None, ax=None):
+    """The primary measure against the primary outcome, one colour per optimiser; the
+    shaded bands are mean +- 1.96 sd over the seeds of each anchor configuration (the
+    seed noise of the outcome, and of the measure as the vertical band)."""
+    import matplotlib
+
+    if ax is None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mname, oname = results["primary_measure"], results["primary_outcome"]
+    x = np.asarray(results["measures"].get(mname, []), float)
+    y = 100 * np.asarray(results["outcomes"][oname], float)
+    members = results["members"]
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+    opts = list(dict.fromkeys(m["optimiser"] for m in members))
+    colours = dict(zip(opts, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for cfg in sorted({_configuration(m) for m in members if m["anchor"]}):
+        k = [i for i, m in enumerate(members) if _configuration(m) == cfg]
+        c = colours[members[k[0]]["optimiser"]]
+        if len(k) >= 2 and len(x):
+            for lo, hi, span in (
+                (*_band(y[k]), ax.axhspan),
+                (*_band(x[k]), ax.axvspan),
+            ):
+                span(lo, hi, color=c, alpha=0.12, lw=0)
+    if len(x):
+        for o in opts:
+            k = [i for i, m in enumerate(members) if m["optimiser"] == o]
+            ax.scatter(x[k], y[k], color=colours[o], label=o, s=24)
+    tau = (results.get("primary") or {}).get("tau", {}).get("tau", math.nan)
+    ax.set_xlabel(f"{mname} (larger = sharper)")
+    ax.set_ylabel(f"NCC accuracy, {oname} (%)")
+    ax.set_title(f"n = {results['n']}, tau_b = {tau:+.2f}; bands: anchor seed noise")
+    ax.legend(title="optimiser")
+    if fig is not None:
+        fig.tight_layout()
+        if path:
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+    return ax
+
+
+def plot_taus(results: dict, path: str | None = None, ax=None):
+    """tau_b and its 95% CI of every measure against the primary outcome, flatness
+    measures and baselines in two colours, the detectable |tau| dashed."""
+    import matplotlib
+
+    if ax is None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["outcome"] == results["primary_outcome"]]
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, r in enumerate(rows):
+        colour = "C0" if r["kind"] == "flatness" else "C1"
+        ax.plot([r["tau"]], [i], "o", color=colour)
+        if not math.isnan(r["ci_low"]):
+            ax.plot([r["ci_low"], r["ci_high"]], [i, i], color=colour)
+    ax.set_yticks(range(len(rows)), [r["measure"] for r in rows])
+    ax.invert_yaxis()
+    bound = results["min_detectable_tau"]
+    for v in (-bound, bound):
+        ax.axvline(v, color="grey", ls="--", lw=0.8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel(f"Kendall tau_b with {results['primary_outcome']} (blue: flatness)")
+    if fig is not None:
+        fig.tight_layout()
+        if path:
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+    return ax
+
+
+def _configuration(m: dict) -> str:
+    return m["name"].rsplit("_s", 1)[0]
+
+
+def _band(v):
+    mean, sd = float(np.mean(v)), float(np.std(v, ddof=1))
+    return mean - 1.96 * sd, mean + 1.96 * sd
+
+
+def run(config, workdir: str, stages: Sequence[str] = STAGES, *, progress: bool = True):
+    """The study's stages (module docstring); returns the results of ``analyse`` or None."""
+    stages = tuple(stages)
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or not stages:
+        raise config_lib.ConfigError(
+            f"--stages={','.join(stages)} has {unknown or 'no stage'}; choose from {STAGES}"
+        )
+    t0 = time.perf_counter()
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = ml_collections.ConfigDict(config.to_dict())
+    if not config.data_dir:  # shared by every member (experiment.run would use its own)
+        config.data_dir = os.path.join(workdir, "data")
+    check_study(config)
+    experiment.check_workdir(workdir)
+    members = population(config.study)
+    print(
+        f"[study] {len(members)} backbones on {config.study.source}; targets "
+        f"{', '.join(targets(config))}; primary {config.study.primary_measure} vs "
+        f"{config.study.primary_outcome}",
+        flush=True,
+    )
+    if "train" in stages:
+        train(config, workdir, members, progress=progress)
+    lost = {m.name: diverged(workdir, m) for m in members if diverged(workdir, m)}
+    members = [m for m in members if m.name not in lost]
+    measured = measure(config, workdir, members) if "measure" in stages else None
+    outcomes = evaluate(config, workdir, members) if "evaluate" in stages else None
+    results = None
+    if "analyse" in stages:
+        measured = measured or measure(config, workdir, members)
+        outcomes = outcomes or evaluate(config, workdir, members)
+        results = analyse(config, members, measured, outcomes)
+        results["diverged"] = lost
+        results["config"] = config.to_dict()
+        results["wall_seconds"] = time.perf_counter() - t0
+        paths = write_outputs(results, os.path.join(workdir, "study"))
+        print(format_summary(results), flush=True)
+        print("[study] written: " + ", ".join(paths.values()), flush=True)
+    print(f"[study] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return results
