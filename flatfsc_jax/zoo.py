@@ -76,6 +76,7 @@ class StaleEntryError(ZooError):
 class MissingEntryError(ZooError, FileNotFoundError):
     """A zoo entry a stage needs is absent or unfinished."""
 
+
 def checksum(path) -> str:
     """sha256 over the relative names and bytes of every file under ``path`` (sorted)."""
     root = os.fspath(path)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from flatfsc_jax import families
-from flatfsc_jax.flatness import landscape, measures
+from flatfsc_jax.flatness import landscape
 from flatfsc_jax.reporting import atomic
 from flatfsc_jax.reporting.tables import Z95
 

@@ -22,8 +22,6 @@ command ends with exactly the parameters of an uninterrupted run (tests/training
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import time
 from typing import Any
