@@ -36,6 +36,7 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from flatfsc_jax import errors
 from flatfsc_jax.checks import check_int, check_number
 from flatfsc_jax.data import meta_dataset_spec
 
@@ -60,7 +61,7 @@ ROW_KEYS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.FlatfscError, ValueError):
     """A config key has a wrong value; the message names the key and the fix."""
 
 
@@ -427,13 +428,17 @@ def flat_settings(cfg: ml_collections.ConfigDict):
     return flat_methods.FlatMethod.from_config(values, prefix="config.flat.", error=ConfigError)
 
 
-def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
+def validate(
+    config: ml_collections.ConfigDict, num_processes: int = 1, *, evaluation: bool = True
+) -> None:
     """Raises ``ConfigError`` naming the first bad key; cheap, run before compiling.
 
     Checks every key a run reads: benchmark, domains and their table rows, methods,
     model, optimiser, SAM, validation, checkpoint/log intervals, fusion and evaluation
     settings. The library functions these keys reach check their own arguments again
     only where they must (shapes known at call time), naming the argument.
+    ``evaluation=False``: the training stages' own re-check (they read no evaluation key;
+    the run and ``--dry_run`` checked them already).
     """
     from flatfsc_jax import models
 
@@ -542,11 +547,25 @@ def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
         _int(f.restart_period, "fusion.restart_period")
         if "lora" in modes:
             _int(f.lora_rank, "fusion.lora_rank")
+    if evaluation:
+        _validate_evaluation(config, known)
+    _validate_flat(config)
+    # A per-entry config (domain_config: one domain) trains one backbone, never a student.
+    if config.fusion.enabled and "distill" in modes and len(config.domains) > 1:
+        validate_distill(config, num_processes)
+
+
+def _validate_evaluation(config, known) -> None:
     ev = config.evaluation
     _int(ev.get("pa_episodes"), "evaluation.pa_episodes", none="all episodes")
     for key in ("pa_steps", "tsa_episodes", "tsa_steps"):
         _int(ev.get(key, 0), f"evaluation.{key}", minimum=0)
     if ev.enabled:
+        if not ev.domains:
+            raise ConfigError(
+                "config.evaluation.domains is empty; name the domains to evaluate (or set "
+                "--config.evaluation.enabled=False)"
+            )
         for d in ev.domains:
             if d not in known:
                 raise ConfigError(
@@ -558,10 +577,48 @@ def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
             raise ConfigError(
                 f"config.evaluation.metric must be cosine or euclidean, got {ev.metric!r}"
             )
+        if not ev.adaptations:
+            raise ConfigError(
+                f"config.evaluation.adaptations is empty; choose from {ADAPTATIONS} (or set "
+                "--config.evaluation.enabled=False)"
+            )
         for a in ev.adaptations:
             if a not in ADAPTATIONS:
                 raise ConfigError(
                     f"config.evaluation.adaptations has {a!r}; choose from {ADAPTATIONS}"
+                )
+        # A repeated adaptation would count each domain twice (a CI too narrow by sqrt 2).
+        repeated = sorted({a for a in ev.adaptations if list(ev.adaptations).count(a) > 1})
+        if repeated:
+            raise ConfigError(
+                f"config.evaluation.adaptations={tuple(ev.adaptations)} repeats {repeated}; "
+                "name each adaptation once"
+            )
+        # An adaptation with no episodes or no steps would report an empty or NCC table.
+        needs = {
+            "pa": ("pa_steps",),
+            "tsa": ("tsa_episodes", "tsa_steps"),
+            "finetune": ("finetune_episodes",),
+            "lora": ("finetune_episodes",),
+        }
+        for a in ev.adaptations:
+            for key in needs.get(a, ()):
+                if ev[key] == 0:
+                    raise ConfigError(
+                        f"config.evaluation.{key}=0 but config.evaluation.adaptations has "
+                        f"{a!r}; give it at least 1 or drop {a!r} from the adaptations"
+                    )
+        if ev.finetune_families:
+            from flatfsc_jax import families
+
+            produced = families.families(config)
+            unknown = [f for f in ev.finetune_families if f not in produced]
+            if unknown:
+                kept = tuple(f for f in ev.finetune_families if f in produced)
+                raise ConfigError(
+                    f"config.evaluation.finetune_families has {unknown}, not a family this "
+                    f"run produces ({produced}); drop it, e.g. "
+                    f'--config.evaluation.finetune_families="{kept}"'
                 )
         if any(a != "ncc" for a in ev.adaptations):
             _int(ev.finetune_steps, "evaluation.finetune_steps")
@@ -570,10 +627,6 @@ def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
                 _int(ev.lora_rank, "evaluation.lora_rank")
             _number(ev.finetune_lr, "evaluation.finetune_lr", positive=True, none="the default")
         _int(ev.parc_max_support, "evaluation.parc_max_support", none="all support images")
-    _validate_flat(config)
-    # A per-entry config (domain_config: one domain) trains one backbone, never a student.
-    if config.fusion.enabled and "distill" in modes and len(config.domains) > 1:
-        validate_distill(config, num_processes)
 
 
 def validate_distill(config, num_processes: int = 1) -> None:

@@ -1,9 +1,10 @@
 """The main job: data check -> backbone zoo -> fusion -> evaluation -> report.
 
 ``run(config, workdir, stages)`` is what ``./run.sh`` / ``python -m flatfsc_jax.main``
-execute. Every stage checks its inputs before compiling anything (config keys, stages,
-a writable workdir, the data, the zoo entries it will reuse) and reuses what is already
-complete in ``<workdir>/zoo``, under the reuse rules of docs/zoo.md#reliability:
+execute, holding the workdir's lock (``lock.py``: one writer per workdir). Every stage
+checks its inputs before compiling anything (config keys, stages, a writable workdir,
+the data, the zoo entries it will reuse) and reuses what is already complete in
+``<workdir>/zoo``, under the reuse rules of docs/zoo.md#reliability:
 
 * a complete entry is reused only if the keys that define its backbone
   (``entry_keys.BACKBONE_KEYS``) equal those of the effective config the run would train it
@@ -30,13 +31,14 @@ import jax
 import ml_collections
 from etils import epath
 
-from flatfsc_jax import config_lib, entry_keys, families, profiling
+from flatfsc_jax import config_lib, entry_keys, errors, families, lock, profiling
 from flatfsc_jax import zoo as zoo_lib
-from flatfsc_jax.data import benchmarks
+from flatfsc_jax.data import benchmarks, sources
+from flatfsc_jax.data import glyphs as glyphs_data
 from flatfsc_jax.evaluation import protocol
 from flatfsc_jax.fusion import distill, finetune
 from flatfsc_jax.profiling import PROFILE
-from flatfsc_jax.reporting import convergence, tables
+from flatfsc_jax.reporting import atomic, convergence, tables
 from flatfsc_jax.training import loop
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "fuse", "evaluate")
 
 
-class WorkdirError(ValueError):
+class WorkdirError(errors.FlatfscError, ValueError):
     """``--workdir`` is not a writable directory."""
 
 
@@ -285,7 +287,10 @@ def check_data(config, stages) -> None:
     if "evaluate" in stages and config.evaluation.enabled:
         for d in config.evaluation.domains:
             splits.setdefault(d, set()).add("test")
-    benchmarks.ensure_prepared(config.benchmark, splits, config.data_dir)
+    try:
+        benchmarks.ensure_prepared(config.benchmark, splits, config.data_dir)
+    except (sources.MissingDataError, glyphs_data.AssetChecksumError) as e:
+        raise errors.DataError(str(e)) from e
 
 
 def run(
@@ -315,6 +320,13 @@ def run(
     plan(config)  # every entry's effective config is valid
     mine = None if entries is None else shard_entries(config, entries)
     check_workdir(workdir)
+    # One writer per workdir (a second run would corrupt checkpoints and metrics); shares
+    # of one zoo write together, entry by entry (lock.py).
+    with lock.workdir_lock(workdir, take=jax.process_index() == 0, shared=mine is not None):
+        return _run_stages(config, workdir, stages, progress, t_start, setup_seconds, entries, mine)
+
+
+def _run_stages(config, workdir, stages, progress, t_start, setup_seconds, entries, mine):
     zoo = zoo_lib.Zoo(os.path.join(workdir, "zoo"))
     check_reuse(config, zoo)
     with PROFILE.section("data"):
@@ -390,14 +402,28 @@ def run(
 
 
 def write_convergence(config, zoo: zoo_lib.Zoo, path: str) -> None:
-    """Validation curves of this run's domains (every method in the zoo), budget marked."""
-    curves = convergence.read_curves(zoo, config.benchmark)
-    curves = {d: curves[d] for d in config.domains if d in curves}
-    if not curves:
+    """Validation curves of this run's domains (every method in the zoo), budget marked.
+
+    Never fatal: the plot is a by-product of trained entries, so a failure is a warning
+    naming the file (the zoo is complete either way).
+    """
+    try:
+        curves = convergence.read_curves(zoo, config.benchmark)
+        curves = {d: curves[d] for d in config.domains if d in curves}
+        if not curves:
+            return
+        budgets = {d: int(config_lib.domain_config(config, d, "erm").num_steps) for d in curves}
+        with atomic.staged(os.path.dirname(path)) as tmp:
+            staged = os.path.join(tmp, os.path.basename(path))
+            convergence.plot_convergence(curves, staged, budgets=budgets, title=config.benchmark)
+    except Exception as e:  # noqa: BLE001 - a plot must not stop a run whose entries are done
+        log.warning(
+            "validation curves not written to %s (%s: %s); the zoo entries are complete",
+            path,
+            type(e).__name__,
+            e,
+        )
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    budgets = {d: int(config_lib.domain_config(config, d, "erm").num_steps) for d in curves}
-    convergence.plot_convergence(curves, path, budgets=budgets, title=config.benchmark)
     _print(f"validation curves written: {path}")
 
 

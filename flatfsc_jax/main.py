@@ -10,9 +10,10 @@ cache, multi-host), hand over to ``experiment.run``. ``./run.sh`` forwards its f
                            effective batch size / lr / steps / restart period / rho
   --traceback              show the traceback of an expected failure
 
-Expected failures (a bad config value, missing data, a damaged or stale zoo entry, an
-unwritable workdir, a diverged run) print one message naming the key or path and the
-fix and exit with status 2; anything else is a bug and shows its traceback.
+Expected failures (``errors.FlatfscError``: a bad config value, missing data, a damaged
+or stale zoo entry, an unwritable or busy workdir, a diverged run) print one message
+naming the key or path and the fix and exit with status 2; anything else is a bug and
+shows its traceback.
   --distributed            call jax.distributed.initialize() (SLURM / TPU pods detect
                            everything; otherwise give --coordinator_address,
                            --num_processes and --process_id)
@@ -76,12 +77,11 @@ def setup_jax() -> None:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Failures a user can fix from the message alone (no traceback shown)."""
-    from flatfsc_jax import zoo as zoo_lib
-    from flatfsc_jax.training import resumable
+    from flatfsc_jax import errors
 
-    # ConfigError, ZooError, IncompatibleCheckpointError and WorkdirError are ValueErrors;
-    # missing data is a FileNotFoundError (sources.MissingDataError).
-    return (ValueError, OSError, resumable.NonFiniteError, zoo_lib.ZooError)
+    # Only our own types: a ValueError or OSError from anywhere else is a bug and keeps
+    # its traceback. Data errors are wrapped by experiment.check_data.
+    return (errors.FlatfscError,)
 
 
 def dry_run(config, workdir: str, stages) -> None:

@@ -54,7 +54,10 @@ class Profile:
     def summary(self, total_seconds: float) -> dict:
         """Plain data: per-section seconds and the headline ratios."""
         sec = dict(sorted(self.seconds.items()))
-        training_stage = sum(v for k, v in sec.items() if k.split("/")[0] in ("train", "fuse"))
+        # Every stage whose sections the step and overhead shares count (distill too).
+        training_stage = sum(
+            v for k, v in sec.items() if k.split("/")[0] in ("train", "fuse", "distill")
+        )
         steps = sum(sec.get(k, 0.0) for k in STEP_SECTIONS)
         overhead = sum(sec.get(k, 0.0) for k in OVERHEAD_SECTIONS)
         return {

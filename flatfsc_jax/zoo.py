@@ -45,7 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flatfsc_jax import models
+from flatfsc_jax import errors, models
 from flatfsc_jax.entry_keys import config_changes, entry_kind
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,11 @@ log = logging.getLogger(__name__)
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "flatfsc_jax")
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.FlatfscError, ValueError):
     """A checkpoint does not fit the model it is restored into."""
 
 
-class ZooError(ValueError):
+class ZooError(errors.FlatfscError, ValueError):
     """A zoo entry cannot be used as it is; the message names the entry and the fix."""
 
 
@@ -71,6 +71,10 @@ class EntryLockedError(ZooError):
 
 class StaleEntryError(ZooError):
     """Complete entries trained with other backbone-defining keys than the config says."""
+
+
+class MissingEntryError(ZooError, FileNotFoundError):
+    """A zoo entry a stage needs is absent or unfinished."""
 
 
 def checksum(path) -> str:
@@ -317,7 +321,7 @@ class Zoo:
             raise DamagedEntryError(self.damaged_message(benchmark, domain, method, problem))
         if entry is None:
             available = [e.key for e in self.list(benchmark)]
-            raise FileNotFoundError(
+            raise MissingEntryError(
                 f"zoo entry {benchmark}/{domain}/{method} is missing or incomplete under "
                 f"{str(self.root)!r}; complete entries: {available or 'none'}. Train it with "
                 f"{train_hint(benchmark, method)} --stages=train,fuse"
@@ -511,11 +515,14 @@ class Zoo:
 
 
 def train_hint(benchmark: str, method: str) -> str:
-    """The command that trains a missing entry of ``benchmark``."""
+    """The command that trains a missing entry of ``benchmark`` (students need distillation)."""
+    student = entry_kind(method) == "student"
     if benchmark == "glyphs":
-        return "./run.sh --config=configs/glyphs.py"
+        return "./run.sh --config=configs/glyphs.py" + (":kd" if student else "")
     base = method.split("+")[0]
-    return f"./run.sh --config=configs/{base}_resnet18.py"
+    return f"./run.sh --config=configs/{base}_resnet18.py" + (
+        " --config.fusion.mode=full,distill" if student else ""
+    )
 
 
 def _json_default(x):

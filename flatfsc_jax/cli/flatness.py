@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from flatfsc_jax import errors, lock
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.flatness import report as flatness_report
 from flatfsc_jax.flatness import zoo as mf
@@ -109,6 +110,14 @@ def main(argv) -> None:
         mf.check_landscape_domain(entries, _LANDSCAPE_2D.value)
     except (mf.EmptyZooError, ValueError) as e:
         raise SystemExit(f"flatness: {e}") from e
+    try:
+        with lock.workdir_lock(workdir):
+            _measure_and_write(zoo_root, data_dir, out, domains, settings)
+    except errors.WorkdirLockedError as e:
+        raise SystemExit(f"flatness: {e}") from e
+
+
+def _measure_and_write(zoo_root, data_dir, out, domains, settings) -> None:
     results = mf.measure_zoo(
         zoo_root,
         data_dir,

@@ -6,7 +6,6 @@ Re-renders ``<workdir>/report/`` (report.md, report.csv, headline.png) from
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
@@ -17,15 +16,16 @@ _WORKDIR = flags.DEFINE_string("workdir", "work", "The run's workdir (report in 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
+    from flatfsc_jax import errors, lock
     from flatfsc_jax.reporting import tables
 
     out = os.path.join(_WORKDIR.value, "report")
-    path = os.path.join(out, "results.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"{path} does not exist: run ./run.sh (its evaluate stage) first")
-    with open(path) as f:
-        results = json.load(f)
-    paths = tables.write_report(results, out)
+    try:
+        results = tables.read_results(os.path.join(out, "results.json"))
+        with lock.workdir_lock(_WORKDIR.value):
+            paths = tables.write_report(results, out)
+    except errors.FlatfscError as e:
+        raise SystemExit(f"error: {e}") from e
     print(tables.to_markdown(results))
     print("written:", ", ".join(paths.values()))
 

@@ -15,9 +15,15 @@ import os
 
 from absl import app, flags
 
+from flatfsc_jax import errors
 from flatfsc_jax.reporting import seeds
 
 _OUT = flags.DEFINE_string("out", "work/seeds", "Directory for seeds.md and seeds.json.")
+_ALLOW = flags.DEFINE_bool(
+    "allow_config_differences",
+    False,
+    "Pool runs whose configs differ in more than the seed (with a warning listing the keys).",
+)
 
 
 def main(argv) -> None:
@@ -25,7 +31,11 @@ def main(argv) -> None:
     if not workdirs:
         raise app.UsageError("give the workdirs of runs with distinct seeds (work work/seed1 ...)")
     out = _OUT.value
-    table = seeds.seed_table(seeds.load_runs(workdirs))
+    try:
+        runs = seeds.load_runs(workdirs, allow_config_differences=_ALLOW.value)
+    except errors.FlatfscError as e:
+        raise SystemExit(f"error: {e}") from e
+    table = seeds.seed_table(runs)
     os.makedirs(out, exist_ok=True)
     md = seeds.to_markdown(table)
     with open(os.path.join(out, "seeds.md"), "w") as f:

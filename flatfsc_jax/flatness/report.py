@@ -16,6 +16,7 @@ import numpy as np
 
 from flatfsc_jax import families
 from flatfsc_jax.flatness import landscape
+from flatfsc_jax.reporting import atomic
 from flatfsc_jax.reporting.tables import Z95
 
 FLATNESS_BASE_METHODS = ("erm", "sam")
@@ -129,8 +130,21 @@ def write_flatness_report(results: dict, out_dir) -> dict[str, Any]:
     """
     if not results.get("entries"):
         raise ValueError("results hold no entries: nothing to report")
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    final_dir = os.fspath(out_dir)
+    # Rendered whole into a staging directory, then moved over the previous report.
+    with atomic.staged(final_dir) as out_dir:
+        paths = _render(results, out_dir)
+    return {
+        k: (
+            {d: atomic.final_path(p, out_dir, final_dir) for d, p in v.items()}
+            if isinstance(v, dict)
+            else atomic.final_path(v, out_dir, final_dir)
+        )
+        for k, v in paths.items()
+    }
+
+
+def _render(results: dict, out_dir: str) -> dict[str, Any]:
     paths: dict[str, Any] = {
         "json": os.path.join(out_dir, "flatness.json"),
         "markdown": os.path.join(out_dir, "flatness.md"),

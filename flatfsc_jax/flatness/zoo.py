@@ -41,6 +41,7 @@ import numpy as np
 import optax
 from optax import tree_utils as otu
 
+from flatfsc_jax import errors
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.checks import check_int, is_real
 from flatfsc_jax.data import benchmarks, sources
@@ -67,7 +68,7 @@ __all__ = [
 DEFAULT_ALPHAS = tuple(float(a) for a in np.linspace(-1.0, 1.0, 21))
 
 
-class EmptyZooError(FileNotFoundError):
+class EmptyZooError(errors.FlatfscError, FileNotFoundError):
     """The zoo holds no complete entry to measure."""
 
 

@@ -363,7 +363,7 @@ def distill(
     progress: bool = True,
 ) -> zoo_lib.ZooEntry:
     """Trains (or resumes) the ``<method>+kd`` student and returns its zoo entry."""
-    config_lib.validate(config, num_processes=jax.process_count())
+    config_lib.validate(config, num_processes=jax.process_count(), evaluation=False)
     config_lib.validate_distill(config, num_processes=jax.process_count())
     # One mesh shards every domain's batch: gcd of the batches (step.make_mesh).
     batches = [int(config.fusion.distill.batch_size[d]) for d in config.domains]

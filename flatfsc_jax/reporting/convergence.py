@@ -12,9 +12,8 @@ longer run used to choose the budget).
 
 from __future__ import annotations
 
-import json
-
 from flatfsc_jax import zoo as zoo_lib
+from flatfsc_jax.training import metrics_writer
 
 
 def read_curves(zoo: zoo_lib.Zoo, benchmark: str | None = None) -> dict:
@@ -29,13 +28,10 @@ def read_curves(zoo: zoo_lib.Zoo, benchmark: str | None = None) -> dict:
         if benchmark and bench != benchmark:
             continue
         points = {}
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill: the rest of the log is still good
-            if isinstance(record, dict) and "val_accuracy" in record:
-                points[int(record["step"])] = 100.0 * float(record["val_accuracy"])
+        for record in metrics_writer.read_jsonl(path):  # bad lines: one warning
+            acc = record.get("val_accuracy")
+            if isinstance(acc, int | float) and not isinstance(acc, bool):
+                points[record["step"]] = 100.0 * float(acc)
         if points:
             curves.setdefault(domain, {})[method] = sorted(points.items())
     return curves

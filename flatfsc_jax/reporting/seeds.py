@@ -14,14 +14,16 @@ seeds (n - 1 degrees of freedom).
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
 
 import numpy as np
 from scipy import stats
 
-from flatfsc_jax import families
+from flatfsc_jax import errors, families
+
+log = logging.getLogger(__name__)
 
 
 def paired_averages(results: dict) -> dict:
@@ -96,16 +98,62 @@ def to_markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_runs(workdirs) -> dict[str, dict]:
-    runs = {}
+# Keys that may differ between pooled runs: the training seed and where files live.
+POOLABLE_KEYS = ("seed", "data_dir", "workdir")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(runs: dict[str, dict]) -> list[str]:
+    """``"key: a | b | ..."`` for every config key (but the seed and paths) that differs."""
+    flat = {label: _flatten(r.get("config") or {}) for label, r in runs.items()}
+    keys = sorted({k for f in flat.values() for k in f} - set(POOLABLE_KEYS))
+    out = []
+    for k in keys:
+        values = [f.get(k, "<absent>") for f in flat.values()]
+        if any(v != values[0] for v in values[1:]):
+            out.append(f"{k}: {' | '.join(repr(v) for v in values)}")
+    return out
+
+
+def load_runs(workdirs, *, allow_config_differences: bool = False) -> dict[str, dict]:
+    """``{"seed N": results}`` of each workdir's ``report/results.json``.
+
+    The runs must differ only in the seed (and paths): otherwise a spread over seeds
+    would mix recipes. ``ResultsError`` lists the differing keys, unless
+    ``allow_config_differences`` (then a warning lists them).
+    """
+    from flatfsc_jax.reporting import tables
+
+    runs, paths = {}, {}
     for w in workdirs:
         path = os.path.join(w, "report", "results.json")
-        if not os.path.exists(path):
-            raise SystemExit(f"{path} does not exist: run ./run.sh --workdir={w} first")
-        with open(path) as f:
-            results = json.load(f)
-        seed = results.get("config", {}).get("seed", "?")
+        results = tables.read_results(path)
+        seed = (results.get("config") or {}).get("seed", "?")
         runs[f"seed {seed}"] = results
+        paths[f"seed {seed}"] = path
     if len(runs) != len(workdirs):
-        raise SystemExit("two workdirs hold the same config.seed: give runs of distinct seeds")
+        raise errors.ResultsError(
+            "two workdirs hold the same config.seed: give runs of distinct seeds"
+        )
+    differ = config_differences(runs)
+    if differ:
+        text = (
+            f"the runs ({', '.join(paths.values())}) differ in more than the seed:\n  "
+            + "\n  ".join(differ)
+        )
+        if not allow_config_differences:
+            raise errors.ResultsError(
+                text + "\npool runs of one config (or --allow_config_differences to pool "
+                "them anyway)"
+            )
+        log.warning("%s\npooling them anyway (--allow_config_differences)", text)
     return runs

@@ -27,8 +27,9 @@ import os
 
 import numpy as np
 
-from flatfsc_jax import families
+from flatfsc_jax import errors, families
 from flatfsc_jax.evaluation import ncc
+from flatfsc_jax.reporting import atomic
 
 Z95 = 1.96  # the normal quantile of every 95% interval here (ncc.summarize's too)
 
@@ -221,19 +222,54 @@ def plot_headline(results: dict, table: dict, path) -> None:
 
 
 def write_report(results: dict, out_dir) -> dict:
-    """Writes results.json, report.md, report.csv and headline.png; returns the paths."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Writes results.json, report.md, report.csv and headline.png; returns the paths.
+
+    All four are rendered first (``atomic.staged``) and then replace the previous report,
+    so a failure (a plot error, a full disk) leaves the previous report intact.
+    """
+    if not results.get("adaptations") or not results.get("families"):
+        raise errors.ResultsError(
+            f"results hold no {'adaptation' if not results.get('adaptations') else 'family'}"
+            f": nothing to report in {os.fspath(out_dir)!r} (the previous report is kept)"
+        )
     table = build_table(results)
-    paths = {
-        "json": os.path.join(out_dir, "results.json"),
-        "markdown": os.path.join(out_dir, "report.md"),
-        "csv": os.path.join(out_dir, "report.csv"),
-        "png": os.path.join(out_dir, "headline.png"),
+    names = {
+        "json": "results.json",
+        "markdown": "report.md",
+        "csv": "report.csv",
+        "png": "headline.png",
     }
-    with open(paths["json"], "w") as f:
-        json.dump(results, f)
-    with open(paths["markdown"], "w") as f:
-        f.write(to_markdown(results, table))
-    write_csv(table, paths["csv"])
-    plot_headline(results, table, paths["png"])
-    return paths
+    with atomic.staged(out_dir) as tmp:
+        with open(os.path.join(tmp, names["json"]), "w") as f:
+            json.dump(results, f)
+        with open(os.path.join(tmp, names["markdown"]), "w") as f:
+            f.write(to_markdown(results, table))
+        write_csv(table, os.path.join(tmp, names["csv"]))
+        plot_headline(results, table, os.path.join(tmp, names["png"]))
+    return {k: os.path.join(os.fspath(out_dir), n) for k, n in names.items()}
+
+
+def read_results(path) -> dict:
+    """``results.json`` as written by :func:`write_report`; ``ResultsError`` names the file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise errors.ResultsError(f"{path} does not exist: run ./run.sh (its evaluate stage) first")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise errors.ResultsError(
+            f"{path} is unreadable ({type(e).__name__}: {e}); re-run the evaluate stage "
+            "(./run.sh --stages=evaluate) to write it again"
+        ) from e
+    lacking = [
+        k
+        for k in ("domains", "families", "adaptations")
+        if not isinstance(results, dict) or k not in results
+    ]
+    if lacking:
+        raise errors.ResultsError(
+            f"{path} is not a results file (no {lacking}); re-run the evaluate stage "
+            "(./run.sh --stages=evaluate) to write it again"
+        )
+    return results

@@ -22,7 +22,6 @@ command ends with exactly the parameters of an uninterrupted run (tests/training
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -36,7 +35,7 @@ from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, pipeline, sources
 from flatfsc_jax.data.episodes import EpisodeBatch
 from flatfsc_jax.evaluation.ncc import FewShotEvaluator
-from flatfsc_jax.training import optim
+from flatfsc_jax.training import metrics_writer, optim
 from flatfsc_jax.training import step as step_lib
 from flatfsc_jax.training.resumable import Cadence, ResumableRun, run_steps
 
@@ -147,7 +146,7 @@ def train_and_evaluate(
     cfg = config_lib.domain_config(config, domain, method)
     entry_method = entry_method or method
     mesh = step_lib.make_mesh(batch_size=int(cfg.batch_size))
-    config_lib.validate(cfg, num_processes=jax.process_count())
+    config_lib.validate(cfg, num_processes=jax.process_count(), evaluation=False)
     entry_dir = zoo.entry_dir(cfg.benchmark, domain, entry_method)
 
     options = benchmarks.split_options(cfg.benchmark, cfg.data.class_splits)
@@ -326,7 +325,5 @@ def _load_trunk(state, init_variables: dict, tx, train_lora: bool) -> Any:
 
 
 def read_metrics(entry_dir) -> list[dict]:
-    path = entry_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The run's metric records (bad lines skipped with one warning naming the file)."""
+    return metrics_writer.read_jsonl(entry_dir / metrics_writer.JSONL_NAME)

@@ -37,19 +37,39 @@ JSONL_NAME = "metrics.jsonl"
 
 
 def read_jsonl(path) -> list[dict]:
-    """The records of a metrics file; a last line cut short by a kill is skipped."""
+    """The records of a metrics file: JSON objects with an integer ``step``.
+
+    Anything else (a line cut short by a kill, an edited or foreign line) is skipped
+    with one warning naming the file, so one bad record never stops a later run.
+    """
     path = epath.Path(path)
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    records, bad = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # only a kill -9 mid-write leaves such a line; its step is re-done
+            bad += 1
+            continue
+        if not isinstance(record, dict) or not _is_step(record.get("step")):
+            bad += 1
+            continue
+        records.append(record)
+    if bad:
+        log.warning(
+            "%s: skipped %d unreadable record(s) (not a JSON object with an integer step; "
+            "a line cut by a kill is re-done on resume)",
+            path,
+            bad,
+        )
     return records
+
+
+def _is_step(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def truncate_after(path, step: int) -> int:
@@ -62,7 +82,7 @@ def truncate_after(path, step: int) -> int:
     if not path.exists():
         return 0
     records = read_jsonl(path)
-    kept = [r for r in records if int(r.get("step", 0)) <= step]
+    kept = [r for r in records if r["step"] <= step]
     dropped = len(path.read_text().splitlines()) - len(kept)
     if dropped:
         tmp = path.parent / (path.name + ".tmp")

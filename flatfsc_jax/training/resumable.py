@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from flatfsc_jax import errors
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.profiling import PROFILE
 from flatfsc_jax.training import metrics_writer
@@ -40,7 +41,7 @@ from flatfsc_jax.training import step as step_lib
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.FlatfscError, FloatingPointError):
     """Training produced a NaN/inf loss, parameter or BatchNorm statistic.
 
     Nothing non-finite is ever saved: the state is checked before every checkpoint,

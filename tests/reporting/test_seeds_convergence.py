@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from flatfsc_jax import profiling
+from flatfsc_jax import errors, profiling
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.reporting import convergence, seeds
 
@@ -80,9 +80,9 @@ def test_load_runs_rejects_duplicate_seeds(tmp_path):
         (tmp_path / w / "report" / "results.json").write_text(
             json.dumps(_results(0, 0.0, 0.0, rng))
         )
-    with pytest.raises(SystemExit, match="same config.seed"):
+    with pytest.raises(errors.ResultsError, match="same config.seed"):
         seeds.load_runs([str(tmp_path / "w1"), str(tmp_path / "w2")])
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(errors.ResultsError, match="does not exist"):
         seeds.load_runs([str(tmp_path / "missing")])
 
 
@@ -146,3 +146,102 @@ def test_profile_summary_ratios():
     assert s["counts"]["report"] == 1
     text = profiling.format_summary(s)
     assert "70.0% of the job" in text and "12.5% of the training stages" in text
+
+
+def test_profile_with_distillation_keeps_shares_within_the_job():
+    p = profiling.Profile()
+    p.add("train/steps", 20.0)
+    p.add("distill/steps", 50.0)
+    p.add("distill/compile", 10.0)
+    p.add("distill/validation", 10.0)
+    s = p.summary(100.0)
+    # The student's sections count in both the overheads and the stages they belong to.
+    assert s["training_stage_seconds"] == pytest.approx(90.0)
+    assert s["overhead_share_of_training_stage"] == pytest.approx(20.0 / 90.0)
+    assert s["training_step_share"] == pytest.approx(0.70)
+    assert "22.2% of the training stages" in profiling.format_summary(s)
+
+
+def _write_runs(tmp_path, configs):
+    rng = np.random.default_rng(3)
+    dirs = []
+    for i, cfg in enumerate(configs):
+        w = tmp_path / f"w{i}"
+        (w / "report").mkdir(parents=True)
+        r = _results(i, 0.01, 0.02, rng)
+        r["config"] = dict(cfg, seed=i, data_dir=f"/data{i}")
+        (w / "report" / "results.json").write_text(json.dumps(r))
+        dirs.append(str(w))
+    return dirs
+
+
+def test_seeds_refuse_runs_whose_configs_differ_in_more_than_the_seed(tmp_path, caplog):
+    dirs = _write_runs(
+        tmp_path,
+        [
+            {"per_domain": {"latin": {"rho": 0.1}}, "model": {"width": 0.5}},
+            {"per_domain": {"latin": {"rho": 0.05}}, "model": {"width": 0.5}},
+        ],
+    )
+    with pytest.raises(errors.ResultsError) as err:
+        seeds.load_runs(dirs)
+    assert "per_domain.latin.rho: 0.1 | 0.05" in str(err.value)
+    assert "model.width" not in str(err.value) and "data_dir" not in str(err.value)
+    runs = seeds.load_runs(dirs, allow_config_differences=True)
+    assert list(runs) == ["seed 0", "seed 1"]
+    assert "per_domain.latin.rho" in caplog.text
+    # Same config but the seed and the paths: pooled silently.
+    same = _write_runs(tmp_path / "same", [{"model": {"width": 0.5}}] * 2)
+    assert len(seeds.load_runs(same)) == 2
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_report_and_seeds_commands_name_a_damaged_results_file(tmp_path, content):
+    (tmp_path / "report").mkdir()
+    path = tmp_path / "report" / "results.json"
+    path.write_text(content)
+    for proc in (
+        _cli("report", f"--workdir={tmp_path}"),
+        _cli("seeds", str(tmp_path), f"--out={tmp_path / 'seeds'}"),
+    ):
+        assert proc.returncode == 1
+        assert str(path) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_read_curves_skips_bad_records_with_one_warning(tmp_path, caplog):
+    zoo = zoo_lib.Zoo(tmp_path)
+    d = zoo.entry_dir("glyphs", "latin", "erm")
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text(
+        '{"step": 1, "val_accuracy": 0.5}\n'
+        "[1, 2]\n"
+        '"text"\n'
+        '{"val_accuracy": 0.6}\n'
+        '{"step": 2, "val_accuracy": "high"}\n'
+        "{cut by a kill\n"
+        '{"step": 3, "val_accuracy": 0.7}\n'
+    )
+    assert convergence.read_curves(zoo) == {"latin": {"erm": [(1, 50.0), (3, 70.0)]}}
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(d / "metrics.jsonl") in warnings[0].getMessage()
+
+
+def test_convergence_plot_failure_is_a_warning_naming_the_file(tmp_path, monkeypatch, caplog):
+    from configs import glyphs as glyphs_config
+    from flatfsc_jax import experiment
+
+    zoo = zoo_lib.Zoo(tmp_path / "zoo")
+    d = zoo.entry_dir("glyphs", "latin", "erm")
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text('{"step": 1, "val_accuracy": 0.5}\n')
+    (tmp_path / "report").mkdir()
+    target = tmp_path / "report" / "convergence.png"
+    target.write_bytes(b"previous")
+
+    def broken(*a, **k):
+        raise ValueError("matplotlib failed")
+
+    monkeypatch.setattr(convergence, "plot_convergence", broken)
+    experiment.write_convergence(glyphs_config.get_config("tiny"), zoo, str(target))
+    assert str(target) in caplog.text and "matplotlib failed" in caplog.text
+    assert target.read_bytes() == b"previous"

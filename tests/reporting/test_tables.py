@@ -1,11 +1,14 @@
 """Tests for flatfsc_jax.reporting.tables: tables, paired differences and the headline figure."""
 
+import errno
 import math
+import os
 
 import numpy as np
 import pytest
 
-from flatfsc_jax import families
+from flatfsc_jax import errors, families
+from flatfsc_jax.flatness import measures
 from flatfsc_jax.flatness import report as flatness_report
 from flatfsc_jax.reporting import tables as tables_lib
 
@@ -116,3 +119,99 @@ def test_flatness_report_pairs_sam_with_erm_and_orders_fused_variants():
         ("sam+kd", "erm+kd"),
     ]
     assert families.sam_vs_erm(["sam", "erm+ft", "sam+lora"]) == []
+
+
+# Reports are replaced whole or not at all (docs/zoo.md#reliability): a failing plot or a
+# full disk leaves the previous report byte-identical.
+
+
+def _snapshot(d):
+    return {n: (d / n).read_bytes() for n in sorted(os.listdir(d))}
+
+
+@pytest.fixture
+def previous(tmp_path):
+    out = tmp_path / "report"
+    tables_lib.write_report(_fake_results(0), out)
+    return out, _snapshot(out)
+
+
+def test_failing_plot_leaves_the_previous_report_intact(previous, monkeypatch):
+    out, before = previous
+
+    def broken(*a, **k):
+        raise RuntimeError("matplotlib failed")
+
+    monkeypatch.setattr(tables_lib, "plot_headline", broken)
+    with pytest.raises(RuntimeError, match="matplotlib failed"):
+        tables_lib.write_report(_fake_results(1), out)
+    assert _snapshot(out) == before  # no staging directory left either
+
+
+def test_full_disk_mid_write_leaves_the_previous_report_intact(previous, monkeypatch):
+    out, before = previous
+    real = tables_lib.plot_headline
+
+    def half_written_png(results, table, path):
+        real(results, table, path)
+        with open(path, "r+b") as f:  # the disk fills up halfway through the PNG
+            f.truncate(os.path.getsize(path) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tables_lib, "plot_headline", half_written_png)
+    with pytest.raises(OSError, match="No space left"):
+        tables_lib.write_report(_fake_results(1), out)
+    assert _snapshot(out) == before
+
+
+def test_a_new_report_replaces_every_file(previous):
+    out, before = previous
+    paths = tables_lib.write_report(_fake_results(1), out)
+    after = _snapshot(out)
+    assert set(after) == set(before) == {os.path.basename(p) for p in paths.values()}
+    assert after["results.json"] != before["results.json"]
+
+
+def test_empty_results_are_refused_before_writing(previous):
+    out, before = previous
+    empty = dict(_fake_results(1), adaptations=[])
+    with pytest.raises(errors.ResultsError, match="no adaptation"):
+        tables_lib.write_report(empty, out)
+    assert _snapshot(out) == before
+
+
+def _flatness_results(shift):
+    entries = []
+    for method in ("erm", "sam"):
+        entries.append(
+            dict(
+                domain="latin",
+                method=method,
+                key=f"glyphs/latin/{method}",
+                examples=8,
+                train_loss=0.5 + shift,
+                sharpness=0.1,
+                top_eigenvalue=2.0,
+                hessian_trace=3.0,
+                hessian_trace_se=0.1,
+                landscape_1d=dict(alphas=[-1.0, 0.0, 1.0], losses=[2.0, 0.5 + shift, 2.0]),
+            )
+        )
+    settings = dict(seed=0, rho=0.05, sharpness_steps=1, power_iters=2, power_tol=None)
+    return dict(benchmark="glyphs", settings=dict(settings, trace_samples=2), entries=entries)
+
+
+def test_flatness_report_failing_plot_leaves_the_previous_one(tmp_path, monkeypatch):
+    out = tmp_path / "flatness"
+    paths = flatness_report.write_flatness_report(_flatness_results(0.0), out)
+    assert paths["landscapes"]["latin"] == str(out / "landscape_latin.png")
+    before = _snapshot(out)
+    assert set(before) == {"flatness.json", "flatness.md", "flatness.csv", "landscape_latin.png"}
+
+    def broken(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(measures, "plot_landscape_1d", broken)
+    with pytest.raises(OSError):
+        flatness_report.write_flatness_report(_flatness_results(1.0), out)
+    assert _snapshot(out) == before

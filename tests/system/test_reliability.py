@@ -450,6 +450,12 @@ def test_metadata_that_is_not_an_entry_is_skipped(tmp_path, content, caplog, no_
         ("--config.validation.every=-1", "config.validation.every"),
         ("--config.evaluation.finetune_steps=0", "config.evaluation.finetune_steps"),
         ("--config.evaluation.domains=('latin','klingon')", "config.evaluation.domains"),
+        ("--config.evaluation.domains=()", "config.evaluation.domains is empty"),
+        ("--config.evaluation.adaptations=()", "config.evaluation.adaptations is empty"),
+        ("--config.evaluation.adaptations=('ncc','ncc')", "repeats ['ncc']"),
+        ("--config.evaluation.finetune_families=('erm+kd',)", "has ['erm+kd'], not a family"),
+        ("--config.evaluation.pa_steps=0", "config.evaluation.pa_steps=0 but"),
+        ("--config.evaluation.finetune_episodes=0", "config.evaluation.finetune_episodes=0 but"),
         ("--stages=bogus", "--stages=bogus has ['bogus']"),
     ],
 )
@@ -473,6 +479,7 @@ def test_bad_values_fail_in_validation(override, message):
 def test_dry_run_validates_and_errors_exit_2_without_traceback(tmp_path):
     for args, message in [
         (("--stages=bogus",), "--stages=bogus"),
+        (("--config.evaluation.adaptations=('ncc','ncc')",), "repeats ['ncc']"),
         (("--config.domains=('latin','thai')",), "config.per_domain has no row"),
     ]:
         proc = _main("--config=configs/glyphs.py:tiny", "--dry_run", *args)
@@ -548,3 +555,62 @@ def test_prepared_data_is_verified_and_repaired(tmp_path, capsys):
         f.write("[]")
     with pytest.raises(sources.MissingDataError, match="features.json .* not a JSON object"):
         sources.verify_prepared(path, ["test"], source="glyphs/digits")
+
+
+# --------------------------------------------------------------------------------------
+# Messages: only our own exception types are "expected"; hints name the right command.
+# --------------------------------------------------------------------------------------
+
+
+def test_only_our_own_errors_are_expected(tmp_path, monkeypatch):
+    from flatfsc_jax import errors, main
+    from flatfsc_jax.data import benchmarks, sources
+    from flatfsc_jax.flatness import zoo as flatness_zoo
+
+    expected = main.expected_errors()
+    assert expected == (errors.FlatfscError,)
+    ours = (
+        config_lib.ConfigError,
+        zoo_lib.ZooError,
+        zoo_lib.DamagedEntryError,
+        zoo_lib.StaleEntryError,
+        zoo_lib.MissingEntryError,
+        zoo_lib.IncompatibleCheckpointError,
+        experiment.WorkdirError,
+        resumable.NonFiniteError,
+        errors.DataError,
+        errors.WorkdirLockedError,
+        flatness_zoo.EmptyZooError,
+    )
+    assert all(issubclass(e, expected) for e in ours)
+    # A bug's ValueError / OSError keeps its traceback (not caught as expected).
+    assert not issubclass(ValueError, expected) and not issubclass(OSError, expected)
+    # The builtin bases callers catch are kept.
+    assert issubclass(config_lib.ConfigError, ValueError)
+    assert issubclass(zoo_lib.MissingEntryError, FileNotFoundError)
+
+    def missing(*a, **k):
+        raise sources.MissingDataError("glyphs/latin train split is missing in /x")
+
+    monkeypatch.setattr(benchmarks, "ensure_prepared", missing)
+    with pytest.raises(errors.DataError, match="latin train split is missing in /x"):
+        experiment.check_data(_tiny(data_dir=str(tmp_path)), ("train",))
+
+
+def test_student_hint_names_distillation(tmp_path):
+    zoo = zoo_lib.Zoo(tmp_path / "zoo")
+    with pytest.raises(zoo_lib.MissingEntryError, match=r"configs/glyphs\.py:kd --stages"):
+        zoo.get("glyphs", "cjk", "sam+kd")
+    with pytest.raises(zoo_lib.MissingEntryError, match=r"glyphs\.py --stages"):
+        zoo.get("glyphs", "cjk", "sam+ft")
+    with pytest.raises(zoo_lib.MissingEntryError, match=r"sam_resnet18\.py --config\.fusion\.mode"):
+        zoo.get("meta_dataset", "ilsvrc_2012", "sam+kd")
+
+
+@pytest.mark.parametrize("key", ["tsa_episodes", "tsa_steps"])
+def test_tsa_without_episodes_or_steps_is_refused(key):
+    c = _tiny(**{"evaluation.adaptations": ("ncc", "tsa"), f"evaluation.{key}": 0})
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.evaluation\.{key}=0 but"):
+        config_lib.validate(c)
+    c.evaluation.adaptations = ("ncc",)  # not requested: not checked
+    config_lib.validate(c)

@@ -162,3 +162,11 @@ def test_tiny_training_run_logs_the_same_scalars_to_tensorboard(tmp_path):
     expected = {"loss", "perturbed_loss", "sharpness", "grad_norm", "learning_rate"}
     expected |= {"val_accuracy", "val_ci95", "images_per_s"}
     assert expected <= tags, expected - tags
+
+
+def test_truncate_after_survives_records_that_are_not_objects(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n[3]\n7\n{"step": 2}\n{"step": 5}\n{"loss"')
+    assert metrics_writer.truncate_after(path, 2) == 4
+    assert metrics_writer.read_jsonl(path) == [{"step": 1, "loss": 1.0}, {"step": 2}]
+    assert sum(str(path) in r.getMessage() for r in caplog.records) == 1
