@@ -1,4 +1,4 @@
-"""The flatness study end to end on ``configs/flatness_study.py:tiny`` (7 conv4 backbones).
+"""The flatness study end to end on ``configs/flatness_study.py:tiny`` (9 conv4 backbones).
 
 One run trains, measures, evaluates and analyses; the statistics it wrote are then
 recomputed from the per-backbone arrays it stored, with ``reporting.correlation`` and
@@ -41,15 +41,17 @@ def test_population_is_the_crossed_design_with_anchor_seeds():
     full.data_dir = "unused"
     study.check_study(full)  # every member's config validates
     members = study.population(full.study)
-    assert len(members) == 44 and len({m.name for m in members}) == 44
+    assert len(members) == 60 and len({m.name for m in members}) == 60
     per_config = {}
     for m in members:
         per_config[m.configuration] = per_config.get(m.configuration, 0) + 1
     assert per_config["erm_lr0.05_bs64_rho0"] == per_config["sam_lr0.05_bs64_rho0.1"] == 4
-    assert sorted(set(per_config.values())) == [2, 4] and len(per_config) == 20
+    assert sorted(set(per_config.values())) == [2, 4] and len(per_config) == 28
     asam = study.member_config(full, next(m for m in members if m.optimiser == "asam"))
     assert asam.sam.adaptive and asam.methods == ("sam",) and "study" not in asam
-    assert significance.min_detectable_tau(44) == pytest.approx(0.2048, abs=1e-3)
+    msam = study.member_config(full, next(m for m in members if m.optimiser == "msam"))
+    assert msam.flat.method == "msam" and not msam.sam.adaptive and msam.methods == ("sam",)
+    assert significance.min_detectable_tau(60) == pytest.approx(0.1736, abs=1e-3)
 
 
 @pytest.mark.slow
@@ -60,7 +62,7 @@ def test_tiny_study_writes_its_outputs_and_its_statistics_check_out(tiny_study):
         assert (out / name).stat().st_size > 0
     stored = json.loads((out / "results.json").read_text())
     n = stored["n"]
-    assert n == 7 and len(stored["members"]) == 7
+    assert n == 9 and len(stored["members"]) == 9
     rows = stored["rows"]
     outcomes = ["unseen_mean", "greek", "hangul", "digits"]
     measures = list(stored["measures"])
@@ -111,7 +113,7 @@ def test_a_second_run_reuses_every_backbone_and_cache(tiny_study):
     caches = sorted((workdir / "study").glob("*/*.json")) + sorted(
         (workdir / "members").glob("*/zoo/*/*/*/metadata.json")
     )
-    assert len(caches) == 3 * 7
+    assert len(caches) == 3 * 9
     before = {p: p.stat().st_mtime_ns for p in caches}
     again = study.run(_config(), str(workdir), progress=False)
     assert {p: p.stat().st_mtime_ns for p in caches} == before
