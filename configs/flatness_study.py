@@ -10,9 +10,10 @@ Population: 60 backbones (ResNet-18, width 0.25) trained on Latin for a fixed 50
 optimiser {ERM, SAM, ASAM, Momentum-SAM, SAM-late} x learning rate {0.02, 0.05} x batch
 size {32, 64} x rho (two levels each for SAM and ASAM, one for the cheaper two) = 28
 configurations x 2 seeds, plus 2 more seeds for the ERM and SAM anchors (the Glyphs
-recipe's Latin row: lr 0.05, batch 64, SAM rho 0.1), which give the seed-noise floor. Stopping rule: the training loop's own, the checkpoint
-with the best validation NCC accuracy (100 episodes on Latin's held-out classes, at the
-end of each of the two 250-step cosine cycles).
+recipe's Latin row: lr 0.05, batch 64, SAM rho 0.1), which give the seed-noise floor.
+Stopping rule: the training loop's own, the checkpoint with the best validation NCC
+accuracy (100 episodes on Latin's held-out classes, at the end of each of the two 250-step
+cosine cycles).
 
 Cost: the measured run time and its machine's bench/step.py figure are in
 docs/flatness-transfer.md#results. ``:tiny`` (9 conv4 backbones, 4 steps, tiny measurement

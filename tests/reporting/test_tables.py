@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flatfsc_jax import errors, families
-from flatfsc_jax.flatness import measures
+from flatfsc_jax.flatness import landscape
 from flatfsc_jax.flatness import report as flatness_report
 from flatfsc_jax.reporting import tables as tables_lib
 
@@ -211,7 +211,7 @@ def test_flatness_report_failing_plot_leaves_the_previous_one(tmp_path, monkeypa
     def broken(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(measures, "plot_landscape_1d", broken)
+    monkeypatch.setattr(landscape, "plot_landscape_1d", broken)
     with pytest.raises(OSError):
         flatness_report.write_flatness_report(_flatness_results(1.0), out)
     assert _snapshot(out) == before

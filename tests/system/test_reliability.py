@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import glyphs as glyphs_config
-from flatfsc_jax import config_lib, entry_keys, experiment, families, models
+from flatfsc_jax import config_lib, entry_keys, errors, experiment, families, models
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.fusion import finetune
 from flatfsc_jax.training import loop, optim, resumable
@@ -541,7 +541,7 @@ def test_prepared_data_is_verified_and_repaired(tmp_path, capsys):
         sources.verify_prepared(path, ["test"], source="glyphs/digits")
     c = _tiny(**{"evaluation.domains": ("digits",)})
     c.data_dir = data
-    with pytest.raises(sources.MissingDataError, match="delete .* and prepare it again"):
+    with pytest.raises(errors.DataError, match="delete .* and prepare it again"):
         experiment.check_data(c, ("evaluate",))
     os.rename(os.path.join(tmp_path, shard), os.path.join(path, shard))
     # features.json naming a class we never write (TFDS would import its module).
@@ -563,7 +563,7 @@ def test_prepared_data_is_verified_and_repaired(tmp_path, capsys):
 
 
 def test_only_our_own_errors_are_expected(tmp_path, monkeypatch):
-    from flatfsc_jax import errors, main
+    from flatfsc_jax import main
     from flatfsc_jax.data import benchmarks, sources
     from flatfsc_jax.flatness import zoo as flatness_zoo
 
