@@ -38,6 +38,7 @@ from ml_collections.config_dict import placeholder
 
 from flatfsc_jax.checks import check_int, check_number
 from flatfsc_jax.data import meta_dataset_spec
+from flatfsc_jax.data.episodes import EPISODE_SPECS as _EPISODE_SPECS
 
 # Meta-Dataset's domains (the paper's per-domain recipe for the seen ones is
 # configs/meta_dataset_table.py); names only, no TFDS import.
@@ -48,6 +49,8 @@ METHODS = ("erm", "sam")
 FUSION_MODES = ("full", "lora", "distill")
 BENCHMARKS = ("glyphs", "meta_dataset")
 ADAPTATIONS = ("ncc", "pa", "finetune", "lora", "tsa")
+# config.evaluation.episode_spec values (named test settings, data/episodes.py).
+EPISODE_SPECS = tuple(_EPISODE_SPECS)
 
 # Top-level key -> key of a per-domain row. The top-level keys are set only in the
 # effective config of one zoo entry (``domain_config``), never in a run's config.
@@ -171,6 +174,9 @@ def base_config() -> ml_collections.ConfigDict:
             enabled=True,
             domains=META_DATASET_SEEN + META_DATASET_UNSEEN,
             episodes=600,
+            # Test episodes: "md" (Meta-Dataset's variable-way variable-shot) or URL's
+            # "5shot" (varying-way 5-shot) and "1shot" (5-way 1-shot); data/episodes.py.
+            episode_spec="md",
             metric="cosine",
             adaptations=("ncc",),
             finetune_episodes=600,  # episodes for the (slower) fine-tuning adaptations
@@ -498,6 +504,11 @@ def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
                     f"choose from {known}"
                 )
         _int(ev.episodes, "evaluation.episodes")
+        if ev.get("episode_spec", "md") not in EPISODE_SPECS:
+            raise ConfigError(
+                f"config.evaluation.episode_spec must be one of {EPISODE_SPECS}, got "
+                f"{ev.episode_spec!r}"
+            )
         if ev.metric not in ("cosine", "euclidean"):
             raise ConfigError(
                 f"config.evaluation.metric must be cosine or euclidean, got {ev.metric!r}"

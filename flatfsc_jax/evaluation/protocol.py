@@ -359,7 +359,10 @@ def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dic
             **benchmarks.split_options(config.benchmark, config.data.class_splits),
         )
         batch = episodes_lib.EpisodeBatch.sample(
-            split, ev.episodes, seed=evaluation_seed(config) + 1000
+            split,
+            ev.episodes,
+            seed=evaluation_seed(config) + 1000,
+            spec=episodes_lib.episode_spec(ev.get("episode_spec", "md")),
         )
         # From here on the split is the rows the episodes use and the episodes index
         # them: embeddings, PARC and adaptation read only those images, so host memory
