@@ -3,11 +3,11 @@
     .venv/bin/python bench/flat_methods.py                      # cpu10, 3 repeats
     .venv/bin/python bench/flat_methods.py --models resnet10:0.25:28:1:32 --repeats 2
 
-For every method of ``flat_optimizers`` (and EMA weight averaging on top of ERM) one
-jitted step is built the way ``step_lib.train_step`` is: the model's training-mode
-cross-entropy as ``loss_fn``, ``flat_optimizers.make_flat_gradient`` for the gradient,
+For every method of ``flat_methods`` (and EMA weight averaging on top of ERM) one
+jitted step is built the way ``training.step.train_step`` is: the model's training-mode
+cross-entropy as ``loss_fn``, ``flat_methods.make_flat_gradient`` for the gradient,
 the project's optimiser (``optim.make_optimizer``), BatchNorm statistics from ``aux``;
-jit over a mesh of all devices, donated state. ``step_lib.train_step`` itself knows only
+jit over a mesh of all devices, donated state. ``training.step.train_step`` itself knows only
 SAM, so it cannot time the others; the production ERM and SAM steps are timed first by
 ``bench/step.py``'s ``bench_model`` in the same process, for their img/s.
 
@@ -15,13 +15,13 @@ Methods that change with the step (SAM every k, LookSAM, SAM-late) are timed ove
 window of ``--window`` consecutive steps, so a timed repeat holds a whole number of
 their cycles; SAM-late switches to SAM for the last ``--late_fraction`` of the window.
 They run as two programs (the two-pass and the one-pass branch), picked on the host by
-``flat_optimizers.takes_sam_step``; one extra LookSAM row runs them as one program with
+``flat_methods.takes_sam_step``; one extra LookSAM row runs them as one program with
 ``lax.cond`` on the traced step, to show what that costs on the machine at hand.
 Columns:
 
 * ``grads/step``: forward-backward passes per step over the window, as the compiled step
   reports them (``FlatDiagnostics.gradient_evaluations``; checked against the host-side
-  ``flat_optimizers.gradient_evaluations``);
+  ``flat_methods.gradient_evaluations``);
 * ``ms/step`` and ``x ERM``: median wall time per step over the interleaved repeats
   (ERM, SAM, ..., ERM, SAM, ...: drifting load hits all alike), and its ratio to this
   run's ERM row; ``min x``: the ratio of the fastest repeats (least disturbed on a
@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from bench import step as bench_step  # noqa: E402
+from flatfsc_jax import flat_methods as fm  # noqa: E402
 from flatfsc_jax import flat_optimizers as fo  # noqa: E402
 from flatfsc_jax import models  # noqa: E402
 from flatfsc_jax.training import optim  # noqa: E402
@@ -55,29 +56,29 @@ def method_rows(rho: float, window: int, late_fraction: float, k: int) -> list:
     """``(label, FlatMethod)`` for every row of the table; ERM first (the reference)."""
     start = window - max(1, round(late_fraction * window))
     return [
-        ("erm", fo.FlatMethod(method="erm")),
-        ("sam", fo.FlatMethod(method="sam", rho=rho)),
+        ("erm", fm.FlatMethod(method="erm")),
+        ("sam", fm.FlatMethod(method="sam", rho=rho)),
         (
             f"sam_late (last {window - start}/{window})",
-            fo.FlatMethod(method="sam_late", rho=rho, start_step=start),
+            fm.FlatMethod(method="sam_late", rho=rho, start_step=start),
         ),
-        (f"sam_every_k k={k}", fo.FlatMethod(method="sam_every_k", rho=rho, k=k)),
-        (f"looksam k={k}", fo.FlatMethod(method="looksam", rho=rho, k=k)),
-        ("msam", fo.FlatMethod(method="msam", rho=10 * rho)),
+        (f"sam_every_k k={k}", fm.FlatMethod(method="sam_every_k", rho=rho, k=k)),
+        (f"looksam k={k}", fm.FlatMethod(method="looksam", rho=rho, k=k)),
+        ("msam", fm.FlatMethod(method="msam", rho=10 * rho)),
         (
             "msam, no clean BN pass",
-            fo.FlatMethod(method="msam", rho=10 * rho, clean_statistics=False),
+            fm.FlatMethod(method="msam", rho=10 * rho, clean_statistics=False),
         ),
-        ("rwp (noise only)", fo.FlatMethod(method="rwp", clean_mix=0.0)),
-        ("m-rwp (clean_mix 0.5)", fo.FlatMethod(method="rwp", clean_mix=0.5)),
-        ("gsam", fo.FlatMethod(method="gsam", rho=rho)),
-        ("erm + ema", fo.FlatMethod(method="erm", average="ema")),
-        (f"looksam k={k}, lax.cond", fo.FlatMethod(method="looksam", rho=rho, k=k)),
+        ("rwp (noise only)", fm.FlatMethod(method="rwp", clean_mix=0.0)),
+        ("m-rwp (clean_mix 0.5)", fm.FlatMethod(method="rwp", clean_mix=0.5)),
+        ("gsam", fm.FlatMethod(method="gsam", rho=rho)),
+        ("erm + ema", fm.FlatMethod(method="erm", average="ema")),
+        (f"looksam k={k}, lax.cond", fm.FlatMethod(method="looksam", rho=rho, k=k)),
     ]
 
 
 def _compile(model, tx, settings, mesh, sam_step=None):
-    flat_gradient = fo.make_flat_gradient(settings)
+    flat_gradient = fm.make_flat_gradient(settings)
 
     def step(carry, batch, t):
         params, batch_stats, opt_state, flat_state, average = carry
@@ -96,7 +97,7 @@ def _compile(model, tx, settings, mesh, sam_step=None):
         )
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        average = fo.update_average(settings, average, params, t + 1)
+        average = fm.update_average(settings, average, params, t + 1)
         return (params, new_stats, opt_state, flat_state, average), diag
 
     whole, split = step_lib.replicated(mesh), step_lib.batch_sharding(mesh)
@@ -112,7 +113,7 @@ def _picker(programs, settings, host):
     """``fn(carry, batch, t_device, t_host)``: the program for this step's branch."""
     if not host:
         return lambda carry, batch, t, _: programs[None](carry, batch, t)
-    return lambda carry, batch, t, step: programs[fo.takes_sam_step(settings, step)](
+    return lambda carry, batch, t, step: programs[fm.takes_sam_step(settings, step)](
         carry, batch, t
     )
 
@@ -138,8 +139,8 @@ def bench_methods(
             params,
             batch_stats,
             tx.init(params),
-            fo.init_state(settings, params),
-            fo.init_average(settings, params),
+            fm.init_state(settings, params),
+            fm.init_average(settings, params),
         )
         carry = step_lib.replicate(carry, mesh)
         # Switching methods: one program per branch, picked on the host (the module's
@@ -158,7 +159,7 @@ def bench_methods(
         for t in range(window):  # first window: warm-up, and the gradient count
             carry, diag = fn(carry, batch, steps_t[t], t)
             evaluations.append(float(diag.gradient_evaluations))
-        expected = fo.gradient_evaluations(settings, np.arange(window))
+        expected = fm.gradient_evaluations(settings, np.arange(window))
         if not np.array_equal(evaluations, expected):
             raise AssertionError(f"{label}: compiled step counted {evaluations}, host {expected}")
         runs.append(

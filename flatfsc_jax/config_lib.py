@@ -112,6 +112,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.sam = ml_collections.ConfigDict(dict(adaptive=False, m=placeholder(int), eps=1e-12))
     c.sam.rho = placeholder(float)  # per_domain.<domain>.rho (0 for ERM entries)
     c.per_domain = ml_collections.ConfigDict()
+    # The algorithm of the "sam" entries (docs/flat_methods.md); "erm" entries stay ERM.
+    # rho, adaptive and eps are the sam keys above; MSAM's buffer uses momentum and
+    # weight_decay; RWP's noise seed is config.seed.
+    c.flat = ml_collections.ConfigDict(
+        dict(
+            method="sam",  # erm, sam, sam_late, sam_every_k, looksam, msam, rwp, gsam
+            k=5,  # sam_every_k / looksam: a full SAM step every k steps
+            looksam_alpha=0.7,
+            noise_std=0.01,  # rwp: noise relative to each filter's norm
+            clean_mix=0.5,  # rwp: weight of the clean gradient
+            gsam_alpha=0.1,
+            gsam_rho_min=placeholder(float),  # None: constant radius
+            late_start=placeholder(int),  # sam_late's first SAM step; None: the final cycle
+            clean_statistics=True,
+            average="none",  # none, ema or swa (of the weights the entry stores)
+            average_decay=0.999,
+            average_start=0,
+            average_period=1,
+        )
+    )
 
     # The input pipeline. None picks by backend (data_settings): on CPU the step is far
     # slower than one host thread, on an accelerator the host must not be the bottleneck.
@@ -310,6 +330,8 @@ def domain_config(config: ml_collections.ConfigDict, domain: str, method: str):
     row = ml_collections.ConfigDict(config.per_domain[domain].to_dict())
     if method == "erm":
         row.rho = 0.0
+        if "flat" in c:  # config.flat is the algorithm of "sam" entries only
+            c.flat = base_config().flat
     c.batch_size, c.lr = row.batch_size, row.lr
     c.num_steps, c.restart_period = row.num_steps, row.restart_period
     c.sam.rho = row.rho
@@ -375,6 +397,40 @@ def data_settings(config) -> dict:
         device_augment=bool(device_augment),
         batched_read=bool(d.batched_read),
     )
+
+
+def flat_settings(cfg: ml_collections.ConfigDict):
+    """The ``FlatMethod`` of one entry's effective config (``domain_config``), or ``None``
+    for an ERM entry (rho 0: plain ERM whatever ``config.flat`` says).
+
+    ``ConfigError`` names the ``config.flat.*`` key at fault.
+    """
+    from flatfsc_jax import flat_methods, flat_optimizers
+
+    if not cfg.sam.rho:
+        return None
+    values = dict(cfg.flat.to_dict())
+    known = set(base_config().flat)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"config.flat.{unknown[0]} is not a flat-method key; the keys are {sorted(known)} "
+            "(rho, adaptive and eps are config.per_domain.<domain>.rho and config.sam.*)"
+        )
+    late_start = values.pop("late_start")
+    if late_start is None:
+        late_start = flat_optimizers.final_cycle_start(cfg.num_steps, cfg.restart_period)
+    values.update(
+        start_step=late_start,
+        rho=cfg.sam.rho,
+        adaptive=cfg.sam.adaptive,
+        eps=cfg.sam.eps,
+        m=cfg.sam.m,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+    )
+    return flat_methods.FlatMethod.from_config(values, prefix="config.flat.", error=ConfigError)
 
 
 def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
@@ -525,6 +581,7 @@ def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
                 _int(ev.lora_rank, "evaluation.lora_rank")
             _number(ev.finetune_lr, "evaluation.finetune_lr", positive=True, none="the default")
         _int(ev.parc_max_support, "evaluation.parc_max_support", none="all support images")
+    _validate_flat(config)
     # A per-entry config (domain_config: one domain) trains one backbone, never a student.
     if config.fusion.enabled and "distill" in modes and len(config.domains) > 1:
         validate_distill(config, num_processes)
@@ -565,3 +622,17 @@ def validate_distill(config, num_processes: int = 1) -> None:
                 _finite_positive(value, key)
             else:
                 _number(value, key)
+
+
+def _validate_flat(config) -> None:
+    """Checks ``config.flat`` with every seen domain's row (``ConfigError`` names the key)."""
+    if "flat" not in config:
+        return
+    if config.flat.late_start is not None:
+        _int(config.flat.late_start, "flat.late_start", minimum=0)
+    for d in config.domains:
+        row = config.per_domain[d]
+        entry = ml_collections.ConfigDict(config.to_dict())
+        entry.num_steps, entry.restart_period = row.num_steps, row.restart_period
+        entry.sam.rho = row.rho or 1.0  # the flat settings of a "sam" entry of this row
+        flat_settings(entry)

@@ -33,6 +33,7 @@ BACKBONE_KEYS = (
     "sam.adaptive",
     "sam.m",
     "sam.eps",
+    "flat.",  # the flat method of "sam" entries (ERM entries store the defaults)
     "augment.",  # every augmentation key
     "validation.every",
     "validation.episodes",

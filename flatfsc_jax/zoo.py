@@ -18,9 +18,9 @@ warning and skipped, never loaded half-written. ``status`` tells the stages apar
 absent / incomplete (an unfinished run) / damaged (complete metadata but a missing or
 altered ``best/``: the train stage retrains it, evaluation names it and the fix).
 
-Reuse rules (``config_changes``): an entry is reused only when the keys that define its
-backbone (``BACKBONE_KEYS``; for fused entries also ``FUSED_KEYS``) equal those of the
-effective config the run would train it with; a fused entry also records the sha256 of
+Reuse rules (``reuse_or_begin``): an entry is reused only when the keys that define it
+(``entry_keys``: backbones, fused entries and students each have their own) equal those of
+the effective config the run would train it with; a fused entry also records the sha256 of
 its source backbone's ``best/`` and is stale once that source is retrained.
 """
 

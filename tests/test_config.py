@@ -129,11 +129,35 @@ def test_tsa_override_of_the_glyphs_docstring_parses():
         ("--config.fusion.mode=distil", "config.fusion.mode"),
         ("--config.evaluation.pa_steps=-1", "config.evaluation.pa_steps"),
         ("--config.evaluation.tsa_episodes=-5", "config.evaluation.tsa_episodes"),
+        ("--config.flat.method=asam", "config.flat.method"),
+        ("--config.flat.k=0", "config.flat.k"),
+        ("--config.flat.clean_mix=1.5", "config.flat.clean_mix"),
+        ("--config.flat.average=polyak", "config.flat.average"),
+        ("--config.flat.late_start=-1", "config.flat.late_start"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     c = _load("configs/sam_resnet18.py:omniglot", override)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        config_lib.validate(c)
+
+
+def test_flat_settings_of_an_entry():
+    """config.flat is the algorithm of "sam" entries: rho from the row, late_start None is
+    the final restart cycle, ERM entries stay ERM and store the defaults."""
+    c = _load(
+        "configs/sam_resnet18.py:omniglot", "--config.flat.method=sam_late", "--config.flat.k=3"
+    )
+    row = c.per_domain.omniglot
+    flat = config_lib.flat_settings(config_lib.domain_config(c, "omniglot", "sam"))
+    assert (flat.method, flat.k, flat.rho) == ("sam_late", 3, row.rho)
+    last_cycle = (row.num_steps - 1) // row.restart_period * row.restart_period
+    assert flat.start_step == last_cycle and flat.momentum == c.momentum
+    erm = config_lib.domain_config(c, "omniglot", "erm")
+    assert config_lib.flat_settings(erm) is None
+    assert erm.flat.to_dict() == config_lib.base_config().flat.to_dict()
+    c.flat.rho = 0.3  # the radius is the row's: a config.flat.rho would have two meanings
+    with pytest.raises(ValueError, match=r"config\.flat\.rho is not a flat-method key"):
         config_lib.validate(c)
 
 

@@ -22,6 +22,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flatfsc_jax import flat_methods as fm
 from flatfsc_jax import flat_optimizers as fo
 from flatfsc_jax import sam
 
@@ -116,7 +117,7 @@ def test_sam_late_switches_from_erm_to_sam_at_start_step():
 
 
 def test_final_cycle_start_is_the_last_restart():
-    from flatfsc_jax import optim
+    from flatfsc_jax.training import optim
 
     cases = ((1000, 250), (1100, 250), (250, 250), (7, 10))
     periods = np.asarray([period for _, period in cases])[:, None]
@@ -141,8 +142,8 @@ def test_every_k_matches_a_plain_loop_with_momentum_sgd(k):
         v = mu * v + g
         w = w - lr * v
         np.testing.assert_allclose(_flat(params), w, rtol=1e-4, atol=1e-5)
-        assert float(diag.gradient_evaluations) == fo.gradient_evaluations(
-            fo.FlatMethod(method="sam_every_k", k=k), t
+        assert float(diag.gradient_evaluations) == fm.gradient_evaluations(
+            fm.FlatMethod(method="sam_every_k", k=k), t
         )
 
 
@@ -185,16 +186,34 @@ def test_looksam_matches_the_papers_algorithm(k):
     np.testing.assert_allclose(_flat(params), expected_w, rtol=1e-4, atol=1e-5)
 
 
+# One jitted, sharded program per method (traced step, rho as data), compiled once and
+# shared by the tests below: compilation is most of this file's time.
+DISPATCH_RHO = 0.1
+
+
+def _settings(method):
+    return fm.FlatMethod(method=method, k=2, start_step=1, looksam_alpha=0.5, rho=DISPATCH_RHO)
+
+
+@functools.cache
+def _dispatch_program(method):
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    whole, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    flat_gradient = fm.make_flat_gradient(_settings(method))
+    return jax.jit(
+        lambda p, b, s, t: flat_gradient(_loss_fn, p, b, s, t, {"rho": jnp.float32(DISPATCH_RHO)}),
+        in_shardings=(whole, split, whole, whole),
+    )
+
+
 def test_looksam_under_jit_runs_one_branch_per_step_and_threads_its_state():
     params, batches = _problem(4)
-    step = jax.jit(
-        lambda p, b, s, t: fo.looksam_gradient(_loss_fn, p, b, s, t, k=2, alpha=0.5, rho=0.1)
-    )
+    step = _dispatch_program("looksam")
     state, eager_state = fo.looksam_init(params), fo.looksam_init(params)
     for t, batch in enumerate(batches):
         grads, _, diag, state = step(params, batch, state, jnp.int32(t))
         want, _, _, eager_state = fo.looksam_gradient(
-            _loss_fn, params, batch, eager_state, t, k=2, alpha=0.5, rho=0.1
+            _loss_fn, params, batch, eager_state, t, k=2, alpha=0.5, rho=DISPATCH_RHO
         )
         _close(grads, want, rtol=1e-5)
         _close(state, eager_state, rtol=1e-5)
@@ -204,18 +223,20 @@ def test_looksam_under_jit_runs_one_branch_per_step_and_threads_its_state():
 @pytest.mark.parametrize("method", fo.SWITCHING_METHODS)
 def test_host_decided_branch_matches_the_traced_switch(method):
     """Two programs picked on the host (``sam_step``) == one program with ``lax.cond``."""
-    settings = fo.FlatMethod(method=method, rho=0.1, k=3, start_step=2)
+    settings = _settings(method)
     params, batches = _problem(4)
-    flat_gradient = fo.make_flat_gradient(settings)
-    traced = jax.jit(lambda p, b, s, t: flat_gradient(_loss_fn, p, b, s, t))
+    flat_gradient = fm.make_flat_gradient(settings)
+    traced = _dispatch_program(method)
     host = jax.jit(
-        lambda p, b, s, t, sam_step: flat_gradient(_loss_fn, p, b, s, t, sam_step=sam_step),
+        lambda p, b, s, t, sam_step: flat_gradient(
+            _loss_fn, p, b, s, t, {"rho": jnp.float32(DISPATCH_RHO)}, sam_step=sam_step
+        ),
         static_argnames="sam_step",
     )
-    state_traced = state_host = fo.init_state(settings, params)
+    state_traced = state_host = fm.init_state(settings, params)
     for t, batch in enumerate(batches):
-        sam_step = fo.takes_sam_step(settings, t)
-        assert sam_step == (fo.gradient_evaluations(settings, t) == 2)
+        sam_step = fm.takes_sam_step(settings, t)
+        assert sam_step == (fm.gradient_evaluations(settings, t) == 2)
         want, _, want_diag, state_traced = traced(params, batch, state_traced, jnp.int32(t))
         got, _, diag, state_host = host(params, batch, state_host, jnp.int32(t), sam_step)
         _close(got, want, rtol=1e-5)
@@ -255,14 +276,14 @@ def test_msam_matches_the_reference_update_order():
 
 
 def test_flat_update_is_the_gradient_then_the_optimiser():
-    settings = fo.FlatMethod(method="msam", rho=0.3)
+    settings = fm.FlatMethod(method="msam", rho=0.3)
     params, batches = _problem(3)
     tx = optax.sgd(0.05, momentum=0.9)
-    flat_gradient = fo.make_flat_gradient(settings)
-    p1, o1, s1 = params, tx.init(params), fo.init_state(settings, params)
+    flat_gradient = fm.make_flat_gradient(settings)
+    p1, o1, s1 = params, tx.init(params), fm.init_state(settings, params)
     p2, o2, s2 = p1, o1, s1
     for t, batch in enumerate(batches):
-        p1, o1, s1, _, _ = fo.flat_update(flat_gradient, _loss_fn, p1, o1, s1, batch, tx, t)
+        p1, o1, s1, _, _ = fm.flat_update(flat_gradient, _loss_fn, p1, o1, s1, batch, tx, t)
         grads, _, _, s2 = fo.momentum_sam_gradient(_loss_fn, p2, batch, s2, rho=0.3)
         updates, o2 = tx.update(grads, o2, p2)
         p2 = optax.apply_updates(p2, updates)
@@ -369,9 +390,9 @@ def test_gsam_matches_big_vision_formula(lr):
     np.testing.assert_allclose(_flat(grads), expected, rtol=1e-4, atol=1e-6)
     assert float(diag.gradient_evaluations) == 2.0
     # The dispatcher reads the radius and both rates from hparams (traced per-run values).
-    settings = fo.FlatMethod(method="gsam", rho=1.0, gsam_alpha=0.3, gsam_rho_min=0.05)
+    settings = fm.FlatMethod(method="gsam", rho=1.0, gsam_alpha=0.3, gsam_rho_min=0.05)
     hparams = {"rho": 0.2, "current_learning_rate": lr, "peak_learning_rate": 0.1}
-    dispatched = fo.make_flat_gradient(settings)(_loss_fn, params, batch, {}, 0, hparams)[0]
+    dispatched = fm.make_flat_gradient(settings)(_loss_fn, params, batch, {}, 0, hparams)[0]
     np.testing.assert_allclose(_flat(dispatched), expected, rtol=1e-4, atol=1e-6)
     # The update is g_s minus a vector perpendicular to g_s.
     g_s = _np_big_vision_gsam(
@@ -392,14 +413,14 @@ def test_gsam_alpha_zero_is_sam():
 @pytest.mark.parametrize(
     "settings",
     [
-        fo.FlatMethod(average="ema", average_decay=0.8, average_start=2),
-        fo.FlatMethod(average="swa", average_start=1, average_period=2),
+        fm.FlatMethod(average="ema", average_decay=0.8, average_start=2),
+        fm.FlatMethod(average="swa", average_start=1, average_period=2),
     ],
 )
 def test_weight_averages_match_a_plain_loop(settings):
     snapshots = [_problem()[0] for _ in range(7)]
-    average = fo.init_average(settings, snapshots[0])
-    update = jax.jit(lambda a, p, t: fo.update_average(settings, a, p, t))
+    average = fm.init_average(settings, snapshots[0])
+    update = jax.jit(lambda a, p, t: fm.update_average(settings, a, p, t))
     ref, taken = _flat(snapshots[0]), []
     for t, params in enumerate(snapshots[1:], start=1):
         average = update(average, params, jnp.int32(t))
@@ -447,8 +468,8 @@ def _bn_problem():
 # the same pieces (SAM's clean-and-perturbed pair; the forward-only clean pass of
 # noise-only RWP is MSAM's), and the dispatcher test checks every method's aux.
 BN_METHODS = [
-    fo.FlatMethod(method="msam", rho=2.0),
-    fo.FlatMethod(method="gsam", rho=0.5, gsam_alpha=0.3),
+    fm.FlatMethod(method="msam", rho=2.0),
+    fm.FlatMethod(method="gsam", rho=0.5, gsam_alpha=0.3),
 ]
 
 
@@ -456,17 +477,17 @@ def test_batchnorm_statistics_come_from_the_clean_pass_under_jit():
     loss_fn, params, batch = _bn_problem()
     clean_stats = jax.jit(loss_fn)(params, batch)[1]
     for settings in BN_METHODS:
-        flat_gradient = jax.jit(fo.make_flat_gradient(settings), static_argnums=0)
-        state = fo.init_state(settings, params)
+        flat_gradient = jax.jit(fm.make_flat_gradient(settings), static_argnums=0)
+        state = fm.init_state(settings, params)
         if settings.method == "msam":  # a non-zero buffer, so the pass is really perturbed
             state = {"momentum": jax.tree.map(jnp.ones_like, params)}
         _, stats, diag, state = flat_gradient(loss_fn, params, batch, state, jnp.int32(0))
         _close(stats, clean_stats, rtol=1e-6, atol=1e-7)
         assert abs(float(diag.sharpness)) > 0  # the other pass really was perturbed
     # Without the extra forward pass, MSAM's statistics are the perturbed pass's.
-    settings = fo.FlatMethod(method="msam", rho=2.0, clean_statistics=False)
+    settings = fm.FlatMethod(method="msam", rho=2.0, clean_statistics=False)
     state = {"momentum": jax.tree.map(jnp.ones_like, params)}
-    _, stats, _, _ = jax.jit(fo.make_flat_gradient(settings), static_argnums=0)(
+    _, stats, _, _ = jax.jit(fm.make_flat_gradient(settings), static_argnums=0)(
         loss_fn, params, batch, state, 0
     )
     scale = 2.0 / float(sam.global_norm(state["momentum"]))
@@ -478,28 +499,22 @@ def test_batchnorm_statistics_come_from_the_clean_pass_under_jit():
 
 @pytest.mark.parametrize("method", fo.METHODS)
 def test_dispatcher_under_jit_with_sharding_counts_its_gradients(method):
-    settings = fo.FlatMethod(method=method, k=2, start_step=1)
+    settings = _settings(method)
     params, batches = _problem(3)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    whole, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
-    flat_gradient = fo.make_flat_gradient(settings)
-    step_fn = jax.jit(
-        lambda p, b, s, t: flat_gradient(_loss_fn, p, b, s, t, {"rho": jnp.float32(0.1)}),
-        in_shardings=(whole, split, whole, whole),
-    )
-    state = fo.init_state(settings, params)
+    step_fn = _dispatch_program(method)
+    state = fm.init_state(settings, params)
     for t, batch in enumerate(batches):
         grads, aux, diag, state = step_fn(params, batch, state, jnp.int32(t))
-        assert float(diag.gradient_evaluations) == fo.gradient_evaluations(settings, t)
+        assert float(diag.gradient_evaluations) == fm.gradient_evaluations(settings, t)
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grads))
         assert float(aux["pred_mean"]) == pytest.approx(
             float(_loss_fn(params, batch)[1]["pred_mean"]), rel=1e-5
         )
         params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
-    assert jax.tree.structure(state) == jax.tree.structure(fo.init_state(settings, params))
-    counts = fo.gradient_evaluations(settings, np.arange(3))
+    assert jax.tree.structure(state) == jax.tree.structure(fm.init_state(settings, params))
+    counts = fm.gradient_evaluations(settings, np.arange(3))
     assert counts.shape == (3,) and counts.sum() == sum(
-        fo.gradient_evaluations(settings, t) for t in range(3)
+        fm.gradient_evaluations(settings, t) for t in range(3)
     )
 
 
@@ -508,27 +523,27 @@ def test_dispatcher_under_jit_with_sharding_counts_its_gradients(method):
 
 def test_errors_name_the_setting():
     with pytest.raises(ValueError, match=r"^method must be one of"):
-        fo.FlatMethod(method="asam")
+        fm.FlatMethod(method="asam")
     with pytest.raises(ValueError, match=r"^config\.flat\.k must be a positive integer"):
-        fo.FlatMethod.from_config({"method": "looksam", "k": 0}, prefix="config.flat.")
+        fm.FlatMethod.from_config({"method": "looksam", "k": 0}, prefix="config.flat.")
     with pytest.raises(KeyError, match=r"config\.flat\.kk is not a flat-method setting"):
-        fo.FlatMethod.from_config({"kk": 2}, prefix="config.flat.", error=KeyError)
-    assert fo.FlatMethod.from_config({"method": "msam", "rho": 0.5}) == fo.FlatMethod(
+        fm.FlatMethod.from_config({"kk": 2}, prefix="config.flat.", error=KeyError)
+    assert fm.FlatMethod.from_config({"method": "msam", "rho": 0.5}) == fm.FlatMethod(
         method="msam", rho=0.5
     )
     with pytest.raises(ValueError, match=r"^clean_mix must be in \[0, 1\]"):
-        fo.FlatMethod(method="rwp", clean_mix=1.5)
+        fm.FlatMethod(method="rwp", clean_mix=1.5)
     with pytest.raises(ValueError, match=r"^gsam_rho_min=0.5 must be <= rho=0.05"):
-        fo.FlatMethod(method="gsam", gsam_rho_min=0.5)
+        fm.FlatMethod(method="gsam", gsam_rho_min=0.5)
     with pytest.raises(ValueError, match=r"^m \(m-sharpness\) is supported by method 'sam' only"):
-        fo.FlatMethod(method="looksam", m=4)
+        fm.FlatMethod(method="looksam", m=4)
     with pytest.raises(ValueError, match=r"^average must be one of"):
-        fo.FlatMethod(average="polyak")
+        fm.FlatMethod(average="polyak")
     params, (batch,) = _problem()
     with pytest.raises(ValueError, match=r"^hparams keys must be among .*'lr'"):
-        fo.make_flat_gradient(fo.FlatMethod())(_loss_fn, params, batch, {}, 0, {"lr": 0.1})
+        fm.make_flat_gradient(fm.FlatMethod())(_loss_fn, params, batch, {}, 0, {"lr": 0.1})
     with pytest.raises(ValueError, match=r"needs current_learning_rate .* and peak_learning_rate"):
-        fo.make_flat_gradient(fo.FlatMethod(method="gsam", gsam_rho_min=0.01))(
+        fm.make_flat_gradient(fm.FlatMethod(method="gsam", gsam_rho_min=0.01))(
             _loss_fn, params, batch, {}, 0
         )
     with pytest.raises(ValueError, match=r"^state must be looksam_init"):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flatfsc_jax import config_lib, models
+from flatfsc_jax import config_lib, flat_methods, models
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks, pipeline, sources
 from flatfsc_jax.data.episodes import EpisodeBatch
@@ -81,8 +81,11 @@ def head_width(config, num_classes: int) -> int:
 _COMPILED_STEPS: dict = {}
 
 
-def _compiled_step(model, cfg, mesh, *, train_lora: bool):
+def _compiled_step(model, cfg, mesh, *, train_lora: bool, flat=None):
+    if step_lib.is_plain(flat):
+        flat = None  # plain ERM/SAM: the program that existed before the flat methods
     key = (
+        flat,
         model,
         float(cfg.momentum),
         float(cfg.weight_decay),
@@ -107,6 +110,7 @@ def _compiled_step(model, cfg, mesh, *, train_lora: bool):
             label_smoothing=cfg.label_smoothing,
             train_lora=train_lora,
             batch_size=cfg.batch_size,
+            flat=flat,
         )
         _COMPILED_STEPS[key].fresh = True
     return _COMPILED_STEPS[key]
@@ -161,7 +165,11 @@ def train_and_evaluate(
     eval_every = cfg.validation.every or cfg.restart_period
     evaluator = validation_evaluator(cfg, valid_split)
 
-    train_step = _compiled_step(model, cfg, mesh, train_lora=lora_rank > 0)
+    # The flat method of a "sam" entry (None for ERM); config.flat.* (docs/flat_methods.md).
+    flat = config_lib.flat_settings(cfg)
+    train_step = _compiled_step(model, cfg, mesh, train_lora=lora_rank > 0, flat=flat)
+    switching = flat is not None and flat.method in flat_methods.SWITCHING_METHODS
+    averaged = flat is not None and flat.average != "none"
     tx = optim.make_direction(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     hparams = step_lib.make_hparams(
         learning_rate=cfg.lr,
@@ -180,6 +188,12 @@ def train_and_evaluate(
         state = step_lib.create_train_state(model, tx, init_rng, sample, train_lora=train_lora)
         if init_variables is not None:
             state = _load_trunk(state, init_variables, tx, train_lora)
+        if flat is not None and not step_lib.is_plain(flat):
+            trained = step_lib.trainable(state, train_lora)
+            state = state.replace(
+                flat=flat_methods.init_state(flat, trained),
+                average=flat_methods.init_average(flat, trained),
+            )
         return state.replace(hparams=hparams)
 
     process_index = jax.process_index()
@@ -215,10 +229,17 @@ def train_and_evaluate(
         return pipeline.to_step_batch(step_lib.shard_batch(next(iterator), mesh), pad=augment.pad)
 
     def one_step(state, step, batch):
-        return train_step(state, batch, jax.random.fold_in(step_rng, step))
+        rng = jax.random.fold_in(step_rng, step)
+        if switching:  # two programs: the host picks this step's (training/step.py)
+            return train_step(state, batch, rng, sam_step=flat_methods.takes_sam_step(flat, step))
+        return train_step(state, batch, rng)
+
+    def stored(state):
+        """The weights to validate and store: the EMA/SWA average when there is one."""
+        return state.replace(params=state.average["params"]) if averaged else state
 
     def validate(step):
-        state = run.state
+        state = stored(run.state)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         if state.lora:
             variables["lora"] = state.lora
@@ -244,7 +265,7 @@ def train_and_evaluate(
     if taken:
         train_step.fresh = False
     run.close()
-    state = run.state
+    state = stored(run.state)
 
     metadata = dict(
         config=cfg.to_dict(),

@@ -1,4 +1,4 @@
-"""The jitted, data-parallel training step (ERM and SAM) and its state.
+"""The jitted, data-parallel training step (ERM, SAM and the flat methods) and its state.
 
 ``train_step`` is a pure function ``(state, batch, rng) -> (state, metrics)``; model,
 optimiser and SAM settings are static and bound with ``functools.partial``.
@@ -30,6 +30,14 @@ LoRA fine-tuning (``train_lora=True``) differentiates only the adapters (collect
 ``'lora'``) and the classifier head; the trunk weights (BatchNorm scales and biases
 included) stay frozen and get no gradient computed, while BatchNorm running statistics
 still update. SAM then perturbs, and normalises over, only what is trained.
+
+Flat methods (``flat=FlatMethod(...)``, flatfsc_jax/flat_methods.py): any method other
+than plain ERM/SAM replaces ``sam.sam_gradient`` by its ``flat_gradient``, with its
+state in ``TrainState.flat`` and, for EMA/SWA, the averaged weights in
+``TrainState.average`` (updated after the optimiser step). ``flat=None`` (or method
+``erm``/``sam`` without averaging) is the plain ERM/SAM program, unchanged to the bit.
+The switching methods (``flat_methods.SWITCHING_METHODS``) are compiled twice, with
+``sam_step`` True and False, and the caller picks per step (``flat_methods.takes_sam_step``).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flatfsc_jax import sam
+from flatfsc_jax import flat_methods, sam
 from flatfsc_jax.checks import check_number
 from flatfsc_jax.data.sources import preprocess
 from flatfsc_jax.models import Model
@@ -67,6 +75,9 @@ class TrainState:
       lora: LoRA adapters (collection ``'lora'``), ``{}`` for models without them.
       hparams: per-run hyper-parameters read as traced values (module docstring), or
         ``{}`` when ``tx`` carries its own schedule.
+      flat: a flat method's state (``flat_methods.init_state``; ``{}`` for ERM/SAM).
+      average: EMA/SWA of the trained variables (``flat_methods.init_average``; ``{}``
+        without averaging).
     """
 
     step: jax.Array
@@ -75,6 +86,8 @@ class TrainState:
     opt_state: Any
     lora: Any = flax.struct.field(default_factory=dict)
     hparams: Any = flax.struct.field(default_factory=dict)
+    flat: Any = flax.struct.field(default_factory=dict)
+    average: Any = flax.struct.field(default_factory=dict)
 
 
 HPARAM_KEYS = ("learning_rate", "restart_period", "rho", "num_classes")
@@ -148,6 +161,8 @@ def train_step(
     eps: float = 1e-12,
     label_smoothing: float = 0.0,
     train_lora: bool = False,
+    flat: flat_methods.FlatMethod | None = None,
+    sam_step: bool | None = None,
 ) -> tuple[TrainState, dict]:
     """One ERM (``use_sam=False``: one pass) or SAM step on mean softmax cross-entropy.
 
@@ -160,8 +175,12 @@ def train_step(
 
     Returns the new state and scalar metrics: ``loss`` (clean), ``perturbed_loss``,
     ``sharpness``, ``grad_norm`` (clean), ``accuracy`` (clean pass, training-mode BN)
-    and ``param_norm`` (of the trained variables, before the step). The learning rate
-    is a function of ``state.step`` only; the caller evaluates its schedule.
+    and ``param_norm`` (of the trained variables, before the step), and
+    ``gradient_evaluations``. The learning rate is a function of ``state.step`` only;
+    the caller evaluates its schedule.
+
+    ``flat`` selects a flat method (module docstring); its ``rho`` is ignored in favour
+    of this step's radius, and ``sam_step`` is the host's branch for the switching ones.
     """
     del rng  # see docstring: no stochastic layers yet
     images = _as_float_images(batch["images"])
@@ -194,22 +213,41 @@ def train_step(
         return loss, {"batch_stats": new_batch_stats, "accuracy": accuracy}
 
     trained = trainable(state, train_lora)
-    grads, aux, diag = sam.sam_gradient(
-        loss_fn,
-        trained,
-        {"images": images, "labels": labels},
-        rho=radius,
-        eps=eps,
-        adaptive=adaptive,
-        m=m,
-    )
-    updates, opt_state = tx.update(grads, state.opt_state, trained)
+    data = {"images": images, "labels": labels}
     extra = {}
+    # Before the gradient: GSAM's radius follows this step's rate.
+    rate = (
+        optim.cosine_restart_rate(state.step, hp["learning_rate"], hp["restart_period"])
+        if hp
+        else None
+    )
+    new_flat = state.flat
+    if is_plain(flat):
+        grads, aux, diag = sam.sam_gradient(
+            loss_fn, trained, data, rho=radius, eps=eps, adaptive=adaptive, m=m
+        )
+        evaluations = jnp.float32(1.0 if not use_sam else 2.0)
+    else:
+        flat_hp = {"rho": radius}
+        if flat.gsam_rho_min is not None:
+            if rate is None:
+                raise ValueError(
+                    "flat.gsam_rho_min (a GSAM radius schedule) needs a state with hparams "
+                    "(the learning rate as data); leave it None for a constant radius"
+                )
+            flat_hp.update(current_learning_rate=rate, peak_learning_rate=hp["learning_rate"])
+        grads, aux, diag, new_flat = flat_methods.make_flat_gradient(flat)(
+            loss_fn, trained, data, state.flat, state.step, flat_hp, sam_step=sam_step
+        )
+        evaluations = diag.gradient_evaluations
+    updates, opt_state = tx.update(grads, state.opt_state, trained)
     if hp:  # tx is the direction only: scale by this step's warm-restart cosine rate
-        rate = optim.cosine_restart_rate(state.step, hp["learning_rate"], hp["restart_period"])
         updates = jax.tree.map(lambda u: -rate * u, updates)
         extra["learning_rate"] = rate
     new_trained = optax.apply_updates(trained, updates)
+    average = state.average
+    if flat is not None and flat.average != "none":
+        average = flat_methods.update_average(flat, average, new_trained, state.step + 1)
     params, lora = _with_trained(state, new_trained, train_lora)
     new_state = state.replace(
         step=state.step + 1,
@@ -217,6 +255,8 @@ def train_step(
         lora=lora,
         batch_stats=aux["batch_stats"],
         opt_state=opt_state,
+        flat=new_flat,
+        average=average,
     )
     metrics = {
         "loss": diag.loss,
@@ -225,6 +265,7 @@ def train_step(
         "grad_norm": diag.grad_norm,
         "accuracy": aux["accuracy"],
         "param_norm": sam.global_norm(trained),
+        "gradient_evaluations": evaluations,
         **extra,
     }
     return new_state, metrics
@@ -306,6 +347,11 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh), may_alias=False)
 
 
+def is_plain(flat: flat_methods.FlatMethod | None) -> bool:
+    """Whether ``flat`` is plain ERM/SAM: the unchanged ``sam.sam_gradient`` program."""
+    return flat is None or (flat.method in ("erm", "sam") and flat.average == "none")
+
+
 def _radius(use_sam: bool, rho, hp):
     if not use_sam:
         if rho:
@@ -333,7 +379,8 @@ def compile_train_step(
     label_smoothing: float = 0.0,
     train_lora: bool = False,
     batch_size: int | None = None,
-) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    flat: flat_methods.FlatMethod | None = None,
+) -> Callable[..., tuple[TrainState, dict]]:
     """``train_step`` jitted over ``mesh`` with donated state.
 
     Returns ``step(state, batch, rng) -> (state, metrics)``; ``state`` and ``rng`` must
@@ -342,8 +389,18 @@ def compile_train_step(
     global ``batch_size`` the mesh or ``m`` cannot split, when given here; otherwise at
     the first call) raise ``ValueError`` before anything compiles. The jitted function is
     ``step.jitted`` (e.g. for ``.lower(...)``).
+
+    ``flat`` (static) selects a flat method. For the switching methods two programs are
+    compiled (lazily, each at its first use) and ``step(state, batch, rng, sam_step=...)``
+    must say which (``flat_methods.takes_sam_step(flat, host_step)``); ``step.jitted``
+    is then a dict ``{True: ..., False: ...}``.
     """
     sam.check_sam_arguments(0.0 if rho is None else rho, eps, m)
+    if flat is not None and not is_plain(flat):
+        if m is not None:
+            raise ValueError(f"m-sharpness (m={m}) is supported by flat method 'sam' only")
+        if train_lora and flat.average != "none":
+            raise ValueError("weight averaging (flat.average) is not supported with LoRA")
     if batch_size is not None:
         sam.check_batch_split(batch_size, m=m, num_devices=mesh.size)
     check_number("label_smoothing", label_smoothing, below=1.0)
@@ -359,18 +416,35 @@ def compile_train_step(
         label_smoothing=float(label_smoothing),
         train_lora=bool(train_lora),
     )
+    if flat is not None and not is_plain(flat):
+        step_fn = functools.partial(step_fn, flat=flat)
     whole, split = replicated(mesh), batch_sharding(mesh)
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(whole, split, whole),
-        out_shardings=(whole, whole),
-        donate_argnums=(0,),
-    )
 
-    def step(state: TrainState, batch: dict, rng: jax.Array):
+    def jit(fn):
+        return jax.jit(
+            fn,
+            in_shardings=(whole, split, whole),
+            out_shardings=(whole, whole),
+            donate_argnums=(0,),
+        )
+
+    switching = flat is not None and flat.method in flat_methods.SWITCHING_METHODS
+    if switching:
+        jitted = {b: jit(functools.partial(step_fn, sam_step=b)) for b in (True, False)}
+    else:
+        jitted = jit(step_fn)
+
+    def step(state: TrainState, batch: dict, rng: jax.Array, *, sam_step: bool | None = None):
         # Shapes are static: checking them costs nothing and beats an XLA sharding error.
         sam.check_batch_split(int(batch["labels"].shape[0]), m=m, num_devices=mesh.size)
-        return jitted(state, batch, rng)
+        if not switching:
+            return jitted(state, batch, rng)
+        if not isinstance(sam_step, bool):
+            raise ValueError(
+                f"flat method {flat.method!r} switches programs per step: pass "
+                f"sam_step=flat_methods.takes_sam_step(flat, step), got {sam_step!r}"
+            )
+        return jitted[sam_step](state, batch, rng)
 
     step.jitted = jitted
     return step
