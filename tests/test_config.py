@@ -134,6 +134,7 @@ def test_tsa_override_of_the_glyphs_docstring_parses():
         ("--config.flat.clean_mix=1.5", "config.flat.clean_mix"),
         ("--config.flat.average=polyak", "config.flat.average"),
         ("--config.flat.late_start=-1", "config.flat.late_start"),
+        ("--config.evaluation.episode_spec=10shot", "config.evaluation.episode_spec"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -32,6 +32,7 @@ from flatfsc_jax.data.sources import SplitData
 
 __all__ = [
     "EPISODE_SPECS",
+    "EPISODE_SPEC_TITLES",
     "EpisodeBatch",
     "EpisodeSampler",
     "FixedShotSpec",
@@ -84,6 +85,14 @@ EPISODE_SPECS = {
     "md": EpisodeSpec(),
     "5shot": FixedShotSpec(shots=5, max_query=10),
     "1shot": EpisodeSpec(min_ways=5, max_ways=5, max_support_per_class=1, max_query_per_class=10),
+}
+
+
+# How a report names each setting.
+EPISODE_SPEC_TITLES = {
+    "md": "Meta-Dataset's variable-way variable-shot",
+    "5shot": "URL's varying-way five-shot",
+    "1shot": "URL's five-way one-shot",
 }
 
 

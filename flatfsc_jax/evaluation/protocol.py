@@ -333,6 +333,7 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
         "adaptations": list(ev.adaptations),
         "seen_domains": list(seen),
         "episodes": int(ev.episodes),
+        "episode_spec": ev.get("episode_spec", "md"),
         "finetune_episodes": int(ev.finetune_episodes),
         "pa_episodes": int(ev.pa_episodes or ev.episodes),
         "tsa_episodes": int(ev.tsa_episodes),

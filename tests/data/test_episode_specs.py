@@ -114,6 +114,15 @@ class _Drawn(Exception):
     pass
 
 
+def test_results_record_the_setting(monkeypatch):
+    c = config_lib.base_config()
+    c.evaluation.domains = ("omniglot",)
+    c.evaluation.episode_spec = "5shot"
+    monkeypatch.setattr(protocol, "_evaluate_domain", lambda *a: {})
+    results = protocol.evaluate_zoo(c, zoo=None, progress=False)
+    assert results["episode_spec"] == "5shot"
+
+
 def test_evaluator_draws_test_episodes_with_the_configured_setting(monkeypatch):
     c = config_lib.base_config()
     c.evaluation.episode_spec = "1shot"

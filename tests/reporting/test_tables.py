@@ -116,3 +116,11 @@ def test_flatness_report_pairs_sam_with_erm_and_orders_fused_variants():
         ("sam+kd", "erm+kd"),
     ]
     assert families.sam_vs_erm(["sam", "erm+ft", "sam+lora"]) == []
+
+
+def test_markdown_names_the_test_setting():
+    results = _fake_results()
+    assert "(Meta-Dataset's variable-way variable-shot)" in tables_lib.to_markdown(results)
+    results["episode_spec"] = "1shot"
+    first = tables_lib.to_markdown(results).splitlines()[0]
+    assert "30 test episodes per domain (URL's five-way one-shot)" in first
