@@ -552,6 +552,11 @@ def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
     _int(ev.get("pa_episodes"), "evaluation.pa_episodes", none="all episodes")
     for key in ("pa_steps", "tsa_episodes", "tsa_steps"):
         _int(ev.get(key, 0), f"evaluation.{key}", minimum=0)
+    if ev.get("episode_spec", "md") not in EPISODE_SPECS:
+        raise ConfigError(
+            f"config.evaluation.episode_spec must be one of {EPISODE_SPECS}, got "
+            f"{ev.episode_spec!r}"
+        )
     if ev.enabled:
         for d in ev.domains:
             if d not in known:
@@ -560,11 +565,6 @@ def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
                     f"choose from {known}"
                 )
         _int(ev.episodes, "evaluation.episodes")
-        if ev.get("episode_spec", "md") not in EPISODE_SPECS:
-            raise ConfigError(
-                f"config.evaluation.episode_spec must be one of {EPISODE_SPECS}, got "
-                f"{ev.episode_spec!r}"
-            )
         if ev.metric not in ("cosine", "euclidean"):
             raise ConfigError(
                 f"config.evaluation.metric must be cosine or euclidean, got {ev.metric!r}"
