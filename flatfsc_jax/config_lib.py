@@ -47,6 +47,11 @@ META_DATASET_UNSEEN = meta_dataset_spec.UNSEEN_SOURCES
 
 METHODS = ("erm", "sam")
 FUSION_MODES = ("full", "lora", "distill")
+# Zoo method name suffix of each fusion mode: sam + full -> sam+ft (families.py).
+FUSION_SUFFIX = {"full": "ft", "lora": "lora", "distill": "kd"}
+# Backbones imported from URL's released checkpoints (url_import.py), never trained
+# here: its single-domain learners (one per seen domain) and its universal model.
+IMPORTED_METHODS = ("url-sdl", "url")
 BENCHMARKS = ("glyphs", "meta_dataset")
 ADAPTATIONS = ("ncc", "pa", "finetune", "lora", "tsa")
 # config.evaluation.episode_spec values (named test settings, data/episodes.py).
@@ -201,6 +206,9 @@ def base_config() -> ml_collections.ConfigDict:
             adaptations=("ncc",),
             finetune_episodes=600,  # episodes for the (slower) fine-tuning adaptations
             finetune_families=(),  # families fine-tuned at test time; () = all
+            # Families evaluated; () = the run's (methods, then fused). May name the
+            # imported "url-sdl" / "url" (docs/meta-dataset.md#cross-check-against-url).
+            families=(),
             finetune_steps=40,
             finetune_lr=placeholder(float),  # None -> evaluation/adapt.py's default for the mode
             lora_rank=4,
@@ -552,6 +560,21 @@ def validate(config: ml_collections.ConfigDict, num_processes: int = 1) -> None:
     _int(ev.get("pa_episodes"), "evaluation.pa_episodes", none="all episodes")
     for key in ("pa_steps", "tsa_episodes", "tsa_steps"):
         _int(ev.get(key, 0), f"evaluation.{key}", minimum=0)
+    run_families = list(config.methods) + [
+        f"{m}+{FUSION_SUFFIX[mode]}"
+        for mode in (fusion_modes(config) if config.fusion.enabled else ())
+        if mode in FUSION_SUFFIX
+        for m in config.methods
+    ]
+    wanted = tuple(ev.get("families", ()) or ())
+    for fam in wanted:
+        if fam not in run_families and fam not in IMPORTED_METHODS:
+            raise ConfigError(
+                f"config.evaluation.families has {fam!r}: evaluate this run's families "
+                f"{run_families} or the imported {list(IMPORTED_METHODS)}"
+            )
+    if len(set(wanted)) != len(wanted):
+        raise ConfigError(f"config.evaluation.families={wanted} names a family twice")
     if ev.get("episode_spec", "md") not in EPISODE_SPECS:
         raise ConfigError(
             f"config.evaluation.episode_spec must be one of {EPISODE_SPECS}, got "

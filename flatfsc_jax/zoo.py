@@ -319,8 +319,8 @@ class Zoo:
             available = [e.key for e in self.list(benchmark)]
             raise FileNotFoundError(
                 f"zoo entry {benchmark}/{domain}/{method} is missing or incomplete under "
-                f"{str(self.root)!r}; complete entries: {available or 'none'}. Train it with "
-                f"{train_hint(benchmark, method)} --stages=train,fuse"
+                f"{str(self.root)!r}; complete entries: {available or 'none'}. "
+                + train_hint(benchmark, method)
             )
         return entry
 
@@ -418,6 +418,11 @@ class Zoo:
         (``--retrain``, a damaged entry). With several processes, process 0 writes and
         all wait for it.
         """
+        if entry_kind(method) == "imported":  # never overwrite an import with a run
+            raise ZooError(
+                f"zoo entry {benchmark}/{domain}/{method} is imported "
+                "(python -m flatfsc_jax.cli.import_url), not trained: no stage trains it"
+            )
         path = self.entry_dir(benchmark, domain, method)
         started = path / "started.json"
         changes = []
@@ -511,11 +516,17 @@ class Zoo:
 
 
 def train_hint(benchmark: str, method: str) -> str:
-    """The command that trains a missing entry of ``benchmark``."""
+    """How to make a missing entry of ``benchmark``: the command that trains it."""
+    if entry_kind(method) == "imported":
+        return (
+            "Import it with python -m flatfsc_jax.cli.import_url "
+            "(docs/meta-dataset.md#cross-check-against-url)"
+        )
     if benchmark == "glyphs":
-        return "./run.sh --config=configs/glyphs.py"
-    base = method.split("+")[0]
-    return f"./run.sh --config=configs/{base}_resnet18.py"
+        command = "./run.sh --config=configs/glyphs.py"
+    else:
+        command = f"./run.sh --config=configs/{method.split('+')[0]}_resnet18.py"
+    return f"Train it with {command} --stages=train,fuse"
 
 
 def _json_default(x):
