@@ -193,6 +193,13 @@ def test_imported_entries_are_evaluated_and_never_reused_as_erm(tmp_path, monkey
     assert zoo.is_complete("meta_dataset", "dtd", "url-sdl")
 
 
+def test_without_evaluation_families_the_plan_is_evaluated():
+    c = _config(())
+    plan = [(p.domain, p.entry_method) for p in experiment.plan(c)]
+    assert experiment.evaluated_entries(c) == plan == [("dtd", "erm")]
+    assert families.families(c) == ["erm"]
+
+
 def test_evaluation_families_are_checked_by_validate():
     c = _config(("url-sdl", "url"))
     config_lib.validate(c)
