@@ -39,6 +39,7 @@ from ml_collections.config_dict import placeholder
 from flatfsc_jax import errors
 from flatfsc_jax.checks import check_int, check_number
 from flatfsc_jax.data import meta_dataset_spec
+from flatfsc_jax.data.episodes import EPISODE_SPECS as _EPISODE_SPECS
 
 # Meta-Dataset's domains (the paper's per-domain recipe for the seen ones is
 # configs/meta_dataset_table.py); names only, no TFDS import.
@@ -47,8 +48,15 @@ META_DATASET_UNSEEN = meta_dataset_spec.UNSEEN_SOURCES
 
 METHODS = ("erm", "sam")
 FUSION_MODES = ("full", "lora", "distill")
+# Zoo method name suffix of each fusion mode: sam + full -> sam+ft (families.py).
+FUSION_SUFFIX = {"full": "ft", "lora": "lora", "distill": "kd"}
+# Backbones imported from URL's released checkpoints (url_import.py), never trained
+# here: its single-domain learners (one per seen domain) and its universal model.
+IMPORTED_METHODS = ("url-sdl", "url")
 BENCHMARKS = ("glyphs", "meta_dataset")
 ADAPTATIONS = ("ncc", "pa", "finetune", "lora", "tsa")
+# config.evaluation.episode_spec values (named test settings, data/episodes.py).
+EPISODE_SPECS = tuple(_EPISODE_SPECS)
 
 # Top-level key -> key of a per-domain row. The top-level keys are set only in the
 # effective config of one zoo entry (``domain_config``), never in a run's config.
@@ -192,10 +200,16 @@ def base_config() -> ml_collections.ConfigDict:
             enabled=True,
             domains=META_DATASET_SEEN + META_DATASET_UNSEEN,
             episodes=600,
+            # Test episodes: "md" (Meta-Dataset's variable-way variable-shot) or URL's
+            # "5shot" (varying-way 5-shot) and "1shot" (5-way 1-shot); data/episodes.py.
+            episode_spec="md",
             metric="cosine",
             adaptations=("ncc",),
             finetune_episodes=600,  # episodes for the (slower) fine-tuning adaptations
             finetune_families=(),  # families fine-tuned at test time; () = all
+            # Families evaluated; () = the run's (methods, then fused). May name the
+            # imported "url-sdl" / "url" (docs/meta-dataset.md#cross-check-against-url).
+            families=(),
             finetune_steps=40,
             finetune_lr=placeholder(float),  # None -> evaluation/adapt.py's default for the mode
             lora_rank=4,
@@ -260,6 +274,20 @@ def set_distill_recipe(
 def fusion_modes(config) -> tuple[str, ...]:
     """``config.fusion.mode`` as a tuple: ``"full,distill"`` -> ``("full", "distill")``."""
     return parse_fusion_modes(config.fusion.mode)
+
+
+def run_families(config) -> list[str]:
+    """The backbone families a run produces: its methods, then the fused ones mode by mode
+    (``sam`` + ``full`` -> ``sam+ft``; families.py names them)."""
+    modes = fusion_modes(config) if config.fusion.enabled else ()
+    return list(config.methods) + [
+        f"{m}+{FUSION_SUFFIX[mode]}" for mode in modes for m in config.methods
+    ]
+
+
+def evaluated_families(config) -> list[str]:
+    """``config.evaluation.families`` when set, else every family the run produces."""
+    return list(config.evaluation.get("families", ()) or ()) or run_families(config)
 
 
 def parse_fusion_modes(value) -> tuple[str, ...]:
@@ -560,6 +588,21 @@ def _validate_evaluation(config, known) -> None:
     _int(ev.get("pa_episodes"), "evaluation.pa_episodes", none="all episodes")
     for key in ("pa_steps", "tsa_episodes", "tsa_steps"):
         _int(ev.get(key, 0), f"evaluation.{key}", minimum=0)
+    produced = run_families(config)
+    wanted = tuple(ev.get("families", ()) or ())
+    for fam in wanted:
+        if fam not in produced and fam not in IMPORTED_METHODS:
+            raise ConfigError(
+                f"config.evaluation.families has {fam!r}: evaluate this run's families "
+                f"{produced} or the imported {list(IMPORTED_METHODS)}"
+            )
+    if len(set(wanted)) != len(wanted):
+        raise ConfigError(f"config.evaluation.families={wanted} names a family twice")
+    if ev.get("episode_spec", "md") not in EPISODE_SPECS:
+        raise ConfigError(
+            f"config.evaluation.episode_spec must be one of {EPISODE_SPECS}, got "
+            f"{ev.episode_spec!r}"
+        )
     if ev.enabled:
         if not ev.domains:
             raise ConfigError(
@@ -609,9 +652,7 @@ def _validate_evaluation(config, known) -> None:
                         f"{a!r}; give it at least 1 or drop {a!r} from the adaptations"
                     )
         if ev.finetune_families:
-            from flatfsc_jax import families
-
-            produced = families.families(config)
+            produced = evaluated_families(config)
             unknown = [f for f in ev.finetune_families if f not in produced]
             if unknown:
                 kept = tuple(f for f in ev.finetune_families if f in produced)

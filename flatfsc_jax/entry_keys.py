@@ -80,7 +80,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def entry_kind(method: str) -> str:
-    """``backbone`` (erm, sam), ``student`` (``+kd``) or ``fused`` (``+ft``, ``+lora``)."""
+    """``backbone`` (erm, sam), ``student`` (``+kd``), ``fused`` (``+ft``, ``+lora``) or
+    ``imported`` (``url-sdl``, ``url``: written by cli/import_url.py, never trained)."""
+    if method in config_lib.IMPORTED_METHODS:
+        return "imported"
     if method.endswith("+kd"):
         return "student"
     return "fused" if "+" in method else "backbone"

@@ -238,6 +238,22 @@ def describe_plan(config, zoo: zoo_lib.Zoo | None = None) -> str:
     return "\n".join(lines)
 
 
+def evaluated_entries(config) -> list[tuple[str, str]]:
+    """(domain, method) of every zoo entry the evaluate stage reads: the run's plan, or,
+    with ``config.evaluation.families`` (which may name imported backbones), the entries
+    those families use on the evaluation domains."""
+    if not config.evaluation.get("families"):
+        return [(p.domain, p.entry_method) for p in plan(config)]
+    return list(
+        dict.fromkeys(
+            c
+            for fam in families.families(config)
+            for d in config.evaluation.domains
+            for c in protocol.candidate_backbones(config, fam, d)
+        )
+    )
+
+
 def check_fused_sources(config, zoo: zoo_lib.Zoo) -> None:
     """Before evaluation: every fused entry was fine-tuned from the current source."""
     if not config.fusion.enabled:
@@ -375,9 +391,10 @@ def _run_stages(config, workdir, stages, progress, t_start, setup_seconds, entri
 
     results = None
     if "evaluate" in stages and config.evaluation.enabled:
-        for p in plan(config):  # every backbone is there and intact before compiling
-            zoo.get(config.benchmark, p.domain, p.entry_method)
-        check_fused_sources(config, zoo)
+        for domain, method in evaluated_entries(config):  # there and intact, before compiling
+            zoo.get(config.benchmark, domain, method)
+        if any(entry_keys.entry_kind(f) in ("fused", "student") for f in families.families(config)):
+            check_fused_sources(config, zoo)
         results = protocol.evaluate_zoo(config, zoo, progress=progress)
         results["config"] = config.to_dict()
         with PROFILE.section("report"):

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from flatfsc_jax import config_lib
 
 # Fusion mode (config.fusion.mode) -> the suffix of the family it produces.
-FUSION_SUFFIX = {"full": "ft", "lora": "lora", "distill": "kd"}
+FUSION_SUFFIX = config_lib.FUSION_SUFFIX
+# URL's universal model serves every domain; its zoo entry is <benchmark>/universal/url.
+URL_DOMAIN = "universal"
 
 # The paper's column order; families not listed keep their order after these.
 FAMILY_ORDER = ("erm", "sam", "erm+kd", "sam+kd", "erm+ft", "sam+ft", "erm+lora", "sam+lora")
@@ -35,11 +37,9 @@ def fused_families(config) -> list[str]:
 
 
 def families(config) -> list[str]:
-    """Backbone families a run evaluates: the methods, then the fused families."""
-    fams = list(config.methods)
-    if config.fusion.enabled:
-        fams += fused_families(config)
-    return fams
+    """Backbone families a run evaluates: ``config.evaluation.families`` when set, else
+    the methods, then the fused families."""
+    return config_lib.evaluated_families(config)
 
 
 def family_backbone(config, family: str, domain: str) -> tuple[str, str]:
@@ -48,6 +48,8 @@ def family_backbone(config, family: str, domain: str) -> tuple[str, str]:
     A distilled (``+kd``) family has one student for all domains, stored under the
     general domain's name.
     """
+    if family == "url":  # imported: one universal backbone for every domain
+        return URL_DOMAIN, family
     if family.endswith("+kd"):
         return config.fusion.source_domain, family
     if "+" in family and domain == config.fusion.source_domain:

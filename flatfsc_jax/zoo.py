@@ -323,8 +323,8 @@ class Zoo:
             available = [e.key for e in self.list(benchmark)]
             raise MissingEntryError(
                 f"zoo entry {benchmark}/{domain}/{method} is missing or incomplete under "
-                f"{str(self.root)!r}; complete entries: {available or 'none'}. Train it with "
-                f"{train_hint(benchmark, method)} --stages=train,fuse"
+                f"{str(self.root)!r}; complete entries: {available or 'none'}. "
+                + train_hint(benchmark, method)
             )
         return entry
 
@@ -422,6 +422,11 @@ class Zoo:
         (``--retrain``, a damaged entry). With several processes, process 0 writes and
         all wait for it.
         """
+        if entry_kind(method) == "imported":  # never overwrite an import with a run
+            raise ZooError(
+                f"zoo entry {benchmark}/{domain}/{method} is imported "
+                "(python -m flatfsc_jax.cli.import_url), not trained: no stage trains it"
+            )
         path = self.entry_dir(benchmark, domain, method)
         started = path / "started.json"
         changes = []
@@ -515,14 +520,22 @@ class Zoo:
 
 
 def train_hint(benchmark: str, method: str) -> str:
-    """The command that trains a missing entry of ``benchmark`` (students need distillation)."""
-    student = entry_kind(method) == "student"
+    """How to make a missing entry of ``benchmark``: the command that trains it (students
+    need distillation)."""
+    kind = entry_kind(method)
+    if kind == "imported":
+        return (
+            "Import it with python -m flatfsc_jax.cli.import_url "
+            "(docs/meta-dataset.md#cross-check-against-url)"
+        )
+    student = kind == "student"
     if benchmark == "glyphs":
-        return "./run.sh --config=configs/glyphs.py" + (":kd" if student else "")
-    base = method.split("+")[0]
-    return f"./run.sh --config=configs/{base}_resnet18.py" + (
-        " --config.fusion.mode=full,distill" if student else ""
-    )
+        command = "./run.sh --config=configs/glyphs.py" + (":kd" if student else "")
+    else:
+        command = f"./run.sh --config=configs/{method.split('+')[0]}_resnet18.py" + (
+            " --config.fusion.mode=full,distill" if student else ""
+        )
+    return f"Train it with {command} --stages=train,fuse"
 
 
 def _json_default(x):

@@ -134,6 +134,7 @@ def test_tsa_override_of_the_glyphs_docstring_parses():
         ("--config.flat.clean_mix=1.5", "config.flat.clean_mix"),
         ("--config.flat.average=polyak", "config.flat.average"),
         ("--config.flat.late_start=-1", "config.flat.late_start"),
+        ("--config.evaluation.episode_spec=10shot", "config.evaluation.episode_spec"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -258,3 +259,22 @@ def test_class_splits_key_is_validated_and_reaches_load_split():
         )
     with pytest.raises(config_lib.ConfigError, match="meta_dataset' only"):
         config_lib.validate(_load("configs/glyphs.py:tiny", "--config.data.class_splits=prepared"))
+
+
+def test_paper_config_plans_the_whole_table_and_dry_runs():
+    """configs/paper.py: 16 backbones, 14 fine-tuned fusions, 2 distilled students, 13 domains."""
+    from flatfsc_jax import experiment
+
+    c = _load("configs/paper.py")
+    config_lib.validate(c)
+    planned = experiment.plan(c)
+    counts = {}
+    for p in planned:
+        counts[p.entry_method] = counts.get(p.entry_method, 0) + 1
+    assert counts == {"erm": 8, "sam": 8, "erm+ft": 7, "sam+ft": 7, "erm+kd": 1, "sam+kd": 1}
+    assert {p.domain for p in planned if not p.fused} == set(config_lib.META_DATASET_SEEN)
+    assert len(c.evaluation.domains) == 13 and c.evaluation.enabled
+    proc = _run_main("--config=configs/paper.py", "--dry_run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n  meta_dataset/") == 32, proc.stdout[-3000:]
+    assert "meta_dataset/ilsvrc_2012/sam+kd: batch 448+64" in proc.stdout

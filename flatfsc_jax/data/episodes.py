@@ -31,14 +31,76 @@ from flatfsc_jax.data.sampling import (
 from flatfsc_jax.data.sources import SplitData
 
 __all__ = [
+    "EPISODE_SPECS",
+    "EPISODE_SPEC_TITLES",
     "EpisodeBatch",
     "EpisodeSampler",
+    "FixedShotSpec",
     "bucket_sizes",
     "bucket_width",
     "compact_episode",
+    "episode_spec",
     "pad_episodes",
     "show_episode",
 ]
+
+
+# ----------------------------------------------------------------------------------------
+# Named test settings: Meta-Dataset's and URL's (``config.evaluation.episode_spec``).
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedShotSpec:
+    """Variable-way episodes with exactly ``shots`` support images per class.
+
+    Classes are drawn as ``base`` draws them (Meta-Dataset's variable ways, with the class
+    ontology); every class then gets ``shots`` support images and
+    q = min(max_query, min_c n_c - shots) query images: Meta-Dataset's
+    ``compute_num_query`` with a fixed support size, as in URL's "5shot" test setting.
+    """
+
+    shots: int = 5
+    max_query: int = 10
+    base: EpisodeSpec = EpisodeSpec()
+
+    def __post_init__(self):
+        for name in ("shots", "max_query"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"FixedShotSpec.{name}={value!r} must be an integer >= 1")
+        if self.base.mode != "variable":
+            raise ValueError("FixedShotSpec.base must be a variable-mode EpisodeSpec")
+
+    def pad_sizes(self) -> PadSizes:
+        ways = self.base.max_ways
+        return PadSizes(ways, ways * self.shots, ways * self.max_query)
+
+
+# URL (Li et al. 2021, data/meta_dataset_reader.py ``test_type``): "standard" is MD's
+# variable-way variable-shot; "5shot" is varying-way five-shot (num_support=5); "1shot" is
+# five-way one-shot: MD's sampler with 5 ways, at most 10 queries per class and one support
+# image per class.
+EPISODE_SPECS = {
+    "md": EpisodeSpec(),
+    "5shot": FixedShotSpec(shots=5, max_query=10),
+    "1shot": EpisodeSpec(min_ways=5, max_ways=5, max_support_per_class=1, max_query_per_class=10),
+}
+
+
+# How a report names each setting.
+EPISODE_SPEC_TITLES = {
+    "md": "Meta-Dataset's variable-way variable-shot",
+    "5shot": "URL's varying-way five-shot",
+    "1shot": "URL's five-way one-shot",
+}
+
+
+def episode_spec(name: str) -> EpisodeSpec | FixedShotSpec:
+    """The test setting ``name``: one of ``EPISODE_SPECS`` ("md", "5shot", "1shot")."""
+    if name not in EPISODE_SPECS:
+        raise ValueError(f"episode spec {name!r} is unknown; choose one of {tuple(EPISODE_SPECS)}")
+    return EPISODE_SPECS[name]
 
 
 # ----------------------------------------------------------------------------------------
@@ -70,7 +132,20 @@ class EpisodeSampler:
             raise ValueError(f"seed={seed!r} must be a non-negative integer")
         self.spec = spec
         self.seed = int(seed)
-        self._plan = _plan_for(data, spec, class_groups, class_hierarchy, num_classes)
+        fixed = isinstance(spec, FixedShotSpec)
+        base = spec.base if fixed else spec
+        self._plan = _plan_for(data, base, class_groups, class_hierarchy, num_classes)
+        self._shots = spec.shots if fixed else None
+        if fixed:
+            plan = self._plan
+            reachable = np.unique(np.concatenate(plan.pools))
+            small = reachable[plan.counts[reachable] <= spec.shots]
+            if len(small):
+                raise ValueError(
+                    f"{len(small)} class(es) of the split (e.g. {plan.name(small[0])}) have "
+                    f"<= {spec.shots} images: {spec.shots}-shot episodes need at least "
+                    f"{spec.shots + 1} (one query); lower FixedShotSpec.shots"
+                )
 
     @property
     def kind(self) -> str:
@@ -80,10 +155,34 @@ class EpisodeSampler:
     @property
     def pad_sizes(self) -> PadSizes:
         """Tight padding sizes for this split (see ``bucket_sizes``)."""
-        return self._plan.pad_sizes()
+        if self._shots is None:
+            return self._plan.pad_sizes()
+        ways = self._plan.largest_ways()
+        return PadSizes(ways, ways * self._shots, ways * self.spec.max_query)
 
     def episode(self, index: int) -> Episode:
-        return self._plan.sample(episode_rng(self.seed, index))
+        rng = episode_rng(self.seed, index)
+        drawn = self._plan.sample(rng)
+        if self._shots is None:
+            return drawn
+        # Keep the variable-mode draw's classes (ways and ontology); redraw the images.
+        plan, shots, classes = self._plan, self._shots, drawn.classes
+        query = min(self.spec.max_query, int(plan.counts[classes].min()) - shots)
+        support, queries = [], []
+        for c in classes.tolist():
+            picked = rng.choice(int(plan.counts[c]), shots + query, replace=False)
+            members = plan.sorted_idx[plan.offsets[c] + picked]
+            support.append(members[:shots])
+            queries.append(members[shots:])
+        labels = np.arange(drawn.ways, dtype=np.int32)
+        return Episode(
+            support_idx=np.concatenate(support),
+            support_labels=np.repeat(labels, shots),
+            query_idx=np.concatenate(queries),
+            query_labels=np.repeat(labels, query),
+            classes=classes,
+            ways=drawn.ways,
+        )
 
     def sample(self, n: int, start: int = 0) -> list[Episode]:
         """Episodes ``start .. start + n - 1`` of this seed's stream."""
@@ -169,7 +268,7 @@ class EpisodeBatch:
 
     @classmethod
     def sample(
-        cls, split_data, num: int, *, seed: int, spec: EpisodeSpec | None = None
+        cls, split_data, num: int, *, seed: int, spec: EpisodeSpec | FixedShotSpec | None = None
     ) -> EpisodeBatch:
         """Episodes ``0 .. num - 1`` of ``seed``'s stream on a split (default: Meta-Dataset's
         variable-way variable-shot), padded to the split's tight ``bucket_sizes``."""

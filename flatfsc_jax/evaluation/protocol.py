@@ -333,6 +333,7 @@ def evaluate_zoo(config, zoo: zoo_lib.Zoo, *, progress=True) -> dict:
         "adaptations": list(ev.adaptations),
         "seen_domains": list(seen),
         "episodes": int(ev.episodes),
+        "episode_spec": ev.get("episode_spec", "md"),
         "finetune_episodes": int(ev.finetune_episodes),
         "pa_episodes": int(ev.pa_episodes or ev.episodes),
         "tsa_episodes": int(ev.tsa_episodes),
@@ -359,7 +360,10 @@ def _evaluate_domain(config, domain: str, fams: list[str], backbone, bar) -> dic
             **benchmarks.split_options(config.benchmark, config.data.class_splits),
         )
         batch = episodes_lib.EpisodeBatch.sample(
-            split, ev.episodes, seed=evaluation_seed(config) + 1000
+            split,
+            ev.episodes,
+            seed=evaluation_seed(config) + 1000,
+            spec=episodes_lib.episode_spec(ev.get("episode_spec", "md")),
         )
         # From here on the split is the rows the episodes use and the episodes index
         # them: embeddings, PARC and adaptation read only those images, so host memory

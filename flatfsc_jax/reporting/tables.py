@@ -28,6 +28,7 @@ import os
 import numpy as np
 
 from flatfsc_jax import errors, families
+from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.evaluation import ncc
 from flatfsc_jax.reporting import atomic
 
@@ -106,6 +107,12 @@ def _fmt(cell, signed=False) -> str:
     return f"{mean:+.2f} ± {ci:.2f}" if signed else f"{mean:.2f} ± {ci:.2f}"
 
 
+def _spec_title(results: dict) -> str:
+    # Results written before episode_spec existed used Meta-Dataset's episodes.
+    name = results.get("episode_spec", "md")
+    return episodes_lib.EPISODE_SPEC_TITLES.get(name, name)
+
+
 def to_markdown(results: dict, table: dict | None = None) -> str:
     """One Markdown table per adaptation: families, then paired differences."""
     table = table or build_table(results)
@@ -122,7 +129,7 @@ def to_markdown(results: dict, table: dict | None = None) -> str:
             subsets.append(f"{a}: the first {n}")
     lines = [
         f"Few-shot accuracy (%) on {results['benchmark']}: mean ± 95% CI over "
-        f"{results['episodes']} test episodes per domain"
+        f"{results['episodes']} test episodes per domain ({_spec_title(results)})"
         + (f" ({'; '.join(subsets)} of them)" if subsets else "")
         + "; differences are paired on the same episodes.",
     ]

@@ -215,3 +215,11 @@ def test_flatness_report_failing_plot_leaves_the_previous_one(tmp_path, monkeypa
     with pytest.raises(OSError):
         flatness_report.write_flatness_report(_flatness_results(1.0), out)
     assert _snapshot(out) == before
+
+
+def test_markdown_names_the_test_setting():
+    results = _fake_results()
+    assert "(Meta-Dataset's variable-way variable-shot)" in tables_lib.to_markdown(results)
+    results["episode_spec"] = "1shot"
+    first = tables_lib.to_markdown(results).splitlines()[0]
+    assert "30 test episodes per domain (URL's five-way one-shot)" in first
