@@ -10,4 +10,4 @@ bash scripts/setup_env.sh dev,notebooks
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
 export TF_CPP_MIN_LOG_LEVEL=3 JAX_PLATFORMS=cpu
-exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile -q "$@"
+exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile -q --durations=15 "$@"

@@ -277,7 +277,20 @@ def test_code_does_not_point_at_readme_headings():
     assert not hits, "point at docs/<page>.md#<anchor> instead:\n" + "\n".join(hits)
 
 
-def test_zoo_page_keeps_its_listing_block():
+def test_zoo_page_lists_the_default_recipe():
+    """The listing is of a real default run: every seen script's erm and sam backbone, with
+    the steps and rho of configs/glyphs.py (a stale listing once showed old defaults)."""
+    from configs import glyphs
+
     text = (ROOT / "docs" / "zoo.md").read_text(encoding="utf-8")
     begin, end = (text.index(marker) for marker in ZOO_LISTING_MARKERS)
     assert begin < end
+    listed = {}
+    for line in text[begin:end].splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith("glyphs/"):  # entry, arch, width, steps, rho, acc
+            listed[parts[0]] = (int(parts[3]), float(parts[4]))
+    for domain in glyphs.get_config().domains:
+        row = glyphs.GLYPHS_TABLE[domain]
+        assert listed[f"glyphs/{domain}/erm"] == (row["num_steps"], 0.0)
+        assert listed[f"glyphs/{domain}/sam"] == (row["num_steps"], row["rho"])
