@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite (what CI runs; CONTRIBUTING.md): sets up .venv on first
-# use, checks lint and formatting (ruff), then runs pytest on 2 workers.
+# use, checks lint and formatting (ruff), then runs pytest on 2 workers
+# and lists the 15 slowest tests (the suite must stay short).
 # Extra arguments go to pytest, e.g. ./test.sh -k sam
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
