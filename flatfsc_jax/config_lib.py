@@ -651,7 +651,8 @@ def _validate_evaluation(config, known) -> None:
                         f"config.evaluation.{key}=0 but config.evaluation.adaptations has "
                         f"{a!r}; give it at least 1 or drop {a!r} from the adaptations"
                     )
-        if ev.finetune_families:
+        # Read only by the adaptations that run the backbone per task (protocol.py).
+        if ev.finetune_families and set(ev.adaptations) & {"finetune", "lora", "tsa"}:
             produced = evaluated_families(config)
             unknown = [f for f in ev.finetune_families if f not in produced]
             if unknown:

@@ -437,6 +437,16 @@ def test_metadata_that_is_not_an_entry_is_skipped(tmp_path, content, caplog, no_
 # --------------------------------------------------------------------------------------
 
 
+def test_finetune_families_are_checked_only_when_a_backbone_adaptation_reads_them():
+    c = _tiny(methods=("erm",))
+    c.fusion.enabled = False
+    c.evaluation.finetune_families = ("erm", "sam")  # the Glyphs default names sam
+    with pytest.raises(config_lib.ConfigError, match=r"has \['sam'\], not a family"):
+        config_lib.validate(c)
+    c.evaluation.adaptations = ("ncc", "pa")  # nothing fine-tunes: the key is not read
+    config_lib.validate(c)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
