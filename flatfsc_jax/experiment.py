@@ -97,7 +97,7 @@ class Planned:
 
     def describe(self) -> str:
         if self.kind == "student":
-            return distill.describe_student(self.cfg)
+            return distill.describe_student(self.cfg, self.method)
         return config_lib.describe_entry(self.cfg)
 
 

@@ -293,14 +293,15 @@ def student_config(config) -> dict:
     return out
 
 
-def describe_student(config) -> str:
-    """One line of a student's effective hyper-parameters (``--dry_run``)."""
+def describe_student(config, method: str) -> str:
+    """One line of ``method``'s student's effective hyper-parameters (``--dry_run``)."""
     dc = config.fusion.distill
     batch = "+".join(str(dc.batch_size[d]) for d in config.domains)
-    rho = config_lib.domain_config(config, config.fusion.source_domain, "sam").sam.rho
+    rho = config_lib.domain_config(config, config.fusion.source_domain, method).sam.rho
     return (
         f"batch {batch}, lr {dc.lr:g}, steps {dc.num_steps}, restart period "
-        f"{dc.restart_period}, rho {rho:g} (sam+kd), teachers {', '.join(config.domains)}"
+        f"{dc.restart_period}, rho {rho:g}, teachers: the {method} backbones of "
+        f"{', '.join(config.domains)}"
     )
 
 

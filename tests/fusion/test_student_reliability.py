@@ -132,7 +132,15 @@ def test_retrained_teacher_is_named_before_evaluation(diverged_then_rerun, tmp_p
 def test_dry_run_lists_students():
     c = glyphs_config.get_config("tiny,kd")
     text = experiment.describe_plan(c)
-    assert "glyphs/cjk/erm+kd:" in text and "glyphs/cjk/sam+kd:" in text
+    lines = {ln.split(":")[0].strip(): ln for ln in text.splitlines() if "+kd:" in ln}
+    # Each student with its own rho and teachers (the ERM student is plain ERM).
+    assert (
+        "rho 0," in lines["glyphs/cjk/erm+kd"] and "the erm backbones" in lines["glyphs/cjk/erm+kd"]
+    )
+    assert (
+        "rho 0.1," in lines["glyphs/cjk/sam+kd"]
+        and "the sam backbones" in lines["glyphs/cjk/sam+kd"]
+    )
 
 
 def test_unfinished_student_with_another_lr_restarts(teachers, tmp_path, monkeypatch, capsys):
