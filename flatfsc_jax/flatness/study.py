@@ -37,12 +37,13 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from flatfsc_jax import config_lib, experiment, models
+from flatfsc_jax import config_lib, experiment, flat_methods, models
 from flatfsc_jax import zoo as zoo_lib
 from flatfsc_jax.data import benchmarks
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.evaluation import ncc, parc, protocol
 from flatfsc_jax.flatness import sharpness
+from flatfsc_jax.profiling import PROFILE
 from flatfsc_jax.reporting import correlation, significance
 from flatfsc_jax.training import resumable
 
@@ -91,6 +92,14 @@ class Member:
     @property
     def configuration(self) -> str:
         return self.name.rsplit("_s", 1)[0]
+
+    @property
+    def training_rho(self) -> float | None:
+        """The radius the backbone was trained with (its SAM gap is also taken there)."""
+        return self.rho or None
+
+    def configure(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        return member_config(config, self)
 
 
 def population(study: ml_collections.ConfigDict) -> list[Member]:
@@ -183,6 +192,7 @@ def check_study(config) -> None:
             f"config.study.primary_outcome={s.primary_outcome!r}; choose {MEAN_OUTCOME!r} "
             f"or a target {targets(config)}"
         )
+    check_measurement(config)
     for m in population(s):
         config_lib.validate(member_config(config, m))
 
@@ -191,7 +201,21 @@ def targets(config) -> tuple[str, ...]:
     return (*config.study.near_targets, *config.study.far_targets)
 
 
-def _settings(config) -> sharpness.SharpnessSettings:
+def check_measurement(config) -> None:
+    """The measurement settings (``config.study.sharpness``, ``examples``), before any
+    training: a bad one would otherwise fail after the population is trained."""
+    try:
+        settings = sharpness_settings(config)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.study.sharpness: {e}") from None
+    if settings.worst_batch > config.study.examples:
+        raise config_lib.ConfigError(
+            f"config.study.sharpness.worst_batch={settings.worst_batch} is larger than "
+            f"config.study.examples={config.study.examples}; lower it or measure more images"
+        )
+
+
+def sharpness_settings(config) -> sharpness.SharpnessSettings:
     return sharpness.SharpnessSettings(**config.study.sharpness.to_dict())
 
 
@@ -222,27 +246,74 @@ def diverged(workdir: str, member: Member) -> str | None:
     return open(path).read() if os.path.exists(path) else None
 
 
-def train(config, workdir: str, members: Sequence[Member], *, progress: bool = True) -> None:
-    """Trains every member not yet complete. A member whose loss goes non-finite is part
-    of the result (that configuration does not train), not a crash: it is marked and left
-    out of the measures, and a re-run does not retrain it (delete the marker to retry)."""
+def train(config, workdir: str, members: Sequence, *, progress: bool = True) -> None:
+    """Trains every member not yet complete (``member.configure(config)`` is its one-entry
+    run config) and records its cost (:func:`cost`). A member whose loss goes non-finite
+    is part of the result (that configuration does not train), not a crash: it is marked
+    and left out of the measures, and a re-run does not retrain it (delete the marker to
+    retry)."""
     for i, m in enumerate(members):
         if diverged(workdir, m):
             print(f"[study] train {i + 1}/{len(members)}: {m.name} diverged before; skipped")
             continue
         print(f"[study] train {i + 1}/{len(members)}: {m.name}", flush=True)
         member_dir = os.path.join(workdir, "members", m.name)
+        member_cfg = m.configure(config)
         try:
-            experiment.run(
-                member_config(config, m), member_dir, stages=("train",), progress=progress
-            )
+            experiment.run(member_cfg, member_dir, stages=("train",), progress=progress)
         except resumable.NonFiniteError as e:
             with open(os.path.join(member_dir, DIVERGED), "w") as f:
                 f.write(str(e))
             print(f"[study] {m.name} diverged: {e}", flush=True)
+            continue
+        _add_cost(member_dir, member_cfg, m.method)
 
 
-def measure(config, workdir: str, members: Sequence[Member]) -> dict[str, dict]:
+COST = "cost.json"  # in a member's workdir
+
+
+def _add_cost(member_dir: str, cfg, method: str) -> None:
+    """Adds the training steps this process timed (``profiling.PROFILE``, reset by
+    ``experiment.run``) to the member's cost record. A resumed member adds each piece;
+    a reused one adds nothing. Compilation, validation and checkpoints are not counted:
+    the cost of a method is its steps."""
+    seconds = PROFILE.seconds.get("train/steps", 0.0)
+    steps = PROFILE.counts.get("train/steps", 0)
+    if steps == 0:
+        return
+    path = os.path.join(member_dir, COST)
+    record = _read_json(path) if os.path.exists(path) else {"step_seconds": 0.0, "timed_steps": 0}
+    record["step_seconds"] += seconds
+    record["timed_steps"] += steps
+    entry = config_lib.domain_config(cfg, cfg.domains[0], method)
+    record["num_steps"] = int(entry.num_steps)
+    record["gradient_evaluations"] = gradient_evaluations(entry)
+    _write_json(path, record)
+
+
+def gradient_evaluations(entry_cfg) -> int:
+    """Forward-backward passes of a whole training run of one entry's config."""
+    flat = config_lib.flat_settings(entry_cfg)
+    steps = int(entry_cfg.num_steps)
+    if flat is None:
+        return steps
+    per_step = flat_methods.gradient_evaluations(flat, np.arange(steps))
+    return int(np.sum(np.broadcast_to(per_step, (steps,))))
+
+
+def cost(workdir: str, member) -> dict | None:
+    """A member's training cost: ``gradient_evaluations``, ``seconds_per_step`` (training
+    steps only, mean over the steps this machine timed) and ``seconds`` (that times the
+    run's steps), or None when no training of it was timed."""
+    path = os.path.join(workdir, "members", member.name, COST)
+    if not os.path.exists(path):
+        return None
+    record = _read_json(path)
+    per_step = record["step_seconds"] / record["timed_steps"]
+    return dict(record, seconds_per_step=per_step, seconds=per_step * record["num_steps"])
+
+
+def measure(config, workdir: str, members: Sequence) -> dict[str, dict]:
     """Every member's measures (cached per member)."""
     s = config.study
     out = {}
@@ -264,8 +335,8 @@ def measure(config, workdir: str, members: Sequence[Member]) -> dict[str, dict]:
             *splits,
             examples=s.examples,
             heldout_examples=s.heldout_examples,
-            training_rho=m.rho or None,
-            settings=_settings(config),
+            training_rho=m.training_rho,
+            settings=sharpness_settings(config),
         )
         values["source_val_accuracy"] = float(loaded.entry.best_accuracy)
         values["train_accuracy"] = values["accuracy"]
@@ -278,9 +349,13 @@ def measure(config, workdir: str, members: Sequence[Member]) -> dict[str, dict]:
     return out
 
 
-def evaluate(config, workdir: str, members: Sequence[Member]) -> dict[str, dict]:
-    """Per member and target: NCC accuracy and PARC score of every shared episode."""
+def evaluate(
+    config, workdir: str, members: Sequence, target_scripts: Sequence[str] | None = None
+) -> dict[str, dict]:
+    """Per member and target (default :func:`targets`): NCC accuracy and PARC score of
+    every shared episode."""
     s = config.study
+    target_scripts = tuple(target_scripts or targets(config))
     out, todo = {}, []
     for m in members:
         path = os.path.join(workdir, "study", "outcomes", f"{m.name}.json")
@@ -291,7 +366,7 @@ def evaluate(config, workdir: str, members: Sequence[Member]) -> dict[str, dict]
     if not todo:
         return out
     tasks = {}
-    for t in targets(config):
+    for t in target_scripts:
         split = benchmarks.load_split(config.benchmark, t, "test", config.data_dir)
         # The same seeded episodes for every backbone (as protocol.py's evaluation).
         batch = episodes_lib.EpisodeBatch.sample(split, s.episodes, seed=s.episode_seed)

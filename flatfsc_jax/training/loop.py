@@ -22,6 +22,7 @@ command ends with exactly the parameters of an uninterrupted run (tests/training
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -83,6 +84,10 @@ _COMPILED_STEPS: dict = {}
 def _compiled_step(model, cfg, mesh, *, train_lora: bool, flat=None):
     if step_lib.is_plain(flat):
         flat = None  # plain ERM/SAM: the program that existed before the flat methods
+    elif flat is not None:
+        # The seed only seeds the method's state (flat_methods.init_state), never the
+        # step: one program serves every seed.
+        flat = dataclasses.replace(flat, seed=0)
     key = (
         flat,
         model,
@@ -111,7 +116,7 @@ def _compiled_step(model, cfg, mesh, *, train_lora: bool, flat=None):
             batch_size=cfg.batch_size,
             flat=flat,
         )
-        _COMPILED_STEPS[key].fresh = True
+        _COMPILED_STEPS[key].used = set()  # the programs (sam_step values) run so far
     return _COMPILED_STEPS[key]
 
 
@@ -233,6 +238,14 @@ def train_and_evaluate(
             return train_step(state, batch, rng, sam_step=flat_methods.takes_sam_step(flat, step))
         return train_step(state, batch, rng)
 
+    def compiles_at(step):
+        """Whether this step's call compiles: the first use of its program in the process."""
+        program = flat_methods.takes_sam_step(flat, step) if switching else None
+        if program in train_step.used:
+            return False
+        train_step.used.add(program)
+        return True
+
     def stored(state):
         """The weights to validate and store: the EMA/SWA average when there is one."""
         return state.replace(params=state.average["params"]) if averaged else state
@@ -248,7 +261,7 @@ def train_and_evaluate(
         run.write_metrics({"step": step, "val_accuracy": acc, "val_ci95": ci, "best": best})
         return acc
 
-    taken = run_steps(
+    run_steps(
         run,
         Cadence(cfg.num_steps, cfg.log_every, cfg.checkpoint_every, eval_every),
         next_batch=next_batch,
@@ -256,13 +269,11 @@ def train_and_evaluate(
         validate=validate,
         schedule=schedule,
         images_per_step=cfg.batch_size,
-        first_call_compiles=getattr(train_step, "fresh", False),
+        first_call_compiles=compiles_at,
         postfix=("sharpness",),
         progress=progress,
         t_setup=t_setup,
     )
-    if taken:
-        train_step.fresh = False
     run.close()
     state = stored(run.state)
 

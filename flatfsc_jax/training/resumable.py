@@ -240,15 +240,17 @@ def run_steps(
     validate: Callable[[int], float],
     schedule: Callable[[int], Any],
     images_per_step: int,
-    first_call_compiles: bool,
+    first_call_compiles: bool | Callable[[int], bool],
     postfix: tuple[str, ...] = (),
     progress: bool = True,
     t_setup: float | None = None,
 ) -> int:
     """Steps ``run`` from its start to ``cadence.num_steps``; returns the steps taken.
 
-    ``train_step(state, step, batch) -> (state, metrics)`` is the jitted step (its first
-    call compiles when ``first_call_compiles``: timed as ``<stage>/compile``);
+    ``train_step(state, step, batch) -> (state, metrics)`` is the jitted step; the calls
+    that compile are timed as ``<stage>/compile``, apart from the steps: the first call
+    when ``first_call_compiles`` is True, or every step for which it, a predicate of the
+    step index, says so (a method that switches programs compiles its second one mid-run);
     ``validate(step)`` validates ``run.state``, keeps the best and returns the accuracy;
     ``postfix`` names the metrics shown on the progress bar beside loss and validation.
     """
@@ -265,13 +267,21 @@ def run_steps(
     last_val = run.record["best_accuracy"]
     if t_setup is not None:
         PROFILE.add(f"{stage}/setup", time.perf_counter() - t_setup)
+    if callable(first_call_compiles):
+        compiles = first_call_compiles
+    else:
+        compiles = lambda step: first_call_compiles and step == run.start  # noqa: E731
     t0, steps_done = time.perf_counter(), 0
     t_steps = time.perf_counter()  # start of the current run of training steps
+    timed = 0  # steps in the open steps section: its count (seconds per step = ratio)
     step = run.start
     try:
         while step < cadence.num_steps:
             batch = next_batch()
-            if first_call_compiles and steps_done == 0:
+            if compiles(step):
+                jax.block_until_ready(run.state)  # close the open steps section first
+                PROFILE.add(f"{stage}/steps", time.perf_counter() - t_steps, count=timed)
+                timed = 0
                 t_compile = time.perf_counter()
                 run.state, metrics = train_step(run.state, step, batch)
                 jax.block_until_ready(metrics)
@@ -279,6 +289,7 @@ def run_steps(
                 t_steps = time.perf_counter()
             else:
                 run.state, metrics = train_step(run.state, step, batch)
+                timed += 1
             step += 1
             steps_done += 1
             bar.update(1)
@@ -289,7 +300,8 @@ def run_steps(
             if not (log_now or save_now or val_now):
                 continue
             m = step_lib.host_metrics(metrics)  # waits for the step: closes the steps section
-            PROFILE.add(f"{stage}/steps", time.perf_counter() - t_steps)
+            PROFILE.add(f"{stage}/steps", time.perf_counter() - t_steps, count=timed)
+            timed = 0
             check_finite_loss(m["loss"], step, run.desc, run.advice, bar=bar)
             if save_now or val_now:
                 if non_finite_leaves(run.state):

@@ -165,3 +165,23 @@ def test_non_finite_state_stops_with_clear_error_and_saves_nothing_non_finite(tm
                 leaf = np.asarray(leaf)
                 if np.issubdtype(leaf.dtype, np.inexact):
                     assert np.all(np.isfinite(leaf)), step
+
+
+def test_sam_late_compiles_its_second_program_outside_the_timed_steps(tmp_path):
+    """SAM-late runs the one-gradient program, then the SAM one: each first call is a
+    compile section, and the steps section counts the other steps (cost per step)."""
+    from configs import glyphs as glyphs_config
+    from flatfsc_jax.profiling import PROFILE
+
+    c = glyphs_config.get_config("tiny")
+    c.data_dir = str(tmp_path / "data")
+    c.domains = ("latin",)
+    row = c.per_domain.latin
+    row.num_steps, row.restart_period, row.batch_size = 6, 6, 8
+    c.checkpoint_every, c.log_every, c.validation.every, c.validation.episodes = 6, 2, 6, 2
+    c.flat.method, c.flat.late_start = "sam_late", 3
+    PROFILE.reset()
+    loop_lib.train_and_evaluate(c, zoo_lib.Zoo(tmp_path / "zoo"), "latin", "sam", progress=False)
+    assert PROFILE.counts["train/compile"] == 2  # step 0 (ERM program) and step 3 (SAM)
+    assert PROFILE.counts["train/steps"] == 4  # steps 1, 2, 4 and 5
+    PROFILE.reset()
