@@ -56,6 +56,31 @@ def check_metric(metric: str) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+def local_mesh() -> jax.sharding.Mesh:
+    """This process's devices on one axis. Evaluation shards its batches of images and of
+    episodes over them: every task is independent, and each process evaluates alone."""
+    return jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _shard_rows(array, mesh: jax.sharding.Mesh):
+    """``array`` split over ``mesh`` along its first axis (as it is on one device)."""
+    if mesh.size == 1:
+        return array
+    return jax.device_put(
+        array, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    )
+
+
+def _replicate(tree, mesh: jax.sharding.Mesh):
+    if mesh.size == 1:
+        return tree
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _embed_uint8(model, variables, images_uint8):
     # Preprocessing on the device: uint8 crosses the host boundary (4x fewer bytes).
@@ -66,8 +91,9 @@ def embed_split(model, variables: dict, split_data, *, batch_size: int = 256) ->
     """Eval-mode embeddings of every image of ``split_data``: float32 [N, D].
 
     Batches have one fixed shape (the last one is padded by repeating its first image and
-    the padding is dropped), so the embedding function compiles once per split size. A
-    thread reads the next batch from the host while the device embeds this one. Pass a
+    the padding is dropped), so the embedding function compiles once per split size. With
+    several local devices each batch is split over them (:func:`local_mesh`). A thread
+    reads the next batch from the host while the device embeds this one. Pass a
     :class:`SplitRows` to embed only the rows episodes use (:func:`used_rows`).
     """
     if batch_size < 1:
@@ -75,7 +101,11 @@ def embed_split(model, variables: dict, split_data, *, batch_size: int = 256) ->
     n = len(split_data)
     if n == 0:
         raise ValueError(f"split {split_data.source}/{split_data.split} has no images")
-    batch = min(batch_size, n)  # a small split compiles for its own size, not a padded 256
+    mesh = local_mesh()
+    # A small split compiles for its own size, not a padded 256; a batch splits evenly
+    # over the devices.
+    batch = _round_up(min(batch_size, n), mesh.size)
+    variables = _replicate(variables, mesh)
     out = np.empty((n, model.embedding_dim), np.float32)
 
     def read(start):
@@ -93,7 +123,7 @@ def embed_split(model, variables: dict, split_data, *, batch_size: int = 256) ->
             images = pending.result()
             if k + 1 < len(starts):
                 pending = reader.submit(read, starts[k + 1])
-            emb = _embed_uint8(model, variables, images)
+            emb = _embed_uint8(model, variables, _shard_rows(images, mesh))
             stop = min(start + batch, n)
             out[start:stop] = np.asarray(emb)[: stop - start]
     return out
@@ -286,19 +316,22 @@ def episode_accuracies(
 def map_episode_chunks(fn, arrays, chunk: int) -> np.ndarray:
     """``fn`` over ``chunk`` episodes at a time: one compiled shape for every call.
 
-    ``arrays`` are per-episode arrays (episodes first); the last chunk is padded by
+    With several local devices each chunk is split over them by episode (``chunk`` rounded
+    up to a multiple of the device count), and ``fn``'s jitted program follows that
+    sharding. ``arrays`` are per-episode arrays (episodes first); the last chunk is padded by
     repeating its first episode and the padded results are dropped. ``fn(part)`` takes the
     tuple of chunked arrays and returns one value per episode.
     """
     num_episodes = arrays[0].shape[0]
-    chunk = min(chunk, num_episodes)
+    mesh = local_mesh()
+    chunk = _round_up(min(chunk, num_episodes), mesh.size)  # whole episodes per device
     out = []
     for start in range(0, num_episodes, chunk):
         part = [a[start : start + chunk] for a in arrays]
         n = part[0].shape[0]
         if n < chunk:
             part = [np.concatenate([a, np.repeat(a[:1], chunk - n, axis=0)]) for a in part]
-        out.append(np.asarray(fn(tuple(part)))[:n])
+        out.append(np.asarray(fn(tuple(_shard_rows(a, mesh) for a in part)))[:n])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

@@ -1,6 +1,7 @@
 """One process per GPU (docs/scale.md#one-process-per-gpu): two processes, each on its own
 device (as CUDA_VISIBLE_DEVICES=k pins one GPU) with ``--entries=k/2``, fill one zoo
-concurrently; one evaluation run then equals a one-process run of the same config."""
+concurrently; one evaluation run on 8 devices (embedding and episodes sharded over them)
+then equals a one-process, one-device run of the same config."""
 
 import json
 import os
@@ -57,7 +58,7 @@ def test_processes_with_shares_of_the_entries_fill_one_zoo(tmp_path):
     ]
     assert trained[0] and trained[1] and not trained[0] & trained[1]
     assert trained[0] | trained[1] == {f"glyphs/{d}/erm" for d in ("cjk", "latin")}
-    _wait(_main(*common, f"--workdir={work}", "--stages=evaluate"))
+    _wait(_main(*common, f"--workdir={work}", "--stages=evaluate", devices=8))
 
     got = json.loads((work / "report" / "results.json").read_text())
     want = json.loads((ref / "report" / "results.json").read_text())

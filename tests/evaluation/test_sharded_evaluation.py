@@ -1,0 +1,84 @@
+"""Evaluation on several devices: embedding batches and episode chunks are split over all
+local devices (``ncc.local_mesh``), and the results equal the one-device ones.
+
+The 8-device run is a subprocess with ``--xla_force_host_platform_device_count=8`` (the
+device count is fixed when jax starts); the reference runs in this process on one device.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+
+from flatfsc_jax import models
+from flatfsc_jax.data import benchmarks
+from flatfsc_jax.data.episodes import EpisodeBatch
+from flatfsc_jax.evaluation import ncc, pa
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import jax, numpy as np
+    from flatfsc_jax import models
+    from flatfsc_jax.data import benchmarks
+    from flatfsc_jax.data.episodes import EpisodeBatch
+    from flatfsc_jax.evaluation import ncc, pa
+
+    split = benchmarks.load_split("glyphs", "latin", "test", sys.argv[1])
+    model = models.build_model("conv4", 0, width=0.25)
+    v = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+    # Record how many devices each jitted call's inputs span.
+    spans = {"embed": set(), "ncc": set(), "pa": set()}
+    def spy(name, fn, arg):
+        def wrapped(*a, **k):
+            x = a[arg] if isinstance(arg, int) else a[1][0]
+            spans[name].add(len(x.sharding.device_set))
+            return fn(*a, **k)
+        return wrapped
+    ncc._embed_uint8 = spy("embed", ncc._embed_uint8, 2)
+    ncc._chunk_accuracies = spy("ncc", ncc._chunk_accuracies, None)
+    pa._chunk_accuracies = spy("pa", pa._chunk_accuracies, None)
+    emb = ncc.embed_split(model, v, split, batch_size=60)
+    batch = EpisodeBatch.sample(split, 21, seed=3)
+    np.savez(sys.argv[2], emb=emb, ncc=ncc.episode_accuracies(emb, batch, chunk=5),
+             pa=pa.episode_accuracies(emb, batch, lr=0.1, steps=3, chunk=5))
+    assert spans == {"embed": {8}, "ncc": {8}, "pa": {8}}, spans
+    """
+)
+
+
+def test_eight_devices_give_the_one_device_embeddings_and_accuracies(tmp_path):
+    data = str(tmp_path / "data")
+    split = benchmarks.load_split("glyphs", "latin", "test", data)
+    model = models.build_model("conv4", 0, width=0.25)
+    v = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+    assert ncc.local_mesh().size == 1
+    emb = ncc.embed_split(model, v, split, batch_size=60)
+    batch = EpisodeBatch.sample(split, 21, seed=3)  # 21: the last chunk is padded
+    want = {
+        "emb": emb,
+        "ncc": ncc.episode_accuracies(emb, batch, chunk=5),
+        "pa": pa.episode_accuracies(emb, batch, lr=0.1, steps=3, chunk=5),
+    }
+    script = tmp_path / "eight.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["PYTHONPATH"] = ROOT
+    out = tmp_path / "eight.npz"
+    result = subprocess.run(
+        [sys.executable, str(script), data, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = np.load(out)
+    np.testing.assert_allclose(got["emb"], want["emb"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["ncc"], want["ncc"], atol=1e-6)
+    np.testing.assert_allclose(got["pa"], want["pa"], atol=1e-6)
