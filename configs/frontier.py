@@ -5,6 +5,7 @@ Command (resumable: re-run it after an interruption and finished work is kept):
 
   python -m flatfsc_jax.cli.frontier --config=configs/frontier.py --workdir=frontier
   python -m flatfsc_jax.cli.frontier --config=configs/frontier.py:tiny ...  # the test's
+  python -m flatfsc_jax.cli.frontier --config=configs/frontier.py:long ...  # 5x the steps
 
 Population: 10 methods x 3 seeds = 30 ResNet-18 (width 0.25) backbones trained on Latin
 at its default budget (configs/glyphs.py: 500 steps, two 250-step cosine cycles, batch 64,
@@ -48,9 +49,11 @@ def get_config(arg=None):
     glyphs = config_lib.sibling_module(__file__, "glyphs")
     c = glyphs.get_config()
     args = [a for a in (arg or "").split(",") if a]
-    if any(a != "tiny" for a in args):
-        raise ValueError(f"configs/frontier.py takes no argument or 'tiny', got {arg!r}")
+    if any(a not in ("tiny", "long") for a in args) or len(args) > 1:
+        raise ValueError(f"configs/frontier.py takes no argument, 'tiny' or 'long', got {arg!r}")
     row = dict(glyphs.GLYPHS_TABLE[SOURCE])
+    if "long" in args:  # configs/glyphs.py's ':long' budget: 5x the steps, for an accelerator
+        row["num_steps"] *= 5
     config_lib.with_table(c, {SOURCE: row}, (SOURCE,))
     c.methods = ("erm",)  # each member sets its own (flatness/frontier.py)
     c.model.head_classes = None  # one source: the head is its own classes

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from flatfsc_jax import config_lib, experiment
+from flatfsc_jax import config_lib
 from flatfsc_jax.flatness import study
 
 STAGES = study.STAGES
@@ -281,8 +281,9 @@ def plot(results: dict, path: str | None = None, ax=None):
     trace = np.log10([max(r["hessian_trace"]["mean"], 1e-12) for r in rows])
     ax.errorbar(x, y, yerr=err, fmt="none", ecolor="grey", lw=1, capsize=3, zorder=1)
     points = ax.scatter(x, y, c=trace, cmap="viridis_r", s=50, zorder=2)
-    for xi, yi, r in zip(x, y, rows, strict=True):
-        ax.annotate(r["method"], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    label_x, label_y = _label_positions(x, y)
+    for xi, yi, r in zip(label_x, label_y, rows, strict=True):
+        ax.annotate(r["method"], (xi, yi), fontsize=8, va="center")
     colourbar = (fig or ax.figure).colorbar(points, ax=ax)
     colourbar.set_label("log10 Hessian trace (lower = flatter)")
     ax.set_xlabel("training cost: gradient evaluations × ERM")
@@ -298,6 +299,25 @@ def plot(results: dict, path: str | None = None, ax=None):
     return ax
 
 
+def _label_positions(x, y, width: float = 0.1, gap: float = 0.04):
+    """Where the method names go: points within ``width`` in cost form a column, named
+    right of its rightmost point, names at their points' heights pushed apart by ``gap``
+    (a fraction of the accuracy range) so none overlap."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    column = np.zeros(len(x), int)  # points sorted by cost; a gap > width starts a column
+    order = np.argsort(x, kind="stable")
+    for a, b in zip(order, order[1:], strict=False):
+        column[b] = column[a] + (x[b] - x[a] > width)
+    step = gap * max(float(np.ptp(y)), 1e-9)
+    label_x, label_y = x.copy(), y.copy()
+    for c in np.unique(column):
+        idx = [i for i in np.argsort(y) if column[i] == c]
+        label_x[idx] = x[idx].max() + 0.02
+        for a, b in zip(idx, idx[1:], strict=False):
+            label_y[b] = max(label_y[b], label_y[a] + step)
+    return label_x, label_y
+
+
 def write_outputs(results: dict, out_dir: str) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = {
@@ -306,29 +326,15 @@ def write_outputs(results: dict, out_dir: str) -> dict[str, str]:
         "plot": os.path.join(out_dir, "frontier.png"),
     }
     study._write_json(paths["results"], results)
-    tmp = paths["table"] + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(to_markdown(results))
-    os.replace(tmp, paths["table"])
+    study._write_text(paths["table"], to_markdown(results))
     plot(results, paths["plot"])
     return paths
 
 
 def run(config, workdir: str, stages: Sequence[str] = STAGES, *, progress: bool = True):
     """The frontier's stages (module docstring); returns the results of ``analyse`` or None."""
-    stages = tuple(stages)
-    unknown = sorted(set(stages) - set(STAGES))
-    if unknown or not stages:
-        raise config_lib.ConfigError(
-            f"--stages={','.join(stages)} has {unknown or 'no stage'}; choose from {STAGES}"
-        )
     t0 = time.perf_counter()
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    config = ml_collections.ConfigDict(config.to_dict())
-    if not config.data_dir:  # shared by every member
-        config.data_dir = os.path.join(workdir, "data")
-    check(config)
-    experiment.check_workdir(workdir)
+    stages, workdir, config = study.start(config, workdir, stages, check)
     population = members(config)
     print(
         f"[frontier] {len(population)} backbones ({len(config.frontier.methods)} methods x "

@@ -6,8 +6,11 @@ its cost). Four stages, each resumable, each reusing what the previous run left:
 
 * ``train``: every member of the population (:func:`population`) is one zoo entry,
   trained by ``experiment.run(stages=("train",))`` in its own workdir
-  ``<workdir>/members/<name>`` with the member's hyper-parameters; the zoo's reuse policy
-  makes a finished member free and an interrupted one resume from its checkpoint.
+  ``<workdir>/members/<name>`` with the member's hyper-parameters
+  (``member.configure``); the zoo's reuse policy makes a finished member free and an
+  interrupted one resume from its checkpoint. The seconds of its training steps go to
+  ``<workdir>/members/<name>/cost.json`` (:func:`cost`). The frontier
+  (:mod:`flatfsc_jax.flatness.frontier`) drives its own members through the same stages.
 * ``measure``: every backbone, *with* its head, in BatchNorm eval mode on a fixed seeded
   subset of its source training images (``sharpness.measure_split_backbone``: Hessian
   trace and top eigenvalue, SAM gaps, adaptive average / worst-case sharpness, relative
@@ -220,11 +223,15 @@ def sharpness_settings(config) -> sharpness.SharpnessSettings:
 
 
 def _write_json(path: str, data) -> None:
+    _write_text(path, json.dumps(data, indent=1))
+
+
+def _write_text(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)  # a killed run never leaves a half-written cache
+        f.write(text)
+    os.replace(tmp, path)  # a killed run never leaves a half-written file
 
 
 def _read_json(path: str):
@@ -630,21 +637,29 @@ def _band(v):
     return mean - 1.96 * sd, mean + 1.96 * sd
 
 
-def run(config, workdir: str, stages: Sequence[str] = STAGES, *, progress: bool = True):
-    """The study's stages (module docstring); returns the results of ``analyse`` or None."""
+def start(config, workdir: str, stages: Sequence[str], check) -> tuple[tuple, str, object]:
+    """Before any work: the stages checked, the workdir made absolute, a copy of the config
+    whose data directory is shared by every member (``experiment.run`` would give each its
+    own), the config checked by ``check(config)`` and the workdir by ``experiment``."""
     stages = tuple(stages)
     unknown = sorted(set(stages) - set(STAGES))
     if unknown or not stages:
         raise config_lib.ConfigError(
             f"--stages={','.join(stages)} has {unknown or 'no stage'}; choose from {STAGES}"
         )
-    t0 = time.perf_counter()
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = ml_collections.ConfigDict(config.to_dict())
-    if not config.data_dir:  # shared by every member (experiment.run would use its own)
+    if not config.data_dir:
         config.data_dir = os.path.join(workdir, "data")
-    check_study(config)
+    check(config)
     experiment.check_workdir(workdir)
+    return stages, workdir, config
+
+
+def run(config, workdir: str, stages: Sequence[str] = STAGES, *, progress: bool = True):
+    """The study's stages (module docstring); returns the results of ``analyse`` or None."""
+    t0 = time.perf_counter()
+    stages, workdir, config = start(config, workdir, stages, check_study)
     members = population(config.study)
     print(
         f"[study] {len(members)} backbones on {config.study.source}; targets "

@@ -46,6 +46,13 @@ def test_full_frontier_members_validate_and_each_method_is_what_it_says():
     assert all("frontier" not in v and "study" not in v for v in by.values())
     ema = next(m for m in members if m.label == "ema")
     assert ema.training_rho is None  # weight averaging alone has no radius
+    long = _config("long")
+    long.data_dir = "unused"
+    frontier.check(long)
+    sam_late = next(m for m in frontier.members(long) if m.label == "sam_late")
+    assert sam_late.configure(long).flat.late_start == 2125  # the last 15% of 2500 steps
+    with pytest.raises(ValueError, match="'tiny' or 'long'"):
+        _config("tiny,long")
 
 
 def test_bad_frontier_settings_are_named_before_any_work():
