@@ -32,7 +32,6 @@ import csv
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from flatfsc_jax.data import benchmarks
 from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.evaluation import ncc, parc, protocol
 from flatfsc_jax.flatness import sharpness
+from flatfsc_jax.flatness.plots import plot_scatter, plot_taus  # noqa: F401 (the notebook's)
 from flatfsc_jax.profiling import PROFILE
 from flatfsc_jax.reporting import correlation, significance
 from flatfsc_jax.training import resumable
@@ -547,94 +547,6 @@ def format_summary(results: dict) -> str:
         f"pooled within-optimiser tau = {p['groups']['pooled_within']['tau']:+.3f}; "
         f"sign-error = {p['sign_error']['error']:.3f} over {p['sign_error']['kept']} pairs.\n"
     )
-
-
-def plot_scatter(results: dict, path: str | None = None, ax=None):
-    """The primary measure against the primary outcome, one colour per optimiser; the
-    shaded bands are mean +- 1.96 sd over the seeds of each anchor configuration (the
-    seed noise of the outcome, and of the measure as the vertical band)."""
-    import matplotlib
-
-    if ax is None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mname, oname = results["primary_measure"], results["primary_outcome"]
-    x = np.asarray(results["measures"].get(mname, []), float)
-    y = 100 * np.asarray(results["outcomes"][oname], float)
-    members = results["members"]
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-    opts = list(dict.fromkeys(m["optimiser"] for m in members))
-    colours = dict(zip(opts, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for cfg in sorted({_configuration(m) for m in members if m["anchor"]}):
-        k = [i for i, m in enumerate(members) if _configuration(m) == cfg]
-        c = colours[members[k[0]]["optimiser"]]
-        if len(k) >= 2 and len(x):
-            for lo, hi, span in (
-                (*_band(y[k]), ax.axhspan),
-                (*_band(x[k]), ax.axvspan),
-            ):
-                span(lo, hi, color=c, alpha=0.12, lw=0)
-    if len(x):
-        for o in opts:
-            k = [i for i, m in enumerate(members) if m["optimiser"] == o]
-            ax.scatter(x[k], y[k], color=colours[o], label=o, s=24)
-    tau = (results.get("primary") or {}).get("tau", {}).get("tau", math.nan)
-    ax.set_xlabel(f"{mname} (larger = sharper)")
-    ax.set_ylabel(f"NCC accuracy, {oname} (%)")
-    ax.set_title(f"n = {results['n']}, tau_b = {tau:+.2f}; bands: anchor seed noise")
-    ax.legend(title="optimiser")
-    if fig is not None:
-        fig.tight_layout()
-        if path:
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-    return ax
-
-
-def plot_taus(results: dict, path: str | None = None, ax=None):
-    """tau_b and its 95% CI of every measure against the primary outcome, flatness
-    measures and baselines in two colours, the detectable |tau| dashed."""
-    import matplotlib
-
-    if ax is None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in results["rows"] if r["outcome"] == results["primary_outcome"]]
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-    for i, r in enumerate(rows):
-        colour = "C0" if r["kind"] == "flatness" else "C1"
-        ax.plot([r["tau"]], [i], "o", color=colour)
-        if not math.isnan(r["ci_low"]):
-            ax.plot([r["ci_low"], r["ci_high"]], [i, i], color=colour)
-    ax.set_yticks(range(len(rows)), [r["measure"] for r in rows])
-    ax.invert_yaxis()
-    bound = results["min_detectable_tau"]
-    for v in (-bound, bound):
-        ax.axvline(v, color="grey", ls="--", lw=0.8)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlim(-1, 1)
-    ax.set_xlabel(f"Kendall tau_b with {results['primary_outcome']} (blue: flatness)")
-    if fig is not None:
-        fig.tight_layout()
-        if path:
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-    return ax
-
-
-def _configuration(m: dict) -> str:
-    return m["name"].rsplit("_s", 1)[0]
-
-
-def _band(v):
-    mean, sd = float(np.mean(v)), float(np.std(v, ddof=1))
-    return mean - 1.96 * sd, mean + 1.96 * sd
 
 
 def start(config, workdir: str, stages: Sequence[str], check) -> tuple[tuple, str, object]:
