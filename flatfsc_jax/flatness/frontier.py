@@ -25,6 +25,7 @@ select, so the outcome is that backbone's NCC accuracy (docs/frontier.md says wh
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,8 @@ import numpy as np
 from scipy import stats
 
 from flatfsc_jax import config_lib
-from flatfsc_jax.flatness import study
+from flatfsc_jax.flatness import plots, study
+from flatfsc_jax.reporting import atomic
 
 STAGES = study.STAGES
 REFERENCES = ("sam", "erm")  # paired differences are taken against these methods
@@ -265,15 +267,7 @@ def to_markdown(results: dict) -> str:
 def plot(results: dict, path: str | None = None, ax=None):
     """Cost (gradient evaluations x ERM) on x, unseen accuracy on y, log Hessian trace
     as colour, the seed spread (sd) as bars."""
-    import matplotlib
-
-    if ax is None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax, _ = plots.new_axes(ax, figsize=(6.5, 4.5))
     rows = results["rows"]
     x = np.array([r["grads_x_erm"] for r in rows])
     y = np.array([100 * r["unseen"]["mean"] for r in rows])
@@ -291,11 +285,7 @@ def plot(results: dict, path: str | None = None, ax=None):
     ax.set_title(
         f"{results['source']} → {len(results['targets'])} unseen scripts; bars: sd over seeds"
     )
-    if fig is not None:
-        fig.tight_layout()
-        if path:
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
+    plots.finish(fig, path)
     return ax
 
 
@@ -319,16 +309,16 @@ def _label_positions(x, y, width: float = 0.1, gap: float = 0.04):
 
 
 def write_outputs(results: dict, out_dir: str) -> dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {
-        "results": os.path.join(out_dir, "results.json"),
-        "table": os.path.join(out_dir, "table.md"),
-        "plot": os.path.join(out_dir, "frontier.png"),
-    }
-    study._write_json(paths["results"], results)
-    study._write_text(paths["table"], to_markdown(results))
-    plot(results, paths["plot"])
-    return paths
+    """``results.json``, ``table.md`` and ``frontier.png``, replacing the previous ones
+    only once all three are written (``reporting.atomic``)."""
+    names = {"results": "results.json", "table": "table.md", "plot": "frontier.png"}
+    with atomic.staged(out_dir) as tmp:
+        with open(os.path.join(tmp, names["results"]), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(tmp, names["table"]), "w") as f:
+            f.write(to_markdown(results))
+        plot(results, os.path.join(tmp, names["plot"]))
+    return {k: os.path.join(out_dir, name) for k, name in names.items()}
 
 
 def run(config, workdir: str, stages: Sequence[str] = STAGES, *, progress: bool = True):

@@ -9,23 +9,42 @@ import math
 import numpy as np
 
 
-def plot_scatter(results: dict, path: str | None = None, ax=None):
-    """The primary measure against the primary outcome, one colour per optimiser; the
-    shaded bands are mean +- 1.96 sd over the seeds of each anchor configuration (the
-    seed noise of the outcome, and of the measure as the vertical band)."""
+def new_axes(ax, figsize=(6, 4.5)):
+    """``(figure, axes, pyplot)``: the caller's ``ax`` (a notebook; figure None), or a new
+    figure on the Agg backend (a script writing a file)."""
     import matplotlib
 
     if ax is None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if ax is not None:
+        return None, ax, plt
+    fig, ax = plt.subplots(figsize=figsize)
+    return fig, ax, plt
+
+
+def finish(fig, path: str | None) -> None:
+    """Lays out a figure :func:`new_axes` made and writes it to ``path`` (then closes it)."""
+    if fig is None:
+        return
+    fig.tight_layout()
+    if path:
+        import matplotlib.pyplot as plt
+
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def plot_scatter(results: dict, path: str | None = None, ax=None):
+    """The primary measure against the primary outcome, one colour per optimiser; the
+    shaded bands are mean +- 1.96 sd over the seeds of each anchor configuration (the
+    seed noise of the outcome, and of the measure as the vertical band)."""
     mname, oname = results["primary_measure"], results["primary_outcome"]
     x = np.asarray(results["measures"].get(mname, []), float)
     y = 100 * np.asarray(results["outcomes"][oname], float)
     members = results["members"]
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax, plt = new_axes(ax)
     opts = list(dict.fromkeys(m["optimiser"] for m in members))
     colours = dict(zip(opts, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     for cfg in sorted({_configuration(m) for m in members if m["anchor"]}):
@@ -46,27 +65,15 @@ def plot_scatter(results: dict, path: str | None = None, ax=None):
     ax.set_ylabel(f"NCC accuracy, {oname} (%)")
     ax.set_title(f"n = {results['n']}, tau_b = {tau:+.2f}; bands: anchor seed noise")
     ax.legend(title="optimiser")
-    if fig is not None:
-        fig.tight_layout()
-        if path:
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
+    finish(fig, path)
     return ax
 
 
 def plot_taus(results: dict, path: str | None = None, ax=None):
     """tau_b and its 95% CI of every measure against the primary outcome, flatness
     measures and baselines in two colours, the detectable |tau| dashed."""
-    import matplotlib
-
-    if ax is None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in results["rows"] if r["outcome"] == results["primary_outcome"]]
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax, _ = new_axes(ax)
     for i, r in enumerate(rows):
         colour = "C0" if r["kind"] == "flatness" else "C1"
         ax.plot([r["tau"]], [i], "o", color=colour)
@@ -80,11 +87,7 @@ def plot_taus(results: dict, path: str | None = None, ax=None):
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlim(-1, 1)
     ax.set_xlabel(f"Kendall tau_b with {results['primary_outcome']} (blue: flatness)")
-    if fig is not None:
-        fig.tight_layout()
-        if path:
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
+    finish(fig, path)
     return ax
 
 

@@ -223,15 +223,11 @@ def sharpness_settings(config) -> sharpness.SharpnessSettings:
 
 
 def _write_json(path: str, data) -> None:
-    _write_text(path, json.dumps(data, indent=1))
-
-
-def _write_text(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)  # a killed run never leaves a half-written file
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)  # a killed run never leaves a half-written cache
 
 
 def _read_json(path: str):

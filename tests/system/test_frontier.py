@@ -14,6 +14,7 @@ from scipy import stats
 
 from flatfsc_jax import config_lib
 from flatfsc_jax.flatness import frontier, study
+from flatfsc_jax.training import loop as loop_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,6 +27,9 @@ def _config(arg="tiny"):
 
 @pytest.fixture(scope="module")
 def tiny_frontier(tmp_path_factory):
+    # The steps timed depend on which programs this process already ran (the loop's
+    # in-process cache): start from none, whatever tests ran here before.
+    loop_lib._COMPILED_STEPS.clear()
     workdir = tmp_path_factory.mktemp("frontier")
     results = frontier.run(_config(), str(workdir), progress=False)
     return workdir, results
