@@ -21,10 +21,10 @@ Optional SAM (``sam_rho > 0``) uses ``flatfsc_jax.sam.sam_gradient``.
 
 The options of every entry point are the fields of :class:`AdaptOptions`. The default
 learning rates (the paper did not publish its recipe) were chosen on a small check with
-real glyph images (docs/evaluation.md#default-learning-rates); episodes are looped over
-rather than vmapped (docs/performance.md#xla-cpu-loops). Adadelta uses PyTorch's
-``rho=0.9, eps=1e-6`` (URL's PA / TSA optimiser); 40 steps is the URL/TSA budget (the
-paper).
+real glyph images (docs/evaluation.md#default-learning-rates). Episodes are looped over
+rather than vmapped (docs/performance.md#xla-cpu-loops), one per local device at a time
+(``episode_devices``). Adadelta uses PyTorch's ``rho=0.9, eps=1e-6`` (URL's PA / TSA
+optimiser); 40 steps is the URL/TSA budget (the paper).
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ import numpy as np
 import optax
 
 from flatfsc_jax.checks import check_int, check_number
-from flatfsc_jax.data import episodes as episodes_lib
-from flatfsc_jax.data import sources
-from flatfsc_jax.evaluation.ncc import check_episodes, check_metric, prototype_logits
+from flatfsc_jax.evaluation import episode_devices, ncc
+from flatfsc_jax.evaluation.ncc import check_metric, prototype_logits
 
 MODES = ("full", "lora")
 OPTIMIZERS = ("adam", "sgd", "adadelta")
@@ -168,8 +167,7 @@ def _ncc_loss(model, trainable_key, frozen, max_ways, metric, trainable, batch):
     return loss, loss
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_ways", "options"))
-def _adapt_step(
+def _adapt_step_fn(
     trainable,
     opt_state,
     frozen,
@@ -196,6 +194,9 @@ def _adapt_step(
         grads, loss = jax.grad(loss_fn, has_aux=True)(trainable, batch)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
+
+
+_adapt_step = jax.jit(_adapt_step_fn, static_argnames=("model", "max_ways", "options"))
 
 
 def _adapt(variables, support_images, support_labels, support_mask, *, model, max_ways, options):
@@ -264,8 +265,7 @@ def adapt_backbone(
     return model, adapted, losses
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_ways", "metric"))
-def ncc_logits(
+def _ncc_logits_fn(
     variables,
     support_images,
     support_labels,
@@ -285,6 +285,9 @@ def ncc_logits(
         max_ways,
         metric=metric,
     )
+
+
+ncc_logits = jax.jit(_ncc_logits_fn, static_argnames=("model", "max_ways", "metric"))
 
 
 def finetune_and_classify(
@@ -328,6 +331,57 @@ def finetune_and_classify(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _FineTuneProgram:
+    """Fine-tune-then-NCC of one episode (``episode_devices.EpisodeProgram``); ``shared``
+    is ``{"variables", "learning_rate"}``."""
+
+    model: Any
+    max_ways: int
+    options: AdaptOptions  # AdaptOptions.step_key()
+
+    @property
+    def trainable_key(self) -> str:
+        return "params" if self.options.mode == "full" else "lora"
+
+    def _frozen(self, shared) -> dict:
+        return {k: v for k, v in shared["variables"].items() if k != self.trainable_key}
+
+    def init(self, shared, episode, carry):
+        trainable = shared["variables"][self.trainable_key]
+        tx = make_optimizer(self.options.optimizer, shared["learning_rate"])
+        return trainable, tx.init(trainable)
+
+    def step(self, shared, episode, carry):
+        trainable, opt_state, _ = _adapt_step_fn(
+            *carry,
+            self._frozen(shared),
+            episode["support_images"],
+            episode["support_labels"],
+            episode["support_mask"],
+            shared["learning_rate"],
+            model=self.model,
+            max_ways=self.max_ways,
+            options=self.options,
+        )
+        return trainable, opt_state
+
+    def accuracy(self, shared, episode, carry):
+        logits = _ncc_logits_fn(
+            {**self._frozen(shared), self.trainable_key: carry[0]},
+            episode["support_images"],
+            episode["support_labels"],
+            episode["support_mask"],
+            episode["query_images"],
+            model=self.model,
+            max_ways=self.max_ways,
+            metric=self.options.metric,
+        )
+        return episode_devices.query_accuracy(
+            logits, episode["query_labels"], episode["query_mask"]
+        )
+
+
 def adapt_episodes(
     model,
     variables: dict,
@@ -341,35 +395,23 @@ def adapt_episodes(
 ) -> np.ndarray:
     """Query accuracy [E] of fine-tune-then-NCC on every episode (each from the same start).
 
-    Options as :func:`adapt_backbone`. ``bucket=True`` pads each episode's
-    support and query sets to the next power of two (capped by the batch's padded widths)
-    instead of the full padded width: variable-size episodes then need at most
-    ~log2(width) compilations and waste < 2x compute on padding, whereas full-width
-    padding compiles once but can waste 10x on small episodes.
+    Options as :func:`adapt_backbone`. Episodes run one per local device at a time
+    (``episode_devices``). ``bucket=True`` pads each episode's support and query sets to
+    the next power of two (capped by the batch's padded widths) instead of the full padded
+    width: variable-size episodes then need at most ~log2(width) compilations and waste
+    < 2x compute on padding, whereas full-width padding compiles once but can waste 10x on
+    small episodes.
     """
     opts = _options(options, fields)
-    arrays = check_episodes(episodes, len(split_data))
+    ncc.check_episodes(episodes, len(split_data))
     if opts.mode == "lora":
         sample = np.zeros((1, *split_data.image_shape), np.float32)
         model, variables = with_lora(model, variables, sample, rank=opts.lora_rank, rng=rng)
-    max_ways = int(episodes.max_ways)
-    accs = np.zeros(len(arrays[0]), np.float64)
-    for e in range(len(arrays[0])):
-        si, sl, sm, qi, ql, qm = episodes_lib.compact_episode(arrays, e, bucket=bucket)
-        logits = finetune_and_classify(
-            model,
-            variables,
-            sources.preprocess(split_data.get_images(si)),
-            sl,
-            sm,
-            sources.preprocess(split_data.get_images(qi)),
-            max_ways,
-            options=opts,
-            rng=rng,
-        )
-        pred = np.asarray(jnp.argmax(logits, -1))
-        accs[e] = float(np.mean(pred[qm] == ql[qm]))
-    return accs
+    program = _FineTuneProgram(model, int(episodes.max_ways), opts.step_key())
+    shared = {"variables": variables, "learning_rate": jnp.float32(opts.lr)}
+    return episode_devices.episode_accuracies(
+        program, shared, split_data, episodes, steps=opts.steps, bucket=bucket
+    )
 
 
 def describe_defaults() -> dict[str, Any]:

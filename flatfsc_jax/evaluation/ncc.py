@@ -66,7 +66,7 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _shard_rows(array, mesh: jax.sharding.Mesh):
+def shard_rows(array, mesh: jax.sharding.Mesh):
     """``array`` split over ``mesh`` along its first axis (as it is on one device)."""
     if mesh.size == 1:
         return array
@@ -75,7 +75,7 @@ def _shard_rows(array, mesh: jax.sharding.Mesh):
     )
 
 
-def _replicate(tree, mesh: jax.sharding.Mesh):
+def replicate(tree, mesh: jax.sharding.Mesh):
     if mesh.size == 1:
         return tree
     return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -105,7 +105,7 @@ def embed_split(model, variables: dict, split_data, *, batch_size: int = 256) ->
     # A small split compiles for its own size, not a padded 256; a batch splits evenly
     # over the devices.
     batch = _round_up(min(batch_size, n), mesh.size)
-    variables = _replicate(variables, mesh)
+    variables = replicate(variables, mesh)
     out = np.empty((n, model.embedding_dim), np.float32)
 
     def read(start):
@@ -123,7 +123,7 @@ def embed_split(model, variables: dict, split_data, *, batch_size: int = 256) ->
             images = pending.result()
             if k + 1 < len(starts):
                 pending = reader.submit(read, starts[k + 1])
-            emb = _embed_uint8(model, variables, _shard_rows(images, mesh))
+            emb = _embed_uint8(model, variables, shard_rows(images, mesh))
             stop = min(start + batch, n)
             out[start:stop] = np.asarray(emb)[: stop - start]
     return out
@@ -331,7 +331,7 @@ def map_episode_chunks(fn, arrays, chunk: int) -> np.ndarray:
         n = part[0].shape[0]
         if n < chunk:
             part = [np.concatenate([a, np.repeat(a[:1], chunk - n, axis=0)]) for a in part]
-        out.append(np.asarray(fn(tuple(_shard_rows(a, mesh) for a in part)))[:n])
+        out.append(np.asarray(fn(tuple(shard_rows(a, mesh) for a in part)))[:n])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

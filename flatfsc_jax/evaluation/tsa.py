@@ -15,15 +15,18 @@ by nearest centroid on the adapted, mapped embeddings. Recipe (TSA's reference c
 Cost: every step is a forward and backward pass of the backbone over the support set,
 so a task costs about 40 backbone passes (as test-time fine-tuning does). Each step is
 one jitted call driven from Python (a Python loop of jitted steps, as in adapt.py:
-docs/performance.md#xla-cpu-loops), episodes are looped over and their support and query
-sets padded to fixed widths (``episodes.compact_episode``: power-of-two buckets), so one
-compilation serves every episode of a padded shape; the learning rates are traced, so
-seen and unseen domains share it.
+docs/performance.md#xla-cpu-loops). Episodes run one per local device at a time
+(``episode_devices``), their support and query sets padded to fixed widths
+(``episodes.compact_episode``: power-of-two buckets), so one compilation serves every
+episode of a padded shape; the learning rates are traced, so seen and unseen domains
+share it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +34,7 @@ import numpy as np
 import optax
 
 from flatfsc_jax.checks import check_int, check_number
-from flatfsc_jax.data import episodes as episodes_lib
-from flatfsc_jax.data import sources
-from flatfsc_jax.evaluation import ncc, pa
+from flatfsc_jax.evaluation import episode_devices, ncc, pa
 
 DEFAULT_STEPS = 40
 # TSA's rates (test_extractor_tsa.py): (alpha, beta) by whether the domain was seen.
@@ -87,8 +88,7 @@ def _loss(model, frozen, max_ways, trainable, images, labels, mask):
     return pa.support_ncc_loss(pa.apply_map(emb, trainable["beta"]), labels, mask, max_ways)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_ways"))
-def _step(
+def _step_fn(
     trainable, opt_state, frozen, images, labels, mask, lr_alpha, lr_beta, *, model, max_ways
 ):
     """One Adadelta step on (adapters, PA map); returns the loss *before* the step."""
@@ -96,6 +96,14 @@ def _step(
     loss, grads = jax.value_and_grad(loss_fn)(trainable, images, labels, mask)
     updates, opt_state = _optimizer(lr_alpha, lr_beta).update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
+
+
+_step = jax.jit(_step_fn, static_argnames=("model", "max_ways"))
+
+
+def _start(model, variables) -> dict:
+    """The trainable start of every task: the adapters of ``with_tsa`` and beta = I."""
+    return {"tsa": variables["tsa"], "beta": jnp.eye(model.embedding_dim, dtype=jnp.float32)}
 
 
 def adapt_task(
@@ -119,7 +127,7 @@ def adapt_task(
     if not model.tsa or "tsa" not in variables:
         raise ValueError("adapt_task needs the model and variables returned by tsa.with_tsa")
     frozen = {k: v for k, v in variables.items() if k != "tsa"}
-    trainable = {"tsa": variables["tsa"], "beta": jnp.eye(model.embedding_dim, dtype=jnp.float32)}
+    trainable = _start(model, variables)
     lr_a, lr_b = jnp.float32(lr_alpha), jnp.float32(lr_beta)
     opt_state = _optimizer(lr_a, lr_b).init(trainable)
     batch = (
@@ -137,8 +145,7 @@ def adapt_task(
     return {**frozen, "tsa": trainable["tsa"]}, trainable["beta"], losses
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_ways"))
-def classify(
+def _classify_fn(
     variables, beta, support_images, support_labels, support_mask, query_images, *, model, max_ways
 ):
     """Query logits [Q, max_ways]: NCC on the adapted backbone's PA-mapped embeddings."""
@@ -153,10 +160,60 @@ def classify(
     )
 
 
+classify = jax.jit(_classify_fn, static_argnames=("model", "max_ways"))
+
+
 def _check(steps, lr_alpha, lr_beta):
     check_int("steps", steps, minimum=0)
     check_number("lr_alpha", lr_alpha, positive=True)
     check_number("lr_beta", lr_beta, positive=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TSAProgram:
+    """TSA-then-NCC of one episode (``episode_devices.EpisodeProgram``); ``shared`` is
+    ``{"variables"`` (with ``with_tsa``'s adapters), ``"lr_alpha"``, ``"lr_beta"}``."""
+
+    model: Any
+    max_ways: int
+
+    @staticmethod
+    def _frozen(shared) -> dict:
+        return {k: v for k, v in shared["variables"].items() if k != "tsa"}
+
+    def init(self, shared, episode, carry):
+        trainable = _start(self.model, shared["variables"])
+        return trainable, _optimizer(shared["lr_alpha"], shared["lr_beta"]).init(trainable)
+
+    def step(self, shared, episode, carry):
+        trainable, opt_state, _ = _step_fn(
+            *carry,
+            self._frozen(shared),
+            episode["support_images"],
+            episode["support_labels"],
+            episode["support_mask"],
+            shared["lr_alpha"],
+            shared["lr_beta"],
+            model=self.model,
+            max_ways=self.max_ways,
+        )
+        return trainable, opt_state
+
+    def accuracy(self, shared, episode, carry):
+        trainable = carry[0]
+        logits = _classify_fn(
+            {**self._frozen(shared), "tsa": trainable["tsa"]},
+            trainable["beta"],
+            episode["support_images"],
+            episode["support_labels"],
+            episode["support_mask"],
+            episode["query_images"],
+            model=self.model,
+            max_ways=self.max_ways,
+        )
+        return episode_devices.query_accuracy(
+            logits, episode["query_labels"], episode["query_mask"]
+        )
 
 
 def episode_accuracies(
@@ -174,38 +231,23 @@ def episode_accuracies(
 
     ``model`` / ``variables`` are the plain trunk (no ``'tsa'``); ``bucket`` pads support
     and query sets to powers of two (as ``adapt.adapt_episodes``) or, with False, to the
-    batch's padded widths (one compilation for all episodes).
+    batch's padded widths (one compilation for all episodes). Episodes run one per local
+    device at a time (``episode_devices``).
     """
     _check(steps, lr_alpha, lr_beta)
-    arrays = ncc.check_episodes(episodes, len(split_data))
+    ncc.check_episodes(episodes, len(split_data))
     sample = np.zeros((1, *split_data.image_shape), np.float32)
     tsa_model, tsa_vars = with_tsa(model, variables, sample)
-    max_ways = int(episodes.max_ways)
-    accs = np.zeros(len(arrays[0]), np.float64)
-    for e in range(len(arrays[0])):
-        si, sl, sm, qi, ql, qm = episodes_lib.compact_episode(arrays, e, bucket=bucket)
-        support = sources.preprocess(split_data.get_images(si))
-        adapted, beta, _ = adapt_task(
-            tsa_model,
-            tsa_vars,
-            support,
-            sl,
-            sm,
-            max_ways,
-            lr_alpha=lr_alpha,
-            lr_beta=lr_beta,
-            steps=steps,
-        )
-        logits = classify(
-            adapted,
-            beta,
-            jnp.asarray(support, jnp.float32),
-            jnp.asarray(sl),
-            jnp.asarray(sm),
-            jnp.asarray(sources.preprocess(split_data.get_images(qi)), jnp.float32),
-            model=tsa_model,
-            max_ways=max_ways,
-        )
-        pred = np.asarray(jnp.argmax(logits, -1))
-        accs[e] = float(np.mean(pred[qm] == ql[qm]))
-    return accs
+    shared = {
+        "variables": tsa_vars,
+        "lr_alpha": jnp.float32(lr_alpha),
+        "lr_beta": jnp.float32(lr_beta),
+    }
+    return episode_devices.episode_accuracies(
+        _TSAProgram(tsa_model, int(episodes.max_ways)),
+        shared,
+        split_data,
+        episodes,
+        steps=steps,
+        bucket=bucket,
+    )

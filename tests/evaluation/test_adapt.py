@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from flatfsc_jax import models
-from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.data import sources
 from flatfsc_jax.evaluation import adapt, ncc
 
@@ -133,50 +132,20 @@ def test_full_changes_params_and_lora_changes_only_adapters(conv4, support, tune
     )
 
 
-def make_split_and_episodes():
-    rng = np.random.default_rng(2)
-    labels = np.repeat(np.arange(6), 6)
-    images = rng.integers(0, 256, (len(labels), *IMAGE), dtype=np.uint8)
-    split = sources.SplitData("fake/x", "test", images, labels, [str(c) for c in range(6)])
-    # 3 episodes, variable ways (3-4) and shots, padded to 12 support / 10 query, max_ways 5;
-    # 5-8 support and query images each, so they share one power-of-two bucket (8).
-    spec = [(3, [2, 2, 1]), (4, [1, 1, 2, 1]), (3, [3, 2, 2])]
-    f = {k: np.zeros((3, 12), np.int32) for k in ("support_idx", "support_labels")}
-    f.update({k: np.zeros((3, 10), np.int32) for k in ("query_idx", "query_labels")})
-    f["support_mask"], f["query_mask"] = np.zeros((3, 12), bool), np.zeros((3, 10), bool)
-    for e, (ways, shots) in enumerate(spec):
-        classes = rng.choice(6, ways, replace=False)
-        s, q = [], []
-        for j, (c, k) in enumerate(zip(classes, shots, strict=True)):
-            items = rng.permutation(np.flatnonzero(labels == c))
-            s += [(i, j) for i in items[:k]]
-            q += [(i, j) for i in items[k : k + 2]]
-        f["support_idx"][e, : len(s)], f["support_labels"][e, : len(s)] = np.transpose(s)
-        f["query_idx"][e, : len(q)], f["query_labels"][e, : len(q)] = np.transpose(q)
-        f["support_mask"][e, : len(s)], f["query_mask"][e, : len(q)] = True, True
-    episodes = episodes_lib.EpisodeBatch(
-        **f,
-        ways=np.array([w for w, _ in spec], np.int32),
-        classes=np.full((3, 5), -1, np.int32),  # not used by adapt
-        max_ways=5,
-    )
-    return split, episodes
-
-
-def test_adapt_episodes_with_zero_steps_equals_cached_embedding_ncc(conv4):
+def test_adapt_episodes_with_zero_steps_equals_cached_embedding_ncc(conv4, split_and_episodes):
     model, variables = conv4
-    split, episodes = make_split_and_episodes()
+    split, episodes = split_and_episodes
     got = adapt.adapt_episodes(model, variables, split, episodes, steps=0)
     embeddings = ncc.embed_split(model, variables, split)
     want = ncc.episode_accuracies(embeddings, episodes)
     np.testing.assert_allclose(got, want)
 
 
-def test_adapt_episodes_padding_does_not_change_training(conv4):
+def test_adapt_episodes_padding_does_not_change_training(conv4, split_and_episodes):
     # BN runs in eval mode and padded slots are masked out of the loss, so the bucketed
     # (little padding) and full-width (much padding) runs train the same network.
     model, variables = conv4
-    split, episodes = make_split_and_episodes()
+    split, episodes = split_and_episodes
     kwargs = dict(mode="full", steps=3, learning_rate=1e-2)
     bucketed = adapt.adapt_episodes(model, variables, split, episodes, bucket=True, **kwargs)
     full_width = adapt.adapt_episodes(model, variables, split, episodes, bucket=False, **kwargs)
@@ -244,3 +213,30 @@ def test_learning_rates_share_one_compilation(conv4, support):
     # ... and the rate still reaches the step.
     diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), tuned, default)
     assert max(jax.tree.leaves(diffs)) > 0
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_adapt_episodes_equals_a_loop_of_one_episode_fine_tunings(conv4, split_and_episodes, mode):
+    # The reference: finetune_and_classify on each episode's padded arrays, one by one.
+    model, variables = conv4
+    split, episodes = split_and_episodes
+    kwargs = dict(mode=mode, steps=3, learning_rate=LEARNING_RATE[mode])
+    got = adapt.adapt_episodes(model, variables, split, episodes, **kwargs)
+    arrays = [np.asarray(a) for a in episodes.index_arrays()]
+    want = []
+    for e in range(len(got)):
+        s_idx, s_lab, s_mask, q_idx, q_lab, q_mask = (a[e] for a in arrays)
+        logits = adapt.finetune_and_classify(
+            model,
+            variables,
+            sources.preprocess(split.get_images(s_idx)),
+            s_lab,
+            s_mask.astype(bool),
+            sources.preprocess(split.get_images(q_idx)),
+            5,
+            **kwargs,
+        )
+        hit = np.argmax(np.asarray(logits), -1) == q_lab
+        want.append(hit[q_mask.astype(bool)].mean())
+    np.testing.assert_allclose(got, want)
+    assert len(set(want)) > 1  # the episodes differ, so a mix-up would show

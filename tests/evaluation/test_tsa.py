@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from flatfsc_jax import models
+from flatfsc_jax.data import sources
 from flatfsc_jax.evaluation import ncc, tsa
 
 IMAGE = (16, 16, 1)
@@ -139,3 +140,39 @@ def test_learning_rates_and_bad_input(toy):
     other = models.build_model("conv4", 0, width=0.5)
     with pytest.raises(ValueError, match="parameter tree"):
         tsa.with_tsa(other, variables, images)
+
+
+def test_episode_accuracies_equal_a_loop_of_one_task_adaptations(split_and_episodes):
+    # The reference: adapt_task + classify on each episode's padded arrays, one by one.
+    model = models.build_model("conv4", 0, width=0.25)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), np.zeros((1, *IMAGE), np.float32))
+    split, episodes = split_and_episodes
+    got = tsa.episode_accuracies(
+        model, variables, split, episodes, lr_alpha=0.5, lr_beta=1.0, steps=3
+    )
+    tsa_model, tsa_vars = tsa.with_tsa(model, variables, np.zeros((1, *IMAGE), np.float32))
+    want = []
+    for e in range(len(got)):
+        s_idx, s_lab, s_mask, q_idx, q_lab, q_mask = (
+            np.asarray(a[e]) for a in episodes.index_arrays()
+        )
+        support = sources.preprocess(split.get_images(s_idx))
+        adapted, beta, _ = tsa.adapt_task(
+            tsa_model,
+            tsa_vars,
+            support,
+            s_lab,
+            s_mask.astype(bool),
+            5,
+            lr_alpha=0.5,
+            lr_beta=1.0,
+            steps=3,
+        )
+        query = sources.preprocess(split.get_images(q_idx))
+        logits = tsa.classify(
+            adapted, beta, support, s_lab, s_mask.astype(bool), query, model=tsa_model, max_ways=5
+        )
+        hit = np.argmax(np.asarray(logits), -1) == q_lab
+        want.append(hit[q_mask.astype(bool)].mean())
+    np.testing.assert_allclose(got, want)
+    assert len(set(want)) > 1  # the episodes differ, so a mix-up would show
