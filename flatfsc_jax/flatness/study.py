@@ -28,10 +28,10 @@ its cost). Four stages, each resumable, each reusing what the previous run left:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -46,6 +46,7 @@ from flatfsc_jax.data import episodes as episodes_lib
 from flatfsc_jax.evaluation import ncc, parc, protocol
 from flatfsc_jax.flatness import sharpness
 from flatfsc_jax.flatness.plots import plot_scatter, plot_taus  # noqa: F401 (the notebook's)
+from flatfsc_jax.flatness.study_report import format_summary, write_outputs
 from flatfsc_jax.profiling import PROFILE
 from flatfsc_jax.reporting import correlation, significance
 from flatfsc_jax.training import resumable
@@ -196,6 +197,7 @@ def check_study(config) -> None:
             f"or a target {targets(config)}"
         )
     check_measurement(config)
+    check_statistics(config)
     for m in population(s):
         config_lib.validate(member_config(config, m))
 
@@ -215,6 +217,32 @@ def check_measurement(config) -> None:
         raise config_lib.ConfigError(
             f"config.study.sharpness.worst_batch={settings.worst_batch} is larger than "
             f"config.study.examples={config.study.examples}; lower it or measure more images"
+        )
+
+
+def planned_tests(config) -> int:
+    """Rows of the table, Holm's family: measures x (targets + their mean) + PARC rows."""
+    n_targets = len(targets(config))
+    return (len(FLATNESS) + len(BASELINES)) * (n_targets + 1) + n_targets
+
+
+def holm_floor(n_tests: int, n_perm: int) -> float:
+    """The smallest Holm-adjusted p of ``n_tests`` rows: a two-sided permutation p is at
+    least 2 / (n_perm + 1), and Holm multiplies the smallest p by the number of tests."""
+    return min(1.0, n_tests * 2.0 / (n_perm + 1))
+
+
+def check_statistics(config) -> None:
+    """Warns, before any training, when too few permutations leave no row able to pass
+    Holm at .05 (the ``:tiny`` test run's case); ``table.md`` states the floor."""
+    n_tests, n_perm = planned_tests(config), int(config.study.n_perm)
+    if holm_floor(n_tests, n_perm) >= 0.05:
+        log.warning(
+            "config.study.n_perm=%d cannot give a Holm-adjusted p below 0.05 over %d tests; "
+            "use n_perm >= %d for a table whose corrected p-values can reject",
+            n_perm,
+            n_tests,
+            math.ceil(2 * n_tests / 0.05),
         )
 
 
@@ -467,6 +495,7 @@ def analyse(config, members, measured: dict, outcomes: dict) -> dict:
         row["kind"] = "flatness" if row["measure"] in FLATNESS else "baseline"
         row["primary"] = row["measure"] == s.primary_measure and row["outcome"] == s.primary_outcome
     rows.sort(key=lambda r: (not r["primary"], r["outcome"] != s.primary_outcome))
+    floor = holm_floor(len(rows), int(s.n_perm))
     primary = None
     if s.primary_measure in meas:
         x, y = meas[s.primary_measure], outcome[s.primary_outcome]
@@ -492,6 +521,8 @@ def analyse(config, members, measured: dict, outcomes: dict) -> dict:
         "primary_outcome": s.primary_outcome,
         "n": len(members),
         "min_detectable_tau": significance.min_detectable_tau(len(members)),
+        "n_perm": int(s.n_perm),
+        "holm_floor": floor,
         "targets": {"near": list(s.near_targets), "far": list(s.far_targets)},
         "members": [dict(dataclasses.asdict(m), name=m.name) for m in members],
         "factors": factors,
@@ -506,43 +537,6 @@ def analyse(config, members, measured: dict, outcomes: dict) -> dict:
         "rows": rows,
         "primary": primary,
     }
-
-
-def write_outputs(results: dict, out_dir: str) -> dict[str, str]:
-    """``results.json``, ``table.md``, ``table.csv`` and the primary scatter."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, k) for k in ("results.json", "table.md", "table.csv")}
-    _write_json(paths["results.json"], results)
-    with open(paths["table.md"], "w") as f:
-        f.write(format_summary(results) + "\n" + correlation.to_markdown(results["rows"]))
-    with open(paths["table.csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results["rows"][0]))
-        writer.writeheader()
-        writer.writerows(results["rows"])
-    paths["scatter"] = os.path.join(out_dir, f"scatter_{results['primary_measure']}.png")
-    plot_scatter(results, paths["scatter"])
-    return paths
-
-
-def format_summary(results: dict) -> str:
-    """The primary test in one paragraph (the head of ``table.md``)."""
-    p = results["primary"]
-    head = (
-        f"Primary (named before the run): {results['primary_measure']} vs "
-        f"{results['primary_outcome']}, n = {results['n']} backbones; detectable at p < .05: "
-        f"|tau| >= {results['min_detectable_tau']:.2f}.\n"
-    )
-    if results.get("diverged"):
-        head += f"Diverged in training, left out: {', '.join(results['diverged'])}.\n"
-    if p is None:
-        return head + f"The primary measure was dropped: {results['dropped_measures']}.\n"
-    t = p["tau"]
-    return head + (
-        f"tau_b = {t['tau']:+.3f}, 95% BCa CI [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], "
-        f"permutation p = {t['p']:.3f}; granulated Psi = {p['granulated']['psi']:+.3f}; "
-        f"pooled within-optimiser tau = {p['groups']['pooled_within']['tau']:+.3f}; "
-        f"sign-error = {p['sign_error']['error']:.3f} over {p['sign_error']['kept']} pairs.\n"
-    )
 
 
 def start(config, workdir: str, stages: Sequence[str], check) -> tuple[tuple, str, object]:

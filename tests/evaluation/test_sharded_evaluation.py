@@ -38,7 +38,10 @@ SCRIPT = textwrap.dedent(
     spans = {"embed": set(), "ncc": set(), "pa": set(), "adapt": set()}
     def spy(name, fn, arg):
         def wrapped(*a, **k):
-            x = a[arg] if isinstance(arg, int) else a[1][0] if arg is None else k[arg]["support_images"]
+            if isinstance(arg, int):
+                x = a[arg]
+            else:
+                x = a[1][0] if arg is None else k[arg]["support_images"]
             spans[name].add(len(x.sharding.device_set))
             return fn(*a, **k)
         return wrapped

@@ -52,6 +52,11 @@ def test_population_is_the_crossed_design_with_anchor_seeds():
     msam = study.member_config(full, next(m for m in members if m.optimiser == "msam"))
     assert msam.flat.method == "msam" and not msam.sam.adaptive and msam.methods == ("sam",)
     assert significance.min_detectable_tau(60) == pytest.approx(0.1736, abs=1e-3)
+    # Enough permutations that a Holm-corrected row can pass .05: a two-sided permutation
+    # p is at least 2 / (n_perm + 1), times 64 tests.
+    assert study.planned_tests(full) == 12 * 5 + 4
+    assert study.holm_floor(64, full.study.n_perm) == pytest.approx(128 / 10_001)
+    assert study.holm_floor(64, 2000) > 0.05  # the earlier setting could not
 
 
 @pytest.mark.slow
@@ -71,6 +76,9 @@ def test_tiny_study_writes_its_outputs_and_its_statistics_check_out(tiny_study):
     assert (rows[0]["measure"], rows[0]["outcome"]) == ("adaptive_worst_sharpness", "unseen_mean")
     md = (out / "table.md").read_text()
     assert md.count("\n| ") == len(rows) + 1  # header + one line per row
+    assert len(rows) == study.planned_tests(_config())
+    assert stored["holm_floor"] == pytest.approx(min(1, 2 * len(rows) / (stored["n_perm"] + 1)))
+    assert f"can fall below {stored['holm_floor']:.3f}" in md
 
     # Outcomes: the mean over the shared episodes of every target.
     episodes = {t: np.array(v) for t, v in stored["episode_accuracies"].items()}
