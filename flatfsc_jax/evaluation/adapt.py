@@ -356,9 +356,7 @@ class _FineTuneProgram:
         trainable, opt_state, _ = _adapt_step_fn(
             *carry,
             self._frozen(shared),
-            episode["support_images"],
-            episode["support_labels"],
-            episode["support_mask"],
+            *episode_devices.support(episode),
             shared["learning_rate"],
             model=self.model,
             max_ways=self.max_ways,
@@ -369,17 +367,13 @@ class _FineTuneProgram:
     def accuracy(self, shared, episode, carry):
         logits = _ncc_logits_fn(
             {**self._frozen(shared), self.trainable_key: carry[0]},
-            episode["support_images"],
-            episode["support_labels"],
-            episode["support_mask"],
+            *episode_devices.support(episode),
             episode["query_images"],
             model=self.model,
             max_ways=self.max_ways,
             metric=self.options.metric,
         )
-        return episode_devices.query_accuracy(
-            logits, episode["query_labels"], episode["query_mask"]
-        )
+        return episode_devices.query_accuracy(logits, episode)
 
 
 def adapt_episodes(
@@ -403,14 +397,14 @@ def adapt_episodes(
     small episodes.
     """
     opts = _options(options, fields)
-    ncc.check_episodes(episodes, len(split_data))
+    arrays = ncc.check_episodes(episodes, len(split_data))  # before LoRA's compilation
     if opts.mode == "lora":
         sample = np.zeros((1, *split_data.image_shape), np.float32)
         model, variables = with_lora(model, variables, sample, rank=opts.lora_rank, rng=rng)
     program = _FineTuneProgram(model, int(episodes.max_ways), opts.step_key())
     shared = {"variables": variables, "learning_rate": jnp.float32(opts.lr)}
     return episode_devices.episode_accuracies(
-        program, shared, split_data, episodes, steps=opts.steps, bucket=bucket
+        program, shared, split_data, arrays, steps=opts.steps, bucket=bucket
     )
 
 

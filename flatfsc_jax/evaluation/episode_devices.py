@@ -59,10 +59,16 @@ class EpisodeProgram(Protocol):
         """Query accuracy of the adapted model, a float32 scalar."""
 
 
-def query_accuracy(logits, query_labels, query_mask) -> jax.Array:
-    """Fraction of the unmasked queries whose arg-max logit is their label."""
-    hit = (jnp.argmax(logits, -1) == query_labels) & query_mask
-    return hit.sum() / jnp.maximum(query_mask.sum(), 1)
+def support(episode) -> tuple:
+    """``(images, labels, mask)`` of an episode's support set, as the step functions take."""
+    return episode["support_images"], episode["support_labels"], episode["support_mask"]
+
+
+def query_accuracy(logits, episode) -> jax.Array:
+    """Fraction of the episode's unmasked queries whose arg-max logit is their label."""
+    mask = episode["query_mask"]
+    hit = (jnp.argmax(logits, -1) == episode["query_labels"]) & mask
+    return hit.sum() / jnp.maximum(mask.sum(), 1)
 
 
 @functools.partial(jax.jit, static_argnames=("program", "phase", "mesh"))
@@ -108,17 +114,17 @@ def episode_accuracies(
     program: EpisodeProgram,
     shared,
     split_data,
-    episodes,
+    arrays,
     *,
     steps: int,
     bucket: bool = True,
 ) -> np.ndarray:
     """Query accuracy [E] of ``program`` adapted ``steps`` steps on each episode.
 
-    ``bucket`` as ``episodes.compact_episode``. A thread reads the next round's images
-    while the devices adapt this one.
+    ``arrays``: the six episode arrays, checked against ``split_data``
+    (``ncc.check_episodes``); ``bucket`` as ``episodes.compact_episode``. A thread reads
+    the next round's images while the devices adapt this one.
     """
-    arrays = ncc.check_episodes(episodes, len(split_data))
     num_episodes = len(arrays[0])
     mesh = ncc.local_mesh()
     compact = [episodes_lib.compact_episode(arrays, e, bucket=bucket) for e in range(num_episodes)]

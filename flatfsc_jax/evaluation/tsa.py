@@ -189,9 +189,7 @@ class _TSAProgram:
         trainable, opt_state, _ = _step_fn(
             *carry,
             self._frozen(shared),
-            episode["support_images"],
-            episode["support_labels"],
-            episode["support_mask"],
+            *episode_devices.support(episode),
             shared["lr_alpha"],
             shared["lr_beta"],
             model=self.model,
@@ -204,16 +202,12 @@ class _TSAProgram:
         logits = _classify_fn(
             {**self._frozen(shared), "tsa": trainable["tsa"]},
             trainable["beta"],
-            episode["support_images"],
-            episode["support_labels"],
-            episode["support_mask"],
+            *episode_devices.support(episode),
             episode["query_images"],
             model=self.model,
             max_ways=self.max_ways,
         )
-        return episode_devices.query_accuracy(
-            logits, episode["query_labels"], episode["query_mask"]
-        )
+        return episode_devices.query_accuracy(logits, episode)
 
 
 def episode_accuracies(
@@ -235,7 +229,7 @@ def episode_accuracies(
     device at a time (``episode_devices``).
     """
     _check(steps, lr_alpha, lr_beta)
-    ncc.check_episodes(episodes, len(split_data))
+    arrays = ncc.check_episodes(episodes, len(split_data))  # before TSA's compilation
     sample = np.zeros((1, *split_data.image_shape), np.float32)
     tsa_model, tsa_vars = with_tsa(model, variables, sample)
     shared = {
@@ -247,7 +241,7 @@ def episode_accuracies(
         _TSAProgram(tsa_model, int(episodes.max_ways)),
         shared,
         split_data,
-        episodes,
+        arrays,
         steps=steps,
         bucket=bucket,
     )
